@@ -40,6 +40,10 @@ class MappingError(RelayError):
 class ReplicationError(RelayError):
     """The replication connection failed."""
 
+    def __init__(self, message: str | None = None, *, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
 
 class SlotInUse(ReplicationError):
     """The replication slot is active for another process."""
@@ -55,3 +59,7 @@ class DeliveryError(RelayError):
 
 class HaltedOnBadRow(RelayError):
     """An outbox row cannot be delivered and the dead-letter policy is 'halt'."""
+
+
+class PrerequisiteError(RelayError):
+    """The database is not ready for the relay (wal_level, rights, slot, publication)."""

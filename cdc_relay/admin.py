@@ -1,0 +1,358 @@
+"""setup / status / teardown: the publication, the slot and the checks around them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from cdc_relay.errors import ConfigError, PrerequisiteError, RelayError
+from cdc_relay.lsn import Lsn, parse_lsn
+from cdc_relay.settings import Settings
+
+Connection = psycopg.Connection[tuple[Any, ...]]
+Say = Callable[[str], None]
+
+PAYLOAD_TYPES = {"jsonb", "json", "text", "bytea", "character varying"}
+
+
+@dataclass(frozen=True, slots=True)
+class SlotInfo:
+    slot_name: str
+    plugin: str | None
+    database: str | None
+    active: bool
+    active_pid: int | None
+    confirmed_flush_lsn: str | None
+    restart_lsn: str | None
+    wal_status: str | None
+    lag_bytes: int | None
+
+    @property
+    def confirmed(self) -> Lsn | None:
+        return parse_lsn(self.confirmed_flush_lsn) if self.confirmed_flush_lsn else None
+
+
+def fetch_slot(conn: Connection, slot_name: str) -> SlotInfo | None:
+    row = conn.execute(
+        """
+        SELECT slot_name::text, plugin::text, database::text, active, active_pid,
+               confirmed_flush_lsn::text, restart_lsn::text, wal_status,
+               pg_wal_lsn_diff(
+                   CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                        ELSE pg_current_wal_lsn() END,
+                   confirmed_flush_lsn)::bigint
+        FROM pg_replication_slots WHERE slot_name = %s
+        """,
+        (slot_name,),
+    ).fetchone()
+    return SlotInfo(*row) if row else None
+
+
+def publication_tables(conn: Connection, publication: str) -> list[str] | None:
+    """Tables of the publication (``schema.table``), or None when it does not exist."""
+    if (
+        conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
+        is None
+    ):
+        return None
+    rows = conn.execute(
+        "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = %s "
+        "ORDER BY 1",
+        (publication,),
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def _publication_covers(conn: Connection, publication: str, settings: Settings) -> bool:
+    row = conn.execute(
+        """
+        SELECT 1 FROM pg_publication p
+        JOIN pg_publication_rel pr ON pr.prpubid = p.oid
+        JOIN pg_class c ON c.oid = pr.prrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE p.pubname = %s AND n.nspname = %s AND c.relname = %s
+        UNION ALL
+        SELECT 1 FROM pg_publication WHERE pubname = %s AND puballtables
+        """,
+        (publication, settings.table_schema, settings.table_name, publication),
+    ).fetchone()
+    return row is not None
+
+
+def check_prerequisites(conn: Connection, settings: Settings, say: Say) -> None:
+    """wal_level, free slots and WAL senders, and the role's REPLICATION right."""
+    wal_level = conn.execute("SHOW wal_level").fetchone()
+    if not wal_level or wal_level[0] != "logical":
+        current = wal_level[0] if wal_level else "unknown"
+        raise PrerequisiteError(
+            f"wal_level is '{current}', logical replication needs 'logical': set "
+            "wal_level = logical in postgresql.conf (or ALTER SYSTEM SET wal_level = logical) "
+            "and restart PostgreSQL"
+        )
+    say("ok    wal_level = logical")
+
+    role = conn.execute(
+        "SELECT current_user, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    if not role or not role[1]:
+        user = role[0] if role else "the current role"
+        raise PrerequisiteError(
+            f"role {user} lacks the REPLICATION attribute: run ALTER ROLE {user} WITH REPLICATION "
+            "as a superuser"
+        )
+    say(f"ok    role {role[0]} may replicate")
+
+    slots = conn.execute(
+        """
+        SELECT current_setting('max_replication_slots')::int,
+               (SELECT count(*) FROM pg_replication_slots),
+               EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %s),
+               current_setting('max_wal_senders')::int,
+               (SELECT count(*) FROM pg_stat_replication)
+        """,
+        (settings.slot_name,),
+    ).fetchone()
+    assert slots is not None
+    max_slots, used_slots, have_slot, max_senders, used_senders = slots
+    if not have_slot and used_slots >= max_slots:
+        raise PrerequisiteError(
+            f"all {max_slots} replication slots are in use: raise max_replication_slots "
+            "(needs a restart) or drop an unused slot"
+        )
+    if used_senders >= max_senders:
+        raise PrerequisiteError(
+            f"all {max_senders} WAL senders are in use: raise max_wal_senders (needs a restart)"
+        )
+    say(
+        f"ok    replication slots {used_slots}/{max_slots} used, WAL senders "
+        f"{used_senders}/{max_senders} used"
+    )
+
+
+def outbox_sql(settings: Settings) -> sql.Composed:
+    text = resources.files("cdc_relay").joinpath("sql/outbox.sql").read_text("utf-8")
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("--"))
+    table = sql.Identifier(settings.table_schema, settings.table_name)
+    return sql.SQL(body).format(table=table)
+
+
+def table_columns(conn: Connection, settings: Settings) -> dict[str, str] | None:
+    """Column name → type of the outbox table, or None when it does not exist."""
+    exists = conn.execute(
+        "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s",
+        (settings.table_schema, settings.table_name),
+    ).fetchone()
+    if exists is None:
+        return None
+    rows = conn.execute(
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = %s AND table_name = %s",
+        (settings.table_schema, settings.table_name),
+    ).fetchall()
+    return {name: data_type for name, data_type in rows}
+
+
+def _is_partitioned(conn: Connection, settings: Settings) -> bool:
+    row = conn.execute(
+        "SELECT c.relkind = 'p' FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s",
+        (settings.table_schema, settings.table_name),
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def verify_table(columns: dict[str, str], settings: Settings) -> list[str]:
+    """Problems with the mapped columns (empty when the table fits the mapping)."""
+    problems = []
+    required = {
+        "CDC_RELAY_COLUMN_ID": settings.column_id,
+        "CDC_RELAY_COLUMN_AGGREGATE_TYPE": settings.column_aggregate_type,
+        "CDC_RELAY_COLUMN_AGGREGATE_ID": settings.column_aggregate_id,
+        "CDC_RELAY_COLUMN_EVENT_TYPE": settings.column_event_type,
+        "CDC_RELAY_COLUMN_PAYLOAD": settings.column_payload,
+    }
+    for variable, column in required.items():
+        if column not in columns:
+            problems.append(f"no column {column!r} ({variable})")
+    payload_type = columns.get(settings.column_payload)
+    if payload_type and payload_type not in PAYLOAD_TYPES:
+        problems.append(
+            f"payload column {settings.column_payload!r} is {payload_type}; use jsonb, json, "
+            "text, varchar or bytea"
+        )
+    return problems
+
+
+def setup(conn: Connection, settings: Settings, *, create_table: bool, say: Say) -> bool:
+    """Make the database ready; returns whether anything changed. Idempotent."""
+    check_prerequisites(conn, settings, say)
+    changed = False
+    table = settings.outbox_table
+
+    columns = table_columns(conn, settings)
+    if columns is None:
+        if not create_table:
+            raise PrerequisiteError(
+                f"table {table} does not exist: create it, or run `cdc-relay setup --create-table`"
+            )
+        conn.execute(outbox_sql(settings))
+        say(f"done  created table {table}")
+        changed = True
+        columns = table_columns(conn, settings) or {}
+    else:
+        say(f"ok    table {table} exists")
+    problems = verify_table(columns, settings)
+    if problems:
+        raise PrerequisiteError(
+            f"table {table} does not fit the column mapping: " + "; ".join(problems)
+        )
+    for optional, variable in (
+        (settings.column_headers, "CDC_RELAY_COLUMN_HEADERS"),
+        (settings.column_created_at, "CDC_RELAY_COLUMN_CREATED_AT"),
+    ):
+        if optional and optional not in columns:
+            say(f"note  table {table} has no column {optional!r} ({variable}); it is not used")
+
+    publication = settings.publication_name
+    tables = publication_tables(conn, publication)
+    if tables is None:
+        options = "publish = 'insert'"
+        if _is_partitioned(conn, settings):
+            options += ", publish_via_partition_root = true"
+        conn.execute(
+            sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (" + options + ")").format(
+                sql.Identifier(publication),
+                sql.Identifier(settings.table_schema, settings.table_name),
+            )
+        )
+        say(f"done  created publication {publication} for {table} ({options})")
+        changed = True
+    elif not _publication_covers(conn, publication, settings):
+        raise PrerequisiteError(
+            f"publication {publication} exists but does not include {table}: run "
+            f"ALTER PUBLICATION {publication} ADD TABLE {table}, or choose another "
+            "CDC_RELAY_PUBLICATION_NAME"
+        )
+    else:
+        say(f"ok    publication {publication} includes {table}")
+
+    slot = fetch_slot(conn, settings.slot_name)
+    if slot is None:
+        conn.execute(
+            "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (settings.slot_name,)
+        )
+        say(f"done  created logical replication slot {settings.slot_name} (pgoutput)")
+        changed = True
+    else:
+        current_db = conn.execute("SELECT current_database()").fetchone()
+        if slot.plugin != "pgoutput" or (current_db and slot.database != current_db[0]):
+            raise PrerequisiteError(
+                f"replication slot {settings.slot_name} exists but is not a pgoutput slot of "
+                "this database: drop it or choose another CDC_RELAY_SLOT_NAME"
+            )
+        if slot.wal_status == "lost":
+            raise PrerequisiteError(
+                f"replication slot {settings.slot_name} is lost (wal_status = lost): the WAL it "
+                "needed is gone; drop it and run setup again, then reconcile the gap"
+            )
+        say(f"ok    replication slot {settings.slot_name} exists")
+
+    say("setup complete" if changed else "nothing to change: already set up")
+    return changed
+
+
+def status(conn: Connection, settings: Settings) -> dict[str, Any]:
+    slot = fetch_slot(conn, settings.slot_name)
+    return {
+        "slot": asdict(slot) if slot else None,
+        "publication": {
+            "name": settings.publication_name,
+            "tables": publication_tables(conn, settings.publication_name),
+        },
+        "outbox_table": settings.outbox_table,
+    }
+
+
+def format_status(report: dict[str, Any]) -> str:
+    lines = []
+    slot = report["slot"]
+    if slot is None:
+        lines.append("slot          missing (run `cdc-relay setup`)")
+    else:
+        active = f"yes (pid {slot['active_pid']})" if slot["active"] else "no"
+        lines += [
+            f"slot          {slot['slot_name']} ({slot['plugin']}, database {slot['database']})",
+            f"  active      {active}",
+            f"  confirmed   {slot['confirmed_flush_lsn']}",
+            f"  lag         {_human_bytes(slot['lag_bytes'])}",
+            f"  wal_status  {slot['wal_status']}",
+        ]
+    publication = report["publication"]
+    tables = publication["tables"]
+    if tables is None:
+        lines.append(f"publication   {publication['name']} missing (run `cdc-relay setup`)")
+    else:
+        lines.append(f"publication   {publication['name']}: {', '.join(tables) or 'no tables'}")
+    return "\n".join(lines)
+
+
+def _human_bytes(value: int | None) -> str:
+    if value is None:
+        return "unknown"
+    size = float(value)
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if abs(size) < 1024 or unit == "GB":
+            return f"{value} bytes" if unit == "bytes" else f"{size:.1f} {unit} ({value} bytes)"
+        size /= 1024
+    return f"{value} bytes"
+
+
+def teardown(conn: Connection, settings: Settings, say: Say) -> None:
+    slot = fetch_slot(conn, settings.slot_name)
+    if slot is not None:
+        if slot.active:
+            raise RelayError(
+                f"replication slot {settings.slot_name} is in use by pid {slot.active_pid}: stop "
+                "the relay first"
+            )
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (settings.slot_name,))
+        say(f"done  dropped replication slot {settings.slot_name}")
+    else:
+        say(f"ok    replication slot {settings.slot_name} does not exist")
+    if publication_tables(conn, settings.publication_name) is not None:
+        conn.execute(
+            sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(settings.publication_name))
+        )
+        say(f"done  dropped publication {settings.publication_name}")
+    else:
+        say(f"ok    publication {settings.publication_name} does not exist")
+
+
+def require_ready(conn: Connection, settings: Settings) -> SlotInfo:
+    """What `run` checks before it streams: slot and publication exist, slot usable."""
+    slot = fetch_slot(conn, settings.slot_name)
+    if slot is None:
+        raise PrerequisiteError(
+            f"replication slot {settings.slot_name} does not exist: run `cdc-relay setup`"
+        )
+    if slot.plugin != "pgoutput":
+        raise ConfigError(
+            f"replication slot {settings.slot_name} uses plugin {slot.plugin}, not pgoutput"
+        )
+    if slot.wal_status == "lost":
+        raise PrerequisiteError(
+            f"replication slot {settings.slot_name} is lost (wal_status = lost): the server "
+            "removed WAL it still needed, so events may be missing; the relay will not recreate "
+            "it. Drop it, run `cdc-relay setup`, and reconcile the gap from the outbox table"
+        )
+    if publication_tables(conn, settings.publication_name) is None:
+        raise PrerequisiteError(
+            f"publication {settings.publication_name} does not exist: run `cdc-relay setup`"
+        )
+    return slot

@@ -1,0 +1,137 @@
+"""The ``cdc-relay`` command: argument parsing, exit codes, one-line errors.
+
+Exit codes: 0 success, 2 configuration or usage error, 1 anything else. Errors are one line
+on stderr; ``--debug`` adds the traceback and debug logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+import psycopg
+
+from cdc_relay import __version__, admin
+from cdc_relay.database import describe_psycopg_error, pool_for
+from cdc_relay.errors import ConfigError, RelayError
+from cdc_relay.logs import REDACT, configure_logging
+from cdc_relay.settings import Settings, load_settings
+
+log = logging.getLogger("cdc_relay")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="debug logs and tracebacks",
+    )
+    parser = argparse.ArgumentParser(
+        prog="cdc-relay",
+        description="Transactional outbox relay: PostgreSQL WAL (pgoutput) to Kafka. "
+        "Configured by CDC_RELAY_* environment variables.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"cdc-relay {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    setup = commands.add_parser(
+        "setup", parents=[common], help="check the database, create the publication and slot"
+    )
+    setup.add_argument(
+        "--create-table", action="store_true", help="create the outbox table if it is missing"
+    )
+    commands.add_parser("run", parents=[common], help="relay outbox inserts to Kafka until stopped")
+    status = commands.add_parser("status", parents=[common], help="show the slot and publication")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    teardown = commands.add_parser(
+        "teardown", parents=[common], help="drop the slot and the publication"
+    )
+    teardown.add_argument("--yes", action="store_true", help="confirm the teardown")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    configure_logging(debug=debug)
+    try:
+        settings = load_settings()
+        _register_secrets(settings)
+        return _dispatch(args, settings)
+    except ConfigError as exc:
+        return _fail(exc, EXIT_USAGE, debug)
+    except RelayError as exc:
+        return _fail(exc, EXIT_FAILURE, debug)
+    except psycopg.Error as exc:
+        return _fail(f"database error: {describe_psycopg_error(exc)}", EXIT_FAILURE, debug)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        return _fail(f"unexpected error: {type(exc).__name__}: {exc}", EXIT_FAILURE, debug)
+
+
+def _fail(error: BaseException | str, code: int, debug: bool) -> int:
+    if debug and isinstance(error, BaseException):
+        log.exception("cdc-relay failed")
+    elif debug:
+        log.debug("cdc-relay failed", exc_info=True)
+    print(f"cdc-relay: error: {REDACT(str(error))}", file=sys.stderr)
+    return code
+
+
+def _register_secrets(settings: Settings) -> None:
+    url = settings.database_url.get_secret_value()
+    try:
+        password = psycopg.conninfo.conninfo_to_dict(url).get("password")
+    except psycopg.ProgrammingError:
+        password = None
+    REDACT.add(str(password) if password else None)
+    for key, value in settings.kafka_config.items():
+        if any(word in key.lower() for word in ("password", "secret")):
+            REDACT.add(str(value))
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    url = settings.database_url.get_secret_value()
+    if args.command == "run":
+        return _run(settings)
+    if args.command == "teardown" and not args.yes:
+        raise ConfigError("teardown drops the slot and the publication: add --yes to confirm")
+    with pool_for(url) as pool, pool.connection() as conn:
+        if args.command == "setup":
+            admin.setup(conn, settings, create_table=args.create_table, say=print)
+        elif args.command == "status":
+            report = admin.status(conn, settings)
+            print(json.dumps(report) if args.json else admin.format_status(report))
+        elif args.command == "teardown":
+            admin.teardown(conn, settings, say=print)
+    return EXIT_OK
+
+
+def _run(settings: Settings) -> int:
+    from cdc_relay.relay import Relay  # the producer stack is only needed here
+
+    relay = Relay(settings)
+    signals_seen = 0
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            raise SystemExit(EXIT_FAILURE)
+        log.info("received %s: finishing in-flight deliveries", signal.Signals(signum).name)
+        relay.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    relay.run()
+    return EXIT_OK

@@ -1,0 +1,68 @@
+"""Ordinary (non-replication) database access: a small psycopg-pool and readable errors."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from cdc_relay.errors import RelayError
+
+_CONNECT_TIMEOUT = 10
+
+
+class DatabaseUnavailable(RelayError):
+    """The database cannot be reached."""
+
+
+def describe_psycopg_error(exc: BaseException) -> str:
+    """One line out of a psycopg error: libpq's messages span lines and repeat the host."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    for line in lines:
+        if "FATAL:" in line or "ERROR:" in line:
+            return re.sub(r"^.*?(FATAL|ERROR):\s*", "", line)
+    return lines[-1]
+
+
+def check_connection(database_url: str) -> None:
+    """Connect once, directly, so that a bad password or host is reported as such (a pool would
+    only say that it timed out)."""
+    try:
+        with psycopg.connect(database_url, connect_timeout=_CONNECT_TIMEOUT):
+            pass
+    except psycopg.Error as exc:
+        raise DatabaseUnavailable(
+            f"cannot connect to the database: {describe_psycopg_error(exc)}"
+        ) from exc
+
+
+def open_pool(database_url: str, *, max_size: int = 2) -> ConnectionPool:
+    """A small autocommit pool; the caller closes it."""
+    return ConnectionPool(
+        database_url,
+        min_size=1,
+        max_size=max_size,
+        timeout=_CONNECT_TIMEOUT * 3,
+        kwargs={
+            "autocommit": True,
+            "connect_timeout": _CONNECT_TIMEOUT,
+            "application_name": "cdc-relay-admin",
+        },
+        name="cdc-relay",
+        open=True,
+    )
+
+
+@contextmanager
+def pool_for(database_url: str) -> Iterator[ConnectionPool]:
+    check_connection(database_url)
+    pool = open_pool(database_url)
+    try:
+        yield pool
+    finally:
+        pool.close()

@@ -1,0 +1,260 @@
+"""Outbox row → Kafka record: pure, the hot path's per-event work.
+
+A TablePlan is bound to one version of the outbox's Relation message (column positions are
+resolved once); `TablePlan.map` then turns an Insert's tuple into an OutboxRecord, or into a
+Rejected verdict when the row can never be delivered (it then goes to the dead-letter topic or
+halts the relay, per policy). The payload bytes are passed through exactly as PostgreSQL sent
+them: never parsed, never re-encoded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cdc_relay.errors import MappingError
+from cdc_relay.pgoutput import ColumnValue, Relation
+
+BYTEA_OID = 17
+
+# Kafka's own rule for topic names (kafka.common.internals.Topic).
+_LEGAL_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_TOPIC_CACHE_LIMIT = 10_000
+
+Headers = list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnMapping:
+    """Which outbox column plays which role; headers and created_at are optional."""
+
+    id: str = "id"
+    aggregate_type: str = "aggregate_type"
+    aggregate_id: str = "aggregate_id"
+    event_type: str = "event_type"
+    payload: str = "payload"
+    headers: str | None = "headers"
+    created_at: str | None = "created_at"
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return (self.id, self.aggregate_type, self.aggregate_id, self.event_type, self.payload)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRecord:
+    """One Kafka record, ready for produce(). timestamp_ms 0 means "let Kafka stamp it"."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    timestamp_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A row that cannot be delivered, with what is known of it for the dead-letter record."""
+
+    error: str
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+
+
+def legal_topic(name: str) -> bool:
+    return bool(_LEGAL_TOPIC.match(name)) and name not in (".", "..")
+
+
+class TablePlan:
+    """Column positions of one Relation version and the per-row mapping."""
+
+    __slots__ = (
+        "_created_at_idx",
+        "_event_type_idx",
+        "_headers_idx",
+        "_id_idx",
+        "_key_idx",
+        "_payload_idx",
+        "_payload_is_bytea",
+        "_table",
+        "_template",
+        "_topics",
+        "_type_idx",
+        "_width",
+        "table",
+    )
+
+    def __init__(self, relation: Relation, mapping: ColumnMapping, topic_template: str) -> None:
+        positions = {column.name: i for i, column in enumerate(relation.columns)}
+        missing = [name for name in mapping.required if name not in positions]
+        if missing:
+            raise MappingError(
+                f"outbox table {relation.namespace}.{relation.name} has no column "
+                + ", ".join(repr(name) for name in missing)
+                + " (check the CDC_RELAY_COLUMN_* settings)"
+            )
+        self.table = f"{relation.namespace}.{relation.name}"
+        self._table = relation.name
+        self._id_idx = positions[mapping.id]
+        self._type_idx = positions[mapping.aggregate_type]
+        self._key_idx = positions[mapping.aggregate_id]
+        self._event_type_idx = positions[mapping.event_type]
+        self._payload_idx = positions[mapping.payload]
+        self._payload_is_bytea = relation.columns[self._payload_idx].type_oid == BYTEA_OID
+        # Optional columns that the table lacks are simply not used (a Debezium-style outbox
+        # has neither), so the payload index is kept apart from them.
+        self._headers_idx = positions.get(mapping.headers) if mapping.headers else None
+        self._created_at_idx = positions.get(mapping.created_at) if mapping.created_at else None
+        self._template = topic_template
+        self._topics: dict[tuple[bytes, bytes], str] = {}
+        self._width = 1 + max(
+            self._id_idx, self._type_idx, self._key_idx, self._event_type_idx, self._payload_idx
+        )
+
+    def map(self, values: tuple[ColumnValue, ...]) -> OutboxRecord | Rejected:
+        """Turn one inserted row into a record, or a Rejected verdict. Never raises."""
+        if len(values) < self._width:
+            return Rejected("the row has fewer columns than its relation", None, None, [])
+        event_id = values[self._id_idx]
+        aggregate_type = values[self._type_idx]
+        key = values[self._key_idx]
+        event_type = values[self._event_type_idx]
+        value = self._payload(values[self._payload_idx])
+
+        headers: Headers = []
+        if type(event_id) is bytes:
+            headers.append(("id", event_id))
+        if type(event_type) is bytes:
+            headers.append(("event_type", event_type))
+        if type(aggregate_type) is bytes:
+            headers.append(("aggregate_type", aggregate_type))
+        key_bytes = key if type(key) is bytes else None
+
+        if isinstance(value, Rejected):
+            return Rejected(value.error, key_bytes, None, headers)
+        for role, item in (
+            ("id", event_id),
+            ("aggregate type", aggregate_type),
+            ("aggregate id", key),
+            ("event type", event_type),
+        ):
+            if type(item) is not bytes:
+                return Rejected(f"the {role} column is NULL", key_bytes, value, headers)
+
+        assert type(aggregate_type) is bytes and type(event_type) is bytes
+        topic = self._topics.get((aggregate_type, event_type))
+        if topic is None:
+            topic_or_error = self._topic(aggregate_type, event_type)
+            if isinstance(topic_or_error, Rejected):
+                return Rejected(topic_or_error.error, key_bytes, value, headers)
+            topic = topic_or_error
+
+        if self._headers_idx is not None:
+            extra = self._extra_headers(values[self._headers_idx])
+            if isinstance(extra, Rejected):
+                return Rejected(extra.error, key_bytes, value, headers)
+            headers.extend(extra)
+
+        timestamp_ms = 0
+        if self._created_at_idx is not None:
+            timestamp_ms = self._timestamp_ms(values[self._created_at_idx])
+        return OutboxRecord(topic, key_bytes, value, headers, timestamp_ms)
+
+    def _payload(self, raw: ColumnValue) -> bytes | Rejected | None:
+        if raw is None:
+            # Like Debezium's router: a NULL payload is published as a null value (a tombstone).
+            return None
+        if type(raw) is not bytes:
+            return Rejected("the payload column is not in text format", None, None, [])
+        if self._payload_is_bytea:
+            # bytea's text output is \x followed by hex (bytea_output = hex, forced on connect).
+            if raw[:2] != b"\\x":
+                return Rejected("the bytea payload is not in hex format", None, None, [])
+            try:
+                return bytes.fromhex(raw[2:].decode("ascii"))
+            except ValueError:
+                return Rejected("the bytea payload is not valid hex", None, None, [])
+        return raw
+
+    def _topic(self, aggregate_type: bytes, event_type: bytes) -> str | Rejected:
+        try:
+            topic = self._template.format(
+                aggregate_type=aggregate_type.decode("utf-8"),
+                event_type=event_type.decode("utf-8"),
+                table=self._table,
+            )
+        except UnicodeDecodeError:
+            return Rejected("the routing columns are not valid UTF-8", None, None, [])
+        if not legal_topic(topic):
+            return Rejected(
+                f"invalid topic name {topic[:300]!r}: Kafka allows 1-249 characters of "
+                "[A-Za-z0-9._-]",
+                None,
+                None,
+                [],
+            )
+        if len(self._topics) >= _TOPIC_CACHE_LIMIT:
+            self._topics.clear()
+        self._topics[(aggregate_type, event_type)] = topic
+        return topic
+
+    @staticmethod
+    def _extra_headers(raw: ColumnValue) -> Headers | Rejected:
+        if raw is None or type(raw) is not bytes:
+            # NULL, or an unchanged-TOAST marker (never in an INSERT): nothing to add.
+            return []
+        try:
+            parsed = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return Rejected("the headers column is not valid JSON", None, None, [])
+        if not isinstance(parsed, dict):
+            return Rejected("the headers column is not a JSON object", None, None, [])
+        extra: Headers = []
+        for name, item in parsed.items():
+            if isinstance(item, str):
+                extra.append((name, item.encode("utf-8")))
+            else:
+                extra.append(
+                    (name, json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode())
+                )
+        return extra
+
+    def _timestamp_ms(self, raw: ColumnValue) -> int:
+        if type(raw) is not bytes:
+            return 0
+        return parse_timestamp_ms(raw)
+
+
+def parse_timestamp_ms(raw: bytes) -> int:
+    """PostgreSQL's ISO timestamp text → Unix milliseconds; 0 when it has no such value
+    (infinity, BC, years past 9999). A timestamp without time zone is taken as UTC."""
+    try:
+        text = raw.decode("ascii")
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return 0
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    millis = int(moment.timestamp() * 1000)
+    return millis if millis > 0 else 0
+
+
+def dead_letter_record(
+    rejected: Rejected,
+    *,
+    topic: str,
+    source_lsn: str,
+    source_table: str,
+    include_value: bool = True,
+) -> OutboxRecord:
+    """The record that carries a rejected row to the dead-letter topic."""
+    headers = [
+        *rejected.headers,
+        ("error", rejected.error.encode("utf-8")),
+        ("source_lsn", source_lsn.encode("ascii")),
+        ("source_table", source_table.encode("utf-8")),
+    ]
+    return OutboxRecord(topic, rejected.key, rejected.value if include_value else None, headers, 0)

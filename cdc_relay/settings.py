@@ -1,0 +1,263 @@
+"""Every knob of the relay, read once from ``CDC_RELAY_*`` environment variables (and ``.env``).
+
+Validation errors become one ConfigError line naming the variable; input values are never
+echoed, because they may hold secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+
+from cdc_relay.errors import ConfigError
+
+ENV_PREFIX = "CDC_RELAY_"
+
+# Postgres identifiers we create or look up (slot, publication): keep them to the safe,
+# unquoted form so they can never inject SQL and always mean the same object.
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_TOPIC_PLACEHOLDERS = {"aggregate_type", "event_type", "table"}
+
+# librdkafka properties the relay owns: overriding them would break the delivery guarantee.
+_GUARANTEE_PROPERTIES = {
+    "acks": {"all", "-1"},
+    "request.required.acks": {"all", "-1"},
+    "enable.idempotence": {"true"},
+}
+_RELAY_OWNED_PROPERTIES = {"bootstrap.servers", "on_delivery", "transactional.id"}
+
+
+def relay_producer_defaults(bootstrap_servers: str) -> dict[str, Any]:
+    """The safe producer configuration the user's CDC_RELAY_KAFKA_CONFIG is merged over."""
+    return {
+        "bootstrap.servers": bootstrap_servers,
+        "client.id": "cdc-relay",
+        "enable.idempotence": True,
+        "acks": "all",
+        # Java clients hash keys with murmur2: match them, so a key lands on the same partition
+        # whichever producer wrote it.
+        "partitioner": "murmur2_random",
+        "linger.ms": 5,
+    }
+
+
+class Settings(BaseSettings):
+    """cdc-relay configuration. Field names map to ``CDC_RELAY_<NAME>`` variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    database_url: SecretStr = Field(
+        description="libpq URL or key=value DSN of the database that holds the outbox."
+    )
+    kafka_bootstrap_servers: str | None = Field(
+        default=None, description="Kafka bootstrap servers, host:port[,host:port]. Required by run."
+    )
+    kafka_config: Annotated[dict[str, str | int | float | bool], NoDecode] = Field(
+        default_factory=dict,
+        description="JSON object of extra librdkafka producer properties (SASL, TLS, compression, "
+        "...) merged over the relay's safe defaults.",
+    )
+    outbox_table: str = Field(
+        default="public.outbox", description="The outbox table, schema-qualified."
+    )
+    slot_name: str = Field(default="cdc_relay", description="Logical replication slot name.")
+    publication_name: str = Field(default="cdc_relay", description="Publication name.")
+    topic_template: str = Field(
+        default="outbox.event.{aggregate_type}",
+        description="Topic of each event; placeholders {aggregate_type}, {event_type}, {table}.",
+    )
+    column_id: str = Field(default="id", description="Column with the event id (header `id`).")
+    column_aggregate_type: str = Field(
+        default="aggregate_type", description="Column with the aggregate type (routing)."
+    )
+    column_aggregate_id: str = Field(
+        default="aggregate_id", description="Column with the aggregate id (the Kafka key)."
+    )
+    column_event_type: str = Field(
+        default="event_type", description="Column with the event type (header `event_type`)."
+    )
+    column_payload: str = Field(
+        default="payload", description="Column with the payload (the Kafka value, as stored)."
+    )
+    column_headers: str = Field(
+        default="headers",
+        description="Optional jsonb column whose keys become Kafka headers; empty to disable.",
+    )
+    column_created_at: str = Field(
+        default="created_at",
+        description="Optional timestamp column used as the Kafka timestamp; empty to disable.",
+    )
+    dead_letter_policy: Literal["dead-letter", "halt"] = Field(
+        default="dead-letter",
+        description="What to do with a row that can never be delivered: dead-letter or halt.",
+    )
+    dead_letter_topic: str = Field(
+        default="outbox.dead-letter", description="Topic for rows that cannot be delivered."
+    )
+    max_in_flight_events: int = Field(
+        default=20_000, ge=1, description="Events produced but not yet acknowledged, at most."
+    )
+    max_in_flight_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="Bytes (keys and values) produced but not yet acknowledged, at most.",
+    )
+    status_interval_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=30,
+        description="Least interval between status updates that move the confirmed position.",
+    )
+    reconnect_max_backoff_seconds: float = Field(
+        default=30.0, gt=0, description="Cap of the exponential backoff between reconnects."
+    )
+    standby_retry_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often a relay whose slot is held by another process retries.",
+    )
+    shutdown_timeout_seconds: float = Field(
+        default=30.0, ge=0, description="How long shutdown waits for in-flight acks."
+    )
+
+    @field_validator("kafka_config", mode="before")
+    @classmethod
+    def _parse_kafka_config(cls, value: object) -> object:
+        if isinstance(value, str):
+            if not value.strip():
+                return {}
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"is not valid JSON ({exc.msg} at position {exc.pos})") from None
+        if not isinstance(value, dict):
+            raise ValueError("must be a JSON object of librdkafka properties")
+        for key, item in value.items():
+            if isinstance(item, dict | list) or item is None:
+                raise ValueError(f"property {key!r} must be a string, number or boolean")
+            wanted = _GUARANTEE_PROPERTIES.get(key)
+            if wanted is not None and str(item).lower() not in wanted:
+                raise ValueError(
+                    f"property {key!r} would weaken delivery guarantees; the relay requires "
+                    f"{key}={sorted(wanted)[0]}"
+                )
+            if key in _RELAY_OWNED_PROPERTIES:
+                raise ValueError(f"property {key!r} is managed by the relay and cannot be set")
+        return value
+
+    @field_validator("slot_name", "publication_name")
+    @classmethod
+    def _check_identifier(cls, value: str) -> str:
+        if not _IDENTIFIER.match(value):
+            raise ValueError(
+                "must be a lower-case identifier: letters, digits and _, at most 63 characters"
+            )
+        return value
+
+    @field_validator("outbox_table")
+    @classmethod
+    def _check_table(cls, value: str) -> str:
+        split_table_name(value)
+        return value
+
+    @field_validator("topic_template")
+    @classmethod
+    def _check_template(cls, value: str) -> str:
+        for name in re.findall(r"\{([^{}]*)\}", value):
+            if name not in _TOPIC_PLACEHOLDERS:
+                raise ValueError(
+                    f"unknown placeholder {{{name}}}; use {{aggregate_type}}, {{event_type}} "
+                    "or {table}"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _check_columns(self) -> Settings:
+        required = [
+            self.column_id,
+            self.column_aggregate_type,
+            self.column_aggregate_id,
+            self.column_event_type,
+            self.column_payload,
+        ]
+        if any(not name for name in required):
+            raise ValueError(
+                "the id, aggregate type, aggregate id, event type and payload "
+                "columns cannot be empty"
+            )
+        named = [*required, self.column_headers, self.column_created_at]
+        named = [name for name in named if name]
+        if len(set(named)) != len(named):
+            raise ValueError("two CDC_RELAY_COLUMN_* settings name the same column")
+        return self
+
+    def producer_config(self) -> dict[str, Any]:
+        """The librdkafka configuration: safe defaults, then the user's properties."""
+        if not self.kafka_bootstrap_servers:
+            raise ConfigError(f"{ENV_PREFIX}KAFKA_BOOTSTRAP_SERVERS is required by `run`")
+        return {**relay_producer_defaults(self.kafka_bootstrap_servers), **self.kafka_config}
+
+    @property
+    def table_schema(self) -> str:
+        return split_table_name(self.outbox_table)[0]
+
+    @property
+    def table_name(self) -> str:
+        return split_table_name(self.outbox_table)[1]
+
+
+def split_table_name(qualified: str) -> tuple[str, str]:
+    """Split ``schema.table`` (default schema public); names are taken literally, no quoting."""
+    parts = qualified.split(".")
+    if len(parts) == 1:
+        parts = ["public", parts[0]]
+    if len(parts) != 2 or not all(parts) or any('"' in p or "\x00" in p for p in parts):
+        raise ValueError("must be a table name, optionally schema-qualified (schema.table)")
+    return parts[0], parts[1]
+
+
+_SECRET_WORDS = ("password", "secret", "key.pem", "sasl.oauthbearer.config", "token")
+
+
+def redact_kafka_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy safe to log: values of secret-bearing properties replaced."""
+    return {
+        key: "***" if any(word in key.lower() for word in _SECRET_WORDS) else value
+        for key, value in config.items()
+        if not callable(value)
+    }
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings from the environment, turning every failure into one ConfigError line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc)) from None
+    except SettingsError as exc:
+        # Raised before validation when a source cannot parse a value; never echo the value.
+        field = re.search(r'field "([^"]+)"', str(exc))
+        name = f"{ENV_PREFIX}{field.group(1).upper()}" if field else "a CDC_RELAY_ variable"
+        raise ConfigError(f"{name}: could not be parsed") from None
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    first = exc.errors(include_input=False, include_url=False)[0]
+    loc = [str(part) for part in first["loc"]]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if not loc:
+        return f"invalid configuration: {message}"
+    variable = f"{ENV_PREFIX}{loc[0].upper()}"
+    if first["type"] == "missing":
+        return f"{variable} is required"
+    return f"{variable}: {message}"
