@@ -1,0 +1,54 @@
+# cdc-relay: every command installs what it needs first (a fresh Debian machine is enough).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: help install postgres test test-unit lint format demo clean
+
+help:
+	@echo "make demo       start a local PostgreSQL and broker, stream sample events, stop everything"
+	@echo "make test       install what is needed and run the whole suite"
+	@echo "make test-unit  only the tests that need no servers"
+	@echo "make lint       ruff and mypy"
+	@echo "make clean      remove the virtualenv and caches"
+
+# PostgreSQL server binaries (initdb, pg_ctl) for the tests and the demo.
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing the PostgreSQL server (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else \
+		echo "PostgreSQL server binaries not found: run 'sudo apt-get install postgresql'" >&2; exit 1; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: postgres $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+demo: install
+	$(PY) examples/demo.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info build dist

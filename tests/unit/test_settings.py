@@ -1,0 +1,136 @@
+"""Settings: defaults, env parsing, and one-line errors that never echo a value."""
+
+from __future__ import annotations
+
+import pytest
+
+from cdc_relay.errors import ConfigError
+from cdc_relay.settings import load_settings, redact_kafka_config
+
+URL = "postgresql://relay:s3cret-pw@db:5432/app"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    for name in list(__import__("os").environ):
+        if name.startswith("CDC_RELAY_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no stray .env file
+    monkeypatch.setenv("CDC_RELAY_DATABASE_URL", URL)
+
+
+def test_defaults_match_the_documented_ones():
+    s = load_settings()
+    assert s.outbox_table == "public.outbox"
+    assert s.slot_name == "cdc_relay" and s.publication_name == "cdc_relay"
+    assert s.topic_template == "outbox.event.{aggregate_type}"
+    assert s.dead_letter_policy == "dead-letter"
+    assert s.dead_letter_topic == "outbox.dead-letter"
+    assert (s.table_schema, s.table_name) == ("public", "outbox")
+    assert s.kafka_config == {}
+
+
+def test_missing_database_url_names_the_variable(monkeypatch):
+    monkeypatch.delenv("CDC_RELAY_DATABASE_URL")
+    with pytest.raises(ConfigError, match="^CDC_RELAY_DATABASE_URL is required$"):
+        load_settings()
+
+
+def test_invalid_number_names_the_variable(monkeypatch):
+    monkeypatch.setenv("CDC_RELAY_MAX_IN_FLIGHT_EVENTS", "0")
+    with pytest.raises(ConfigError, match="^CDC_RELAY_MAX_IN_FLIGHT_EVENTS: "):
+        load_settings()
+
+
+def test_invalid_policy_names_the_variable(monkeypatch):
+    monkeypatch.setenv("CDC_RELAY_DEAD_LETTER_POLICY", "drop")
+    with pytest.raises(ConfigError, match="^CDC_RELAY_DEAD_LETTER_POLICY: "):
+        load_settings()
+
+
+def test_kafka_config_json_is_merged_over_safe_defaults(monkeypatch):
+    monkeypatch.setenv("CDC_RELAY_KAFKA_BOOTSTRAP_SERVERS", "k:9092")
+    monkeypatch.setenv(
+        "CDC_RELAY_KAFKA_CONFIG", '{"compression.type": "zstd", "linger.ms": 20, "acks": "all"}'
+    )
+    config = load_settings().producer_config()
+    assert config["compression.type"] == "zstd"
+    assert config["linger.ms"] == 20
+    assert config["enable.idempotence"] is True
+    assert config["bootstrap.servers"] == "k:9092"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ['{"acks": "1"}', '{"acks": 1}', '{"enable.idempotence": false}', '{"request.required.acks": 0}'],
+)
+def test_properties_that_weaken_delivery_are_refused(monkeypatch, raw):
+    monkeypatch.setenv("CDC_RELAY_KAFKA_CONFIG", raw)
+    with pytest.raises(ConfigError, match="^CDC_RELAY_KAFKA_CONFIG: .*weaken delivery"):
+        load_settings()
+
+
+def test_invalid_kafka_config_json_is_one_line_without_the_value(monkeypatch):
+    monkeypatch.setenv("CDC_RELAY_KAFKA_CONFIG", '{"sasl.password": "hunter22",')
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    text = str(info.value)
+    assert text.startswith("CDC_RELAY_KAFKA_CONFIG: is not valid JSON")
+    assert "hunter22" not in text and "\n" not in text
+
+
+def test_kafka_config_must_be_an_object(monkeypatch):
+    monkeypatch.setenv("CDC_RELAY_KAFKA_CONFIG", "[1, 2]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        load_settings()
+
+
+def test_bootstrap_servers_required_only_to_build_the_producer():
+    s = load_settings()
+    with pytest.raises(ConfigError, match="CDC_RELAY_KAFKA_BOOTSTRAP_SERVERS is required"):
+        s.producer_config()
+
+
+@pytest.mark.parametrize("name", ["Bad-Slot", "x;drop", "", "a" * 64])
+def test_slot_name_must_be_a_plain_identifier(monkeypatch, name):
+    monkeypatch.setenv("CDC_RELAY_SLOT_NAME", name)
+    with pytest.raises(ConfigError, match="^CDC_RELAY_SLOT_NAME: "):
+        load_settings()
+
+
+def test_unknown_topic_placeholder_is_refused(monkeypatch):
+    monkeypatch.setenv("CDC_RELAY_TOPIC_TEMPLATE", "events.{aggregate}")
+    with pytest.raises(ConfigError, match=r"^CDC_RELAY_TOPIC_TEMPLATE: unknown placeholder"):
+        load_settings()
+
+
+def test_debezium_style_column_mapping(monkeypatch):
+    monkeypatch.setenv("CDC_RELAY_COLUMN_AGGREGATE_TYPE", "aggregatetype")
+    monkeypatch.setenv("CDC_RELAY_COLUMN_AGGREGATE_ID", "aggregateid")
+    monkeypatch.setenv("CDC_RELAY_COLUMN_EVENT_TYPE", "type")
+    s = load_settings()
+    assert (s.column_aggregate_type, s.column_aggregate_id, s.column_event_type) == (
+        "aggregatetype",
+        "aggregateid",
+        "type",
+    )
+
+
+def test_two_roles_on_one_column_are_refused(monkeypatch):
+    monkeypatch.setenv("CDC_RELAY_COLUMN_EVENT_TYPE", "aggregate_type")
+    with pytest.raises(ConfigError, match="same column"):
+        load_settings()
+
+
+def test_dotenv_file_is_read(monkeypatch, tmp_path):
+    (tmp_path / ".env").write_text("CDC_RELAY_SLOT_NAME=from_dotenv\n")
+    assert load_settings().slot_name == "from_dotenv"
+
+
+def test_database_url_is_secret_in_repr():
+    assert "s3cret-pw" not in repr(load_settings())
+
+
+def test_redacted_kafka_config_hides_secrets():
+    shown = redact_kafka_config({"sasl.password": "pw", "sasl.username": "u", "ssl.key.pem": "k"})
+    assert shown == {"sasl.password": "***", "sasl.username": "u", "ssl.key.pem": "***"}
