@@ -11,6 +11,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from types import FrameType
 
@@ -63,9 +64,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
     configure_logging(debug=debug)
+    stop_requested = threading.Event()
+    if args.command == "run":
+        # Before anything slow: a SIGTERM during start-up then means "stop", not a crash.
+        _install_stop_handlers(stop_requested)
     try:
         settings = load_settings()
         _register_secrets(settings)
+        if args.command == "run":
+            return _run(settings, stop_requested)
         return _dispatch(args, settings)
     except ConfigError as exc:
         return _fail(exc, EXIT_USAGE, debug)
@@ -102,8 +109,6 @@ def _register_secrets(settings: Settings) -> None:
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     url = settings.database_url.get_secret_value()
-    if args.command == "run":
-        return _run(settings)
     if args.command == "teardown" and not args.yes:
         raise ConfigError("teardown drops the slot and the publication: add --yes to confirm")
     with pool_for(url) as pool, pool.connection() as conn:
@@ -117,21 +122,20 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def _run(settings: Settings) -> int:
-    from cdc_relay.relay import Relay  # the producer stack is only needed here
-
-    relay = Relay(settings)
-    signals_seen = 0
-
+def _install_stop_handlers(stop_requested: threading.Event) -> None:
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen > 1:
+        if stop_requested.is_set():
+            log.warning("second %s: exiting without waiting", signal.Signals(signum).name)
             raise SystemExit(EXIT_FAILURE)
         log.info("received %s: finishing in-flight deliveries", signal.Signals(signum).name)
-        relay.stop()
+        stop_requested.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    relay.run()
+
+
+def _run(settings: Settings, stop_requested: threading.Event) -> int:
+    from cdc_relay.relay import Relay  # the producer stack is only needed here
+
+    Relay(settings, stop_requested=stop_requested).run()
     return EXIT_OK

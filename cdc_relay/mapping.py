@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from cdc_relay.errors import MappingError
 from cdc_relay.pgoutput import ColumnValue, Relation
@@ -22,6 +22,8 @@ BYTEA_OID = 17
 # Kafka's own rule for topic names (kafka.common.internals.Topic).
 _LEGAL_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _TOPIC_CACHE_LIMIT = 10_000
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
 
 Headers = list[tuple[str, bytes]]
 
@@ -238,7 +240,8 @@ def parse_timestamp_ms(raw: bytes) -> int:
         return 0
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    millis = int(moment.timestamp() * 1000)
+    # Integer arithmetic: a float of seconds times 1000 can land one millisecond short.
+    millis = (moment - _UNIX_EPOCH) // _ONE_MS
     return millis if millis > 0 else 0
 
 

@@ -124,10 +124,12 @@ def _size(key: bytes | None, value: bytes | None) -> int:
 class Relay:
     """Runs sessions until stopped; reconnects with capped exponential backoff."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, *, stop_requested: threading.Event | None = None
+    ) -> None:
         self.settings = settings
         self.stats = RelayStats()
-        self._stop = threading.Event()
+        self._stop = stop_requested or threading.Event()
         self._mapping = ColumnMapping(
             id=settings.column_id,
             aggregate_type=settings.column_aggregate_type,

@@ -92,7 +92,9 @@ def histories(draw):
     records = [(txn, r) for txn, n in enumerate(sizes) for r in range(n)]
     ack_order = draw(st.permutations(records))
     cut = draw(st.integers(min_value=0, max_value=len(ack_order)))
-    keepalive_points = draw(st.lists(st.integers(min_value=0, max_value=len(ack_order)), max_size=5))
+    keepalive_points = draw(
+        st.lists(st.integers(min_value=0, max_value=len(ack_order)), max_size=5)
+    )
     return sizes, list(ack_order[:cut]), set(keepalive_points)
 
 

@@ -41,7 +41,9 @@ def relation(columns=DEFAULT_COLUMNS, name="outbox"):
     )
 
 
-def plan(columns=DEFAULT_COLUMNS, mapping=ColumnMapping(), template="outbox.event.{aggregate_type}"):
+def plan(
+    columns=DEFAULT_COLUMNS, mapping=ColumnMapping(), template="outbox.event.{aggregate_type}"
+):
     return TablePlan(relation(columns), mapping, template)
 
 
@@ -143,15 +145,25 @@ def test_non_ascii_key_and_routing_values():
 
 
 def test_debezium_style_outbox_without_optional_columns():
-    columns = [("id", UUID_OID), ("aggregatetype", TEXT_OID), ("aggregateid", TEXT_OID),
-               ("type", TEXT_OID), ("payload", JSONB_OID)]
-    mapping = ColumnMapping(aggregate_type="aggregatetype", aggregate_id="aggregateid",
-                            event_type="type")
+    columns = [
+        ("id", UUID_OID),
+        ("aggregatetype", TEXT_OID),
+        ("aggregateid", TEXT_OID),
+        ("type", TEXT_OID),
+        ("payload", JSONB_OID),
+    ]
+    mapping = ColumnMapping(
+        aggregate_type="aggregatetype", aggregate_id="aggregateid", event_type="type"
+    )
     p = TablePlan(relation(columns), mapping, "outbox.event.{aggregate_type}")
     record = p.map((EVENT_ID, b"Customer", b"c-1", b"Created", b"{}"))
-    assert record == OutboxRecord("outbox.event.Customer", b"c-1", b"{}",
-                                  [("id", EVENT_ID), ("event_type", b"Created"),
-                                   ("aggregate_type", b"Customer")], 0)
+    assert record == OutboxRecord(
+        "outbox.event.Customer",
+        b"c-1",
+        b"{}",
+        [("id", EVENT_ID), ("event_type", b"Created"), ("aggregate_type", b"Customer")],
+        0,
+    )
 
 
 def test_missing_required_column_names_it():
@@ -181,8 +193,9 @@ def test_parse_timestamp(text, expected):
 
 def test_dead_letter_record_carries_the_row_and_the_reason():
     rejected = Rejected("the aggregate id column is NULL", None, b"{}", [("id", EVENT_ID)])
-    record = dead_letter_record(rejected, topic="dlq", source_lsn="0/16B3748",
-                                source_table="public.outbox")
+    record = dead_letter_record(
+        rejected, topic="dlq", source_lsn="0/16B3748", source_table="public.outbox"
+    )
     assert record.topic == "dlq" and record.key is None and record.value == b"{}"
     assert dict(record.headers) == {
         "id": EVENT_ID,
@@ -190,12 +203,26 @@ def test_dead_letter_record_carries_the_row_and_the_reason():
         "source_lsn": b"0/16B3748",
         "source_table": b"public.outbox",
     }
-    assert dead_letter_record(rejected, topic="dlq", source_lsn="0/1", source_table="t",
-                              include_value=False).value is None
+    assert (
+        dead_letter_record(
+            rejected, topic="dlq", source_lsn="0/1", source_table="t", include_value=False
+        ).value
+        is None
+    )
 
 
-@pytest.mark.parametrize(("name", "ok"), [("a.b_c-D9", True), (".", False), ("..", False),
-                                          ("", False), ("a" * 249, True), ("a" * 250, False),
-                                          ("a/b", False), ("é", False)])
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("a.b_c-D9", True),
+        (".", False),
+        ("..", False),
+        ("", False),
+        ("a" * 249, True),
+        ("a" * 250, False),
+        ("a/b", False),
+        ("é", False),
+    ],
+)
 def test_legal_topic(name, ok):
     assert legal_topic(name) is ok

@@ -62,7 +62,12 @@ def test_kafka_config_json_is_merged_over_safe_defaults(monkeypatch):
 
 @pytest.mark.parametrize(
     "raw",
-    ['{"acks": "1"}', '{"acks": 1}', '{"enable.idempotence": false}', '{"request.required.acks": 0}'],
+    [
+        '{"acks": "1"}',
+        '{"acks": 1}',
+        '{"enable.idempotence": false}',
+        '{"request.required.acks": 0}',
+    ],
 )
 def test_properties_that_weaken_delivery_are_refused(monkeypatch, raw):
     monkeypatch.setenv("CDC_RELAY_KAFKA_CONFIG", raw)
