@@ -41,7 +41,11 @@ _K: Final = ord("k")
 
 @dataclass(frozen=True, slots=True)
 class XLogData:
-    """'w': WAL data; ``payload`` is one pgoutput message (a view into the CopyData buffer)."""
+    """'w': WAL data; ``payload`` is one pgoutput message (a view into the CopyData buffer).
+
+    ``start_lsn`` is not a position to confirm, and is 0/0 for some messages (a walsender
+    sends Relation messages inside a stream block that way); confirm Commit end LSNs.
+    """
 
     start_lsn: Lsn
     wal_end: Lsn

@@ -52,3 +52,5 @@ def configure_logging(*, debug: bool) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     # The pool logs every failed reconnect attempt; the relay logs the state change itself.
     logging.getLogger("psycopg.pool").setLevel(logging.DEBUG if debug else logging.ERROR)
+    # librdkafka's log repeats what the producer's error callback reports, once per attempt.
+    logging.getLogger("cdc_relay.librdkafka").setLevel(logging.DEBUG if debug else logging.CRITICAL)

@@ -390,45 +390,69 @@ _NEW, _KEY, _OLD = b"NKO"
 def _read_tuple(buf: bytes, pos: int) -> tuple[TupleValues, int]:
     """TupleData at ``pos``: Int16 count, then per column n / u / t+Int32+bytes / b+Int32+bytes.
 
-    The hot path of the relay: one struct call per value, text values as ``bytes`` slices.
+    The relay's hot path, so it checks as little as it can: lengths are read unsigned (a
+    negative Int32 becomes huge), an overlong one leaves ``pos`` past the end, and running
+    off the end raises IndexError. Any of these sends the buffer to ``_tuple_error``, which
+    walks it again with every check to say exactly what is wrong and where.
     """
-    end = len(buf)
     start = pos
-    values: list[ColumnValue] = []
-    append = values.append
     try:
         ncols = (buf[pos] << 8) | buf[pos + 1]
         pos += 2
-        # Every column takes at least one byte: refuse absurd counts before looping.
-        if ncols > end - pos:
-            raise _Malformed(f"TupleData claims {ncols} columns in {end - pos} bytes", start)
-        for _ in range(ncols):
+        values: list[ColumnValue] = [None] * ncols
+        for i in range(ncols):
             kind = buf[pos]
             if kind == _T:
-                length = _I32(buf, pos + 1)[0]
-                stop = pos + 5 + length
-                if length < 0 or stop > end:
-                    raise _Malformed(f"bad column value length {length}", pos + 1)
-                append(buf[pos + 5 : stop])
+                pos += 5
+                stop = pos + _U32(buf, pos - 4)[0]
+                values[i] = buf[pos:stop]
                 pos = stop
             elif kind == _N:
-                append(None)
                 pos += 1
             elif kind == _U:
-                append(UNCHANGED)
+                values[i] = UNCHANGED
                 pos += 1
             elif kind == _B:
-                length = _I32(buf, pos + 1)[0]
-                stop = pos + 5 + length
-                if length < 0 or stop > end:
-                    raise _Malformed(f"bad column value length {length}", pos + 1)
-                append(Binary(buf[pos + 5 : stop]))
+                pos += 5
+                stop = pos + _U32(buf, pos - 4)[0]
+                values[i] = Binary(buf[pos:stop])
                 pos = stop
             else:
-                raise _Malformed(f"unknown TupleData column kind {kind:#04x}", pos)
+                break
+        else:
+            if pos <= len(buf):
+                return tuple(values), pos
     except (IndexError, struct.error):
-        raise _Malformed("truncated TupleData", pos) from None
-    return tuple(values), pos
+        pass
+    raise _tuple_error(buf, start)
+
+
+def _tuple_error(buf: bytes, pos: int) -> _Malformed:
+    """The first defect of the TupleData at ``pos``, which ``_read_tuple`` refused."""
+    end = len(buf)
+    if end - pos < 2:
+        return _Malformed("truncated TupleData", pos)
+    ncols = _U16(buf, pos)[0]
+    if ncols > end - pos - 2:
+        # Every column takes at least one byte.
+        return _Malformed(f"TupleData claims {ncols} columns in {end - pos - 2} bytes", pos)
+    pos += 2
+    for _ in range(ncols):
+        if pos >= end:
+            return _Malformed("truncated TupleData", pos)
+        kind = buf[pos]
+        if kind in (_T, _B):
+            if end - pos < 5:
+                return _Malformed("truncated TupleData", pos)
+            length = _I32(buf, pos + 1)[0]
+            if length < 0 or pos + 5 + length > end:
+                return _Malformed(f"bad column value length {length}", pos + 1)
+            pos += 5 + length
+        elif kind in (_N, _U):
+            pos += 1
+        else:
+            return _Malformed(f"unknown TupleData column kind {kind:#04x}", pos)
+    return _Malformed("malformed TupleData", pos)  # not reached: _read_tuple found a defect
 
 
 class _Cursor:
@@ -744,8 +768,10 @@ class Decoder:
     """Decodes the pgoutput messages of one replication connection, in order.
 
     Its only state is whether it is inside a stream block (between Stream Start and Stream
-    Stop), where Relation, Type, Insert, Update, Delete, Truncate and Message carry the
-    streamed transaction's xid. Use a new Decoder (or ``reset()``) per connection.
+    Stop), where Relation, Type, Insert, Update, Delete, Truncate and Message carry an xid:
+    that of the (sub)transaction that made the change, which is not always the Stream
+    Start's top-level xid (a change made after a SAVEPOINT carries the subtransaction's).
+    Use a new Decoder (or ``reset()``) per connection.
     """
 
     __slots__ = ("_in_stream", "_proto_version")

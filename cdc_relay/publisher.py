@@ -20,6 +20,7 @@ from cdc_relay.mapping import OutboxRecord
 log = logging.getLogger(__name__)
 
 DeliveryCallback = Callable[[Any, Any], None]
+LIBRDKAFKA_LOGGER = "cdc_relay.librdkafka"
 
 # Errors that say "this record can never be accepted", whatever the retries.
 _RECORD_ERRORS = frozenset(
@@ -66,8 +67,10 @@ class Publisher:
         self.fatal_error: str | None = None
         self._on_error = on_error
         try:
+            # librdkafka's own log repeats what error_cb reports (per connection attempt), so
+            # it goes to a logger that is shown with --debug only (see logs.configure_logging).
             self._producer = Producer(
-                {**config, "error_cb": self._error_cb}, logger=logging.getLogger("cdc_relay.kafka")
+                {**config, "error_cb": self._error_cb}, logger=logging.getLogger(LIBRDKAFKA_LOGGER)
             )
         except KafkaException as exc:
             raise ConfigError(f"CDC_RELAY_KAFKA_CONFIG: {exc.args[0].str()}") from None

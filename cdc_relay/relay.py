@@ -145,6 +145,10 @@ class Relay:
         )
         self._failure_log = FailureLog()
         self._kafka_log = FailureLog()
+        # librdkafka reports the same trouble over and over (per connection attempt): log each
+        # kind once until deliveries flow again.
+        self._kafka_errors_logged: set[int] = set()
+        self._waiting_for_broker = False
         self._publisher: Publisher | None = None
 
     def stop(self) -> None:
@@ -206,8 +210,19 @@ class Relay:
             self.stats.resets += 1
 
     def _on_kafka_error(self, error: Any) -> None:
-        # librdkafka reports transient broker trouble here; it keeps retrying on its own.
-        self._kafka_log.failed(f"Kafka: {error.str()}")
+        # librdkafka reports transient broker trouble here and keeps retrying on its own.
+        code = error.code()
+        if self._waiting_for_broker or code in self._kafka_errors_logged:
+            log.debug("Kafka: %s", error.str())
+            return
+        self._kafka_errors_logged.add(code)
+        log.warning("Kafka: %s (librdkafka keeps retrying)", error.str())
+
+    def kafka_flowing(self) -> None:
+        """Deliveries are acknowledged again: the next Kafka trouble is news."""
+        if self._kafka_errors_logged:
+            log.info("recovered: Kafka acknowledges deliveries again")
+            self._kafka_errors_logged.clear()
 
     def _ensure_publisher(self) -> Publisher:
         if self._publisher is not None and self._publisher.fatal_error:
@@ -217,13 +232,19 @@ class Relay:
         publisher = self._publisher
         # Do not take the slot while the broker is unreachable: a standby with a working broker
         # may take it instead, and the server keeps the WAL either way.
+        self._waiting_for_broker = True
         while not self._stop.is_set():
             try:
                 publisher.wait_for_broker(BROKER_WAIT_TIMEOUT)
+                self._waiting_for_broker = False
                 self._kafka_log.recovered("Kafka is reachable")
                 break
             except DeliveryError as exc:
-                self._kafka_log.failed(f"{exc}; waiting for it")
+                log.debug("Kafka still unreachable: %s", exc)
+                self._kafka_log.failed(
+                    f"Kafka at {self.settings.kafka_bootstrap_servers} is unreachable; waiting "
+                    "for it before taking the slot"
+                )
         return publisher
 
     # ---------------------------------------------------------------- one session
@@ -506,6 +527,8 @@ class _Session:
         self.last_status_at = time.monotonic()
         if position != self.last_sent_lsn:
             log.debug("confirmed slot=%s lsn=%s", self.settings.slot_name, format_lsn(position))
+            if self.stats.published:
+                self.relay.kafka_flowing()
         self.last_sent_lsn = position
         self.stats.confirmed_lsn = position
 
