@@ -84,8 +84,10 @@ def place_orders(pg: PostgresServer) -> None:
 def main() -> int:
     say("== cdc-relay demo: PostgreSQL outbox → WAL → Kafka ==")
     with PostgresServer() as pg, TansuBroker() as broker:
-        say(f"started PostgreSQL on port {pg.port} (wal_level=logical) and a Kafka-protocol "
-            f"broker on {broker.bootstrap}")
+        say(
+            f"started PostgreSQL on port {pg.port} (wal_level=logical) and a Kafka-protocol "
+            f"broker on {broker.bootstrap}"
+        )
         pg.create_database("shop")
         pg.execute(
             "CREATE TABLE orders (id text PRIMARY KEY, customer text NOT NULL, total numeric)",
@@ -104,27 +106,38 @@ def main() -> int:
         say("\n$ cdc-relay run   (in the background)")
         relay = subprocess.Popen([sys.executable, "-m", "cdc_relay", "run"], env=env)
         try:
-            say(f"\nplacing {ORDERS} orders, each with its outbox event in the same transaction,"
-                " and one that rolls back")
+            say(
+                f"\nplacing {ORDERS} orders, each with its outbox event in the same transaction,"
+                " and one that rolls back"
+            )
             place_orders(pg)
-            records = consume_all(broker.bootstrap, ["outbox.event.order"], expected=ORDERS,
-                                  timeout=60)
+            records = consume_all(
+                broker.bootstrap, ["outbox.event.order"], expected=ORDERS, timeout=60
+            )
             say(f"\nconsumed {len(records)} events from topic outbox.event.order:")
             for r in records:
                 payload = (r.value or b"").decode()
-                say(f"  partition {r.partition} offset {r.offset:>2}  key={r.key.decode() if r.key else None:<10}"
-                    f" id={(r.header('id') or b'').decode()[:8]}…  {payload}")
+                key = (r.key or b"").decode()
+                event_id = (r.header("id") or b"").decode()[:8]
+                say(
+                    f"  partition {r.partition} offset {r.offset:>2}  key={key:<10} "
+                    f"id={event_id}…  {payload}"
+                )
             if len(records) != ORDERS:
                 raise SystemExit(f"expected {ORDERS} events, got {len(records)}")
             after = wait_until(
-                lambda: (s := slot_json(env))["confirmed_flush_lsn"] != before["confirmed_flush_lsn"]
-                and s,
+                lambda: (
+                    (s := slot_json(env))["confirmed_flush_lsn"] != before["confirmed_flush_lsn"]
+                    and s
+                ),
                 timeout=30,
                 message="the slot did not advance",
             )
-            say(f"\nslot {after['slot_name']}: confirmed_flush_lsn {before['confirmed_flush_lsn']}"
+            say(
+                f"\nslot {after['slot_name']}: confirmed_flush_lsn {before['confirmed_flush_lsn']}"
                 f" → {after['confirmed_flush_lsn']} (lag {after['lag_bytes']} bytes): the relay "
-                "confirmed only what Kafka acknowledged")
+                "confirmed only what Kafka acknowledged"
+            )
         finally:
             relay.send_signal(signal.SIGTERM)
             try:

@@ -1,4 +1,4 @@
-"""End to end against a real PostgreSQL and broker: what arrives in Kafka, and what the slot says."""
+"""End to end against real PostgreSQL and a broker: what arrives in Kafka, what the slot says."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import json
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
 
-import pytest
-
+from tests.integration.conftest import Outbox
 from tests.integration.relay_process import (
     RelayProcess,
     cli,
@@ -18,50 +16,11 @@ from tests.integration.relay_process import (
     execute,
     insert_events,
     query,
-    relay_env,
     slot_active,
     wait_confirmed_past,
 )
 from tests.kafka_helpers import ConsumedRecord, consume_all
 from tests.servers import wait_until
-
-
-@dataclass
-class Outbox:
-    """A database with the outbox set up, and the env that points the relay at it."""
-
-    url: str
-    env: dict[str, str]
-    prefix: str
-
-    def topic(self, aggregate_type: str = "order") -> str:
-        return f"{self.prefix}.{aggregate_type}"
-
-    @property
-    def dead_letter_topic(self) -> str:
-        return f"{self.prefix}.dead-letter"
-
-
-def make_outbox(
-    url: str, bootstrap: str, *, create_table: bool = True, **settings: object
-) -> Outbox:
-    prefix = f"t{uuid.uuid4().hex[:10]}"
-    env = relay_env(
-        url,
-        bootstrap,
-        topic_template=f"{prefix}.{{aggregate_type}}",
-        dead_letter_topic=f"{prefix}.dead-letter",
-        **settings,
-    )
-    args = ["setup", "--create-table"] if create_table else ["setup"]
-    done = cli(env, *args)
-    assert done.returncode == 0, done.stderr
-    return Outbox(url, env, prefix)
-
-
-@pytest.fixture
-def outbox(db: str, kafka: str) -> Outbox:
-    return make_outbox(db, kafka)
 
 
 def seqs_by_key(records: list[ConsumedRecord]) -> dict[bytes, list[int]]:

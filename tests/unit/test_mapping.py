@@ -41,8 +41,11 @@ def relation(columns=DEFAULT_COLUMNS, name="outbox"):
     )
 
 
+DEFAULT_MAPPING = ColumnMapping()
+
+
 def plan(
-    columns=DEFAULT_COLUMNS, mapping=ColumnMapping(), template="outbox.event.{aggregate_type}"
+    columns=DEFAULT_COLUMNS, mapping=DEFAULT_MAPPING, template="outbox.event.{aggregate_type}"
 ):
     return TablePlan(relation(columns), mapping, template)
 

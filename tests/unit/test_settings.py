@@ -32,19 +32,19 @@ def test_defaults_match_the_documented_ones():
 
 def test_missing_database_url_names_the_variable(monkeypatch):
     monkeypatch.delenv("CDC_RELAY_DATABASE_URL")
-    with pytest.raises(ConfigError, match="^CDC_RELAY_DATABASE_URL is required$"):
+    with pytest.raises(ConfigError, match=r"^CDC_RELAY_DATABASE_URL is required$"):
         load_settings()
 
 
 def test_invalid_number_names_the_variable(monkeypatch):
     monkeypatch.setenv("CDC_RELAY_MAX_IN_FLIGHT_EVENTS", "0")
-    with pytest.raises(ConfigError, match="^CDC_RELAY_MAX_IN_FLIGHT_EVENTS: "):
+    with pytest.raises(ConfigError, match=r"^CDC_RELAY_MAX_IN_FLIGHT_EVENTS: "):
         load_settings()
 
 
 def test_invalid_policy_names_the_variable(monkeypatch):
     monkeypatch.setenv("CDC_RELAY_DEAD_LETTER_POLICY", "drop")
-    with pytest.raises(ConfigError, match="^CDC_RELAY_DEAD_LETTER_POLICY: "):
+    with pytest.raises(ConfigError, match=r"^CDC_RELAY_DEAD_LETTER_POLICY: "):
         load_settings()
 
 
@@ -71,7 +71,7 @@ def test_kafka_config_json_is_merged_over_safe_defaults(monkeypatch):
 )
 def test_properties_that_weaken_delivery_are_refused(monkeypatch, raw):
     monkeypatch.setenv("CDC_RELAY_KAFKA_CONFIG", raw)
-    with pytest.raises(ConfigError, match="^CDC_RELAY_KAFKA_CONFIG: .*weaken delivery"):
+    with pytest.raises(ConfigError, match=r"^CDC_RELAY_KAFKA_CONFIG: .*weaken delivery"):
         load_settings()
 
 
@@ -99,7 +99,7 @@ def test_bootstrap_servers_required_only_to_build_the_producer():
 @pytest.mark.parametrize("name", ["Bad-Slot", "x;drop", "", "a" * 64])
 def test_slot_name_must_be_a_plain_identifier(monkeypatch, name):
     monkeypatch.setenv("CDC_RELAY_SLOT_NAME", name)
-    with pytest.raises(ConfigError, match="^CDC_RELAY_SLOT_NAME: "):
+    with pytest.raises(ConfigError, match=r"^CDC_RELAY_SLOT_NAME: "):
         load_settings()
 
 

@@ -1,0 +1,179 @@
+"""Shared fixtures: a session PostgreSQL (``pg``) and Kafka-protocol broker (``kafka``).
+
+By default both are started locally (tests/servers.py). Set
+``CDC_RELAY_TEST_DATABASE_URL`` (a superuser postgresql:// URL on a server with
+wal_level=logical) and/or ``CDC_RELAY_TEST_KAFKA_BOOTSTRAP_SERVERS`` to use external ones;
+tests that restart PostgreSQL then skip (``pg.can_restart`` is False; mark them
+``@pytest.mark.pg_restart`` or request the ``restartable_pg`` fixture).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.servers import (
+    ExternalPostgres,
+    PgClientMixin,
+    PostgresServer,
+    TansuBroker,
+    TcpProxy,
+    find_pg_bindir,
+    find_tansu,
+    free_port,
+)
+
+DATABASE_URL_ENV = "CDC_RELAY_TEST_DATABASE_URL"
+KAFKA_ENV = "CDC_RELAY_TEST_KAFKA_BOOTSTRAP_SERVERS"
+
+_INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "pg_restart: restarts/crashes PostgreSQL; skipped on an external server"
+    )
+    # A plain SIGTERM would end the run without finalizers or atexit: turn it into a
+    # KeyboardInterrupt so fixtures stop the servers they started.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+
+        def _on_term(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        signal.signal(signal.SIGTERM, _on_term)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _INTEGRATION_DIR in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("pg_restart") and os.environ.get(DATABASE_URL_ENV):
+        pytest.skip(
+            f"restarts PostgreSQL; not possible on the external server ({DATABASE_URL_ENV})"
+        )
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PgClientMixin]:
+    """The session's PostgreSQL: a local PostgresServer, or an ExternalPostgres."""
+    url = os.environ.get(DATABASE_URL_ENV)
+    if url:
+        yield ExternalPostgres(url)
+        return
+    try:
+        find_pg_bindir()
+    except FileNotFoundError as exc:
+        pytest.skip(f"no PostgreSQL server binaries: {exc}")
+    server = PostgresServer(wal_level="logical")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def restartable_pg(pg: PgClientMixin) -> PostgresServer:
+    """The session server, for tests that stop, crash or restart it (skips on external)."""
+    if not pg.can_restart or not isinstance(pg, PostgresServer):
+        pytest.skip(
+            f"restarts PostgreSQL; not possible on the external server ({DATABASE_URL_ENV})"
+        )
+    if not pg.running:  # an earlier test left it down
+        pg.start()
+    return pg
+
+
+def _db_name(request: pytest.FixtureRequest) -> str:
+    base = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower()).strip("_")[:30]
+    return f"t_{base}_{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def db(pg: PgClientMixin, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh database on the session server; yields its (superuser) URL. Afterwards its
+    replication slots are dropped (their walsenders terminated) and the database with them."""
+    name = _db_name(request)
+    url = pg.create_database(name)
+    try:
+        yield url
+    finally:
+        if isinstance(pg, PostgresServer) and not pg.running:
+            pg.start()  # a test that stopped the server must not leak its database
+        pg.drop_database(name)
+
+
+# --------------------------------------------------------------------------- Kafka
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[TansuBroker | None]:
+    """The session's local TansuBroker, or None when an external broker is configured."""
+    if os.environ.get(KAFKA_ENV):
+        yield None
+        return
+    try:
+        find_tansu()
+    except FileNotFoundError as exc:
+        pytest.skip(f"no Tansu broker: {exc}")
+    broker = TansuBroker()
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.close()
+
+
+@pytest.fixture(scope="session")
+def kafka(kafka_broker: TansuBroker | None) -> str:
+    """Bootstrap servers of the session's broker ("127.0.0.1:PORT")."""
+    if kafka_broker is None:
+        return os.environ[KAFKA_ENV]
+    return kafka_broker.bootstrap
+
+
+@dataclass
+class ProxiedKafka:
+    broker: TansuBroker
+    proxy: TcpProxy
+
+    @property
+    def bootstrap(self) -> str:
+        return self.broker.bootstrap  # the proxy's address
+
+
+@pytest.fixture
+def proxied_kafka() -> Iterator[ProxiedKafka]:
+    """A fresh (empty) Tansu broker that advertises a TcpProxy in front of it, so every
+    client connection goes through ``proxy`` (cut / restore / latency_ms). Always local."""
+    try:
+        find_tansu()
+    except FileNotFoundError as exc:
+        pytest.skip(f"no Tansu broker: {exc}")
+    broker_port = free_port()
+    with (
+        TcpProxy("127.0.0.1", broker_port) as proxy,
+        TansuBroker(port=broker_port, advertised_port=proxy.port) as broker,
+    ):
+        yield ProxiedKafka(broker=broker, proxy=proxy)
+
+
+@pytest.fixture
+def topic_name(request: pytest.FixtureRequest) -> str:
+    """A topic name unique to this test."""
+    base = re.sub(r"[^a-zA-Z0-9]+", "-", request.node.name).strip("-")[:40]
+    return f"t-{base}-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,101 @@
+"""Failures the relay must ride out without losing anything: broker outage, a cut replication
+connection, a second relay on the same slot."""
+
+from __future__ import annotations
+
+import json
+
+from tests.integration.conftest import Outbox, make_outbox
+from tests.integration.relay_process import (
+    RelayProcess,
+    confirmed_lsn,
+    execute,
+    insert_events,
+    query,
+    slot_active,
+    wait_confirmed_past,
+)
+from tests.kafka_helpers import consume_all
+from tests.servers import wait_until
+
+
+def reply_time(url: str):
+    rows = query(
+        url, "SELECT reply_time FROM pg_stat_replication WHERE application_name = 'cdc-relay'"
+    )
+    return rows[0][0] if rows else None
+
+
+def test_slot_holds_while_the_broker_is_unreachable_and_advances_after(db: str, proxied_kafka):
+    box = make_outbox(db, proxied_kafka.bootstrap)
+    with RelayProcess(box.env) as relay:
+        first_end = insert_events(db, count=100, per_txn=10)
+        wait_confirmed_past(db, first_end)
+
+        proxied_kafka.proxy.cut()
+        before_outage = query(db, "SELECT pg_current_wal_lsn()::text")[0][0]
+        second_end = insert_events(db, count=500, per_txn=10, start=100)
+        held_at = confirmed_lsn(db)
+        replies = {reply_time(db)}
+        # Over several status intervals: the slot never moves past undelivered events, and
+        # the relay keeps talking to the server (status updates continue).
+        wait_until(
+            lambda: replies.add(reply_time(db)) or len(replies) >= 3,
+            30,
+            message="no status updates during the outage",
+        )
+        assert confirmed_lsn(db) == held_at
+        assert held_at < second_end
+        assert relay.running() and slot_active(db)
+
+        proxied_kafka.proxy.restore()
+        wait_confirmed_past(db, second_end, timeout=120)
+        assert relay.running(), "the relay must recover without a restart"
+        assert relay.stop() == 0
+        output = relay.log()
+    assert "Traceback" not in output
+    assert before_outage
+    records = consume_all(proxied_kafka.bootstrap, [box.topic()], timeout=60, idle=3)
+    seqs = {json.loads(r.value or b"")["seq"] for r in records}
+    assert seqs == set(range(600))
+
+
+def test_replication_connection_cut_by_the_server_recovers(outbox: Outbox, kafka: str):
+    with RelayProcess(outbox.env) as relay:
+        end = insert_events(outbox.url, count=200, per_txn=20)
+        wait_confirmed_past(outbox.url, end)
+        for round_ in range(3):
+            wait_until(lambda: slot_active(outbox.url), 60)
+            execute(
+                outbox.url,
+                "SELECT pg_terminate_backend(active_pid) FROM "
+                "pg_replication_slots WHERE slot_name = 'cdc_relay'",
+            )
+            end = insert_events(outbox.url, count=100, per_txn=10, start=200 + 100 * round_)
+            wait_confirmed_past(outbox.url, end, timeout=90)
+        assert relay.running()
+        assert relay.stop() == 0
+        output = relay.log()
+    assert output.count("reconnecting") >= 1
+    records = consume_all(kafka, [outbox.topic()], timeout=60, idle=3)
+    assert {json.loads(r.value or b"")["seq"] for r in records} == set(range(500))
+
+
+def test_a_second_relay_waits_as_hot_standby_and_takes_over(outbox: Outbox, kafka: str):
+    env = {**outbox.env, "CDC_RELAY_STANDBY_RETRY_SECONDS": "0.5"}
+    with RelayProcess(env) as active:
+        wait_until(lambda: slot_active(outbox.url), 30)
+        active_pid = query(outbox.url, "SELECT active_pid FROM pg_replication_slots")[0][0]
+        with RelayProcess(env) as standby:
+            wait_until(lambda: "hot standby" in standby.log(), 30)
+            end = insert_events(outbox.url, count=300, per_txn=10)
+            wait_confirmed_past(outbox.url, end)
+            active.kill()
+            end = insert_events(outbox.url, count=300, per_txn=10, start=300)
+            wait_confirmed_past(outbox.url, end, timeout=60)
+            new_pid = query(outbox.url, "SELECT active_pid FROM pg_replication_slots")[0][0]
+            assert new_pid != active_pid
+            assert standby.stop() == 0
+            assert standby.log().count("hot standby") == 1  # logged once, not per retry
+    records = consume_all(kafka, [outbox.topic()], timeout=60, idle=3)
+    assert {json.loads(r.value or b"")["seq"] for r in records} == set(range(600))
