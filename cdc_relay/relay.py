@@ -21,7 +21,12 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from cdc_relay import admin
 from cdc_relay.acks import AckTracker, Transaction
 from cdc_relay.copydata import Keepalive, XLogData, parse_copy_data
-from cdc_relay.database import describe_psycopg_error, open_pool
+from cdc_relay.database import (
+    DatabaseUnavailable,
+    check_connection,
+    describe_psycopg_error,
+    open_pool,
+)
 from cdc_relay.errors import (
     DeliveryError,
     HaltedOnBadRow,
@@ -62,6 +67,9 @@ log = logging.getLogger(__name__)
 _IGNORED = (Update, Delete, Truncate, Origin, Type, LogicalMessage)
 
 PROTO_VERSION = 1
+# Connection failures that no amount of retrying fixes.
+_FATAL_CONNECT_SQLSTATES = {"28P01", "28000", "3D000"}
+_FATAL_CONNECT_TEXTS = ("password authentication failed", "no pg_hba.conf entry", "does not exist")
 # The server drops a silent client after wal_sender_timeout (60 s by default): send a status
 # update at least this often whatever happens, including while Kafka is down.
 FORCED_STATUS_INTERVAL = 10.0
@@ -161,6 +169,7 @@ class Relay:
         """Until stop(): sessions, with backoff between failures. Raises on fatal errors."""
         settings = self.settings
         backoff = 0.5
+        self._check_credentials()
         pool = open_pool(settings.database_url.get_secret_value())
         try:
             while not self._stop.is_set():
@@ -187,7 +196,9 @@ class Relay:
                         f"{_describe(exc)}; reconnecting from slot {settings.slot_name} "
                         f"(backoff up to {settings.reconnect_max_backoff_seconds:g} s)"
                     )
-                    self._reset_publisher()
+                    if isinstance(exc, DeliveryError):
+                        # Its queue holds records of a pipeline that is gone.
+                        self._reset_publisher()
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, settings.reconnect_max_backoff_seconds)
         finally:
@@ -197,13 +208,26 @@ class Relay:
                 if remaining:
                     log.debug("%d records left unacknowledged at exit", remaining)
 
+    def _check_credentials(self) -> None:
+        """Fail fast on what retrying cannot fix (bad password, unknown database or role); a
+        database that is merely down is waited for by the loop."""
+        try:
+            check_connection(self.settings.database_url.get_secret_value())
+        except DatabaseUnavailable as exc:
+            cause = exc.__cause__
+            if getattr(cause, "sqlstate", None) in _FATAL_CONNECT_SQLSTATES or any(
+                text in str(exc) for text in _FATAL_CONNECT_TEXTS
+            ):
+                raise
+            log.warning("%s; will retry", exc)
+
     def _count(self, cause: str) -> None:
         by_cause = self.stats.reconnects_by_cause
         by_cause[cause] = by_cause.get(cause, 0) + 1
 
     def _reset_publisher(self) -> None:
-        # A fresh producer after a failure: its queue held records of a pipeline that is gone,
-        # and a fatal idempotence error would poison it for good.
+        # A fresh producer after a delivery failure: a fatal idempotence error would poison the
+        # old one for good.
         if self._publisher is not None:
             self._publisher.discard()
             self._publisher = None

@@ -120,6 +120,17 @@ def test_wrong_password_is_one_line_without_the_password(db: str, kafka: str):
     assert "not-the-password-42" not in done.stderr
 
 
+def test_run_with_a_wrong_password_stops_with_one_line(db: str, kafka: str):
+    url = db.replace(PASSWORD, "not-the-password-42")
+    with RelayProcess(relay_env(url, kafka)) as relay:
+        assert relay.wait(60) == 1
+        output = relay.log()
+    assert (
+        "cdc-relay: error: cannot connect to the database: password authentication failed" in output
+    )
+    assert "not-the-password-42" not in output and "Traceback" not in output
+
+
 def test_unknown_host_is_one_line(kafka: str):
     url = f"postgresql://postgres:{PASSWORD}@no-such-host.invalid:5432/postgres"
     done = cli(relay_env(url, kafka), "setup")
