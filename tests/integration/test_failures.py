@@ -99,3 +99,43 @@ def test_a_second_relay_waits_as_hot_standby_and_takes_over(outbox: Outbox, kafk
             assert standby.log().count("hot standby") == 1  # logged once, not per retry
     records = consume_all(kafka, [outbox.topic()], timeout=60, idle=3)
     assert {json.loads(r.value or b"")["seq"] for r in records} == set(range(600))
+
+
+def test_a_final_delivery_failure_replays_from_the_slot(db: str, proxied_kafka):
+    # A short message timeout turns the outage into final delivery failures: the relay must
+    # reset the pipeline and replay from the confirmed position, not skip anything.
+    box = make_outbox(
+        db,
+        proxied_kafka.bootstrap,
+        kafka_config='{"message.timeout.ms": 2000}',
+        reconnect_max_backoff_seconds=1,
+    )
+    with RelayProcess(box.env) as relay:
+        first_end = insert_events(db, count=50, per_txn=10)
+        wait_confirmed_past(db, first_end)
+        proxied_kafka.proxy.cut()
+        second_end = insert_events(db, count=200, per_txn=10, start=50)
+        wait_until(lambda: "delivery to topic" in relay.log(), 60, message="no delivery failure")
+        assert confirmed_lsn(db) < second_end
+        proxied_kafka.proxy.restore()
+        wait_confirmed_past(db, second_end, timeout=120)
+        assert relay.running()
+        assert relay.stop() == 0
+        output = relay.log()
+    assert output.count("delivery to topic") == 1, "the failure is logged once, not per event"
+    records = consume_all(proxied_kafka.bootstrap, [box.topic()], timeout=60, idle=3)
+    assert {json.loads(r.value or b"")["seq"] for r in records} == set(range(250))
+
+
+def test_postgres_restart_mid_stream_is_survived(restartable_pg, db: str, kafka: str):
+    box = make_outbox(db, kafka, reconnect_max_backoff_seconds=1)
+    with RelayProcess(box.env) as relay:
+        end = insert_events(db, count=2_000, per_txn=20)
+        wait_until(lambda: confirmed_lsn(db) > 0, 30)
+        restartable_pg.restart(mode="fast")
+        end = insert_events(db, count=1_000, per_txn=20, start=2_000)
+        wait_confirmed_past(db, end, timeout=120)
+        assert relay.running()
+        assert relay.stop() == 0
+    records = consume_all(kafka, [box.topic()], timeout=60, idle=3)
+    assert {json.loads(r.value or b"")["seq"] for r in records} == set(range(3_000))
