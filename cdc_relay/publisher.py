@@ -44,6 +44,16 @@ class Verdict(enum.Enum):
     IGNORE = "ignore"  # our own purge during a reset
 
 
+_SIZE_ERRORS = frozenset(
+    {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_MSG_SIZE}
+)
+
+
+def is_size_error(code: int) -> bool:
+    """Kafka refused the record for its size: resending the value anywhere is pointless."""
+    return code in _SIZE_ERRORS
+
+
 def classify_delivery_error(code: int) -> Verdict:
     if code in _PURGED:
         return Verdict.IGNORE

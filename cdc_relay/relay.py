@@ -56,7 +56,13 @@ from cdc_relay.pgoutput import (
     Type,
     Update,
 )
-from cdc_relay.publisher import Publisher, RecordRefused, Verdict, classify_delivery_error
+from cdc_relay.publisher import (
+    Publisher,
+    RecordRefused,
+    Verdict,
+    classify_delivery_error,
+    is_size_error,
+)
 from cdc_relay.settings import Settings
 from cdc_relay.stream import ReplicationStream
 
@@ -423,28 +429,41 @@ class _Session:
         txn, delivery = self.txn, self.delivery
         assert txn is not None and delivery is not None
         if type(outcome) is Rejected:
-            self.reject(outcome, plan.table, include_value=True)
+            self.dead_letter(outcome, delivery, table=plan.table, include_value=True)
             return
         assert isinstance(outcome, OutboxRecord)
-        nbytes = _size(outcome.key, outcome.value)
         try:
             self.publisher.produce(outcome, delivery)
         except RecordRefused as refused:
             rejected = Rejected(str(refused), outcome.key, outcome.value, outcome.headers)
-            self.reject(rejected, plan.table, include_value=not refused.too_large)
+            self.dead_letter(
+                rejected, delivery, table=plan.table, include_value=not refused.too_large
+            )
             return
-        self.tracker.sent(txn, nbytes)
+        self.tracker.sent(txn, _size(outcome.key, outcome.value))
         self.stats.published += 1
 
-    def reject(self, rejected: Rejected, table: str, *, include_value: bool) -> None:
-        """A row that can never reach its topic: dead-letter it, or halt (per policy)."""
-        txn, delivery = self.txn, self.delivery
-        assert txn is not None and delivery is not None
+    def dead_letter(
+        self,
+        rejected: Rejected,
+        delivery: _Delivery,
+        *,
+        table: str,
+        include_value: bool,
+        replacing: int | None = None,
+    ) -> None:
+        """A row that can never reach its topic: dead-letter it, or halt (per policy).
+
+        ``replacing`` is the size of the in-flight record this one stands in for (a record
+        Kafka refused at delivery); its acknowledgement then counts as the original's.
+        """
+        txn = delivery.txn
         lsn = format_lsn(txn.final_lsn)
+        event_id = _event_id(rejected.headers)
         if self.settings.dead_letter_policy == "halt":
             raise HaltedOnBadRow(
-                f"event {_event_id(rejected.headers)} in transaction at {lsn} cannot be "
-                f"delivered: {rejected.error}; policy is halt, so the slot stays before it"
+                f"event {event_id} in transaction at {lsn} cannot be delivered: "
+                f"{rejected.error}; policy is halt, so the slot stays before it"
             )
         record = dead_letter_record(
             rejected,
@@ -453,27 +472,26 @@ class _Session:
             source_table=table,
             include_value=include_value,
         )
+        self.produce_dead_letter(record, delivery, replacing=replacing)
+        self.stats.dead_lettered += 1
+        log.warning(
+            "dead-lettered event %s from %s at %s: %s", event_id, table, lsn, rejected.error
+        )
+
+    def produce_dead_letter(
+        self, record: OutboxRecord, delivery: _Delivery, *, replacing: int | None
+    ) -> None:
         try:
             self.publisher.produce(record, delivery)
         except RecordRefused:
             # Too large even for the dead-letter topic: send what identifies the row.
-            record = dead_letter_record(
-                rejected,
-                topic=self.settings.dead_letter_topic,
-                source_lsn=lsn,
-                source_table=table,
-                include_value=False,
-            )
+            record = OutboxRecord(record.topic, record.key, None, record.headers, 0)
             self.publisher.produce(record, delivery)
-        self.tracker.sent(txn, _size(record.key, record.value))
-        self.stats.dead_lettered += 1
-        log.warning(
-            "dead-lettered event %s from %s at %s: %s",
-            _event_id(rejected.headers),
-            table,
-            lsn,
-            rejected.error,
-        )
+        size = _size(record.key, record.value)
+        if replacing is None:
+            self.tracker.sent(delivery.txn, size)
+        else:
+            self.tracker.resize(replacing, size)
 
     # ------------------------------------------------------------ delivery failures
 
@@ -486,53 +504,31 @@ class _Session:
                 continue
             if verdict is Verdict.PIPELINE:
                 raise DeliveryError(f"delivery to topic {msg.topic()} failed: {err.str()}")
-            txn: Transaction = delivery.txn
-            lsn = format_lsn(txn.final_lsn)
             headers = list(msg.headers() or [])
-            if msg.topic() == dead_letter_topic and msg.value() is None:
-                raise HaltedOnBadRow(
-                    f"event {_event_id(headers)} in transaction at {lsn} cannot be delivered "
-                    f"even to the dead-letter topic {dead_letter_topic}: {err.str()}"
-                )
-            if self.settings.dead_letter_policy == "halt":
-                raise HaltedOnBadRow(
-                    f"event {_event_id(headers)} in transaction at {lsn} was refused by topic "
-                    f"{msg.topic()}: {err.str()}; policy is halt, so the slot stays before it"
-                )
-            old_size = _size(msg.key(), msg.value())
-            if msg.topic() == dead_letter_topic:
-                # The dead-letter record itself was refused (too large): retry without value.
-                record = OutboxRecord(msg.topic(), msg.key(), None, headers, 0)
-            else:
-                too_large = err.code() in (
-                    err.MSG_SIZE_TOO_LARGE,
-                    err.RECORD_LIST_TOO_LARGE,
-                    err.INVALID_MSG_SIZE,
-                )
-                rejected = Rejected(err.str(), msg.key(), msg.value(), headers)
-                record = dead_letter_record(
-                    rejected,
-                    topic=dead_letter_topic,
-                    source_lsn=lsn,
-                    source_table=self.settings.outbox_table,
-                    include_value=not too_large,
-                )
-                self.stats.dead_lettered += 1
+            size = _size(msg.key(), msg.value())
+            if msg.topic() != dead_letter_topic:
+                # Kafka refused the record for good: it goes to the dead-letter topic instead.
                 self.stats.published -= 1
-                log.warning(
-                    "dead-lettered event %s from %s at %s: %s",
-                    _event_id(headers),
-                    self.settings.outbox_table,
-                    lsn,
-                    err.str(),
+                rejected = Rejected(
+                    f"topic {msg.topic()} refused it: {err.str()}", msg.key(), msg.value(), headers
                 )
-            # The replacement stands in for the original: its ack is the original's ack.
-            self.tracker.resize(old_size, _size(record.key, record.value))
-            try:
-                self.publisher.produce(record, delivery)
-            except RecordRefused:
-                record = OutboxRecord(record.topic, record.key, None, record.headers, 0)
-                self.publisher.produce(record, delivery)
+                self.dead_letter(
+                    rejected,
+                    delivery,
+                    table=self.settings.outbox_table,
+                    include_value=not is_size_error(err.code()),
+                    replacing=size,
+                )
+            elif msg.value() is not None:
+                # The dead-letter record itself was refused (too large): send it without value.
+                stripped = OutboxRecord(msg.topic(), msg.key(), None, headers, 0)
+                self.produce_dead_letter(stripped, delivery, replacing=size)
+            else:
+                raise HaltedOnBadRow(
+                    f"event {_event_id(headers)} in transaction at "
+                    f"{format_lsn(delivery.txn.final_lsn)} cannot be delivered even to the "
+                    f"dead-letter topic {dead_letter_topic}: {err.str()}"
+                )
 
     # ------------------------------------------------------------ status updates
 

@@ -1,0 +1,144 @@
+"""How the run loop judges delivery reports: a refused record is dead-lettered (its ack standing
+in for the original's) or halts; anything else resets the pipeline. The producer is faked; the
+tracker and the verdicts are the real ones."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError
+
+from cdc_relay.errors import DeliveryError, HaltedOnBadRow
+from cdc_relay.lsn import Lsn
+from cdc_relay.mapping import OutboxRecord
+from cdc_relay.publisher import RecordRefused
+from cdc_relay.relay import Relay, _Delivery, _Session
+from cdc_relay.settings import Settings
+
+
+class FakePublisher:
+    def __init__(self, refuse_values_over: int | None = None) -> None:
+        self.produced: list[OutboxRecord] = []
+        self.refuse_values_over = refuse_values_over
+
+    def produce(self, record: OutboxRecord, on_delivery: Any) -> None:
+        if (
+            self.refuse_values_over is not None
+            and len(record.value or b"") > self.refuse_values_over
+        ):
+            raise RecordRefused("Broker: Message size too large", too_large=True)
+        self.produced.append(record)
+
+
+class FakeMessage:
+    def __init__(self, topic: str, key: bytes | None, value: bytes | None, headers: list) -> None:
+        self._topic, self._key, self._value, self._headers = topic, key, value, headers
+
+    def topic(self) -> str:
+        return self._topic
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def headers(self) -> list:
+        return self._headers
+
+
+def session(policy: str = "dead-letter", publisher: FakePublisher | None = None) -> _Session:
+    settings = Settings(
+        database_url="postgresql://x@127.0.0.1/x",  # type: ignore[arg-type]
+        kafka_bootstrap_servers="127.0.0.1:9",
+        dead_letter_policy=policy,  # type: ignore[arg-type]
+    )
+    return _Session(
+        Relay(settings),
+        stream=None,
+        publisher=publisher or FakePublisher(),  # type: ignore[arg-type]
+        start=Lsn(100),
+    )
+
+
+def in_flight_record(s: _Session, value: bytes = b'{"a":1}') -> tuple[_Delivery, FakeMessage]:
+    txn = s.tracker.begin(Lsn(150))
+    delivery = _Delivery(s.tracker, txn, s.failures)
+    s.tracker.sent(txn, 3 + len(value))
+    s.tracker.commit(txn, Lsn(200))
+    s.stats.published += 1
+    return delivery, FakeMessage("outbox.event.order", b"k-1", value, [("id", b"e-1")])
+
+
+def test_a_record_refused_for_good_goes_to_the_dead_letter_topic_and_holds_the_slot():
+    s = session()
+    delivery, msg = in_flight_record(s)
+    s.failures.append((delivery, KafkaError(KafkaError.TOPIC_EXCEPTION), msg))
+    s.judge_failures()
+    (dead,) = s.publisher.produced  # type: ignore[attr-defined]
+    assert dead.topic == "outbox.dead-letter"
+    assert dead.key == b"k-1" and dead.value == b'{"a":1}'
+    headers = dict(dead.headers)
+    assert headers["id"] == b"e-1"
+    assert b"refused it" in headers["error"]
+    assert headers["source_lsn"] == b"0/96"
+    assert s.tracker.in_flight_events == 1  # the replacement stands in for the original
+    assert s.tracker.advance() == 100
+    delivery(None, FakeMessage(dead.topic, dead.key, dead.value, dead.headers))
+    assert s.tracker.advance() == 200
+    assert (s.stats.published, s.stats.dead_lettered) == (0, 1)
+    assert s.tracker.in_flight_bytes == 0
+
+
+def test_a_record_too_large_for_kafka_is_dead_lettered_without_its_value():
+    s = session()
+    delivery, msg = in_flight_record(s, value=b"x" * 5000)
+    s.failures.append((delivery, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), msg))
+    s.judge_failures()
+    (dead,) = s.publisher.produced  # type: ignore[attr-defined]
+    assert dead.value is None and dead.key == b"k-1"
+    assert s.tracker.in_flight_bytes == 3
+
+
+def test_a_refused_dead_letter_record_is_resent_without_value_then_halts():
+    s = session()
+    delivery, _ = in_flight_record(s)
+    dead = FakeMessage("outbox.dead-letter", b"k-1", b"{}", [("id", b"e-1")])
+    s.failures.append((delivery, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), dead))
+    s.judge_failures()
+    assert s.publisher.produced[-1].value is None  # type: ignore[attr-defined]
+    stripped = FakeMessage("outbox.dead-letter", b"k-1", None, [("id", b"e-1")])
+    s.failures.append((delivery, KafkaError(KafkaError.TOPIC_EXCEPTION), stripped))
+    with pytest.raises(HaltedOnBadRow, match="even to the dead-letter topic"):
+        s.judge_failures()
+
+
+def test_halt_policy_stops_on_a_refused_record():
+    s = session("halt")
+    delivery, msg = in_flight_record(s)
+    s.failures.append((delivery, KafkaError(KafkaError.TOPIC_EXCEPTION), msg))
+    with pytest.raises(
+        HaltedOnBadRow, match=r"event e-1 in transaction at 0/96 cannot be delivered"
+    ):
+        s.judge_failures()
+    assert s.tracker.advance() == 100
+
+
+@pytest.mark.parametrize(
+    "code", [KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT, KafkaError.NOT_ENOUGH_REPLICAS]
+)
+def test_other_failures_reset_the_pipeline(code):
+    s = session()
+    delivery, msg = in_flight_record(s)
+    s.failures.append((delivery, KafkaError(code), msg))
+    with pytest.raises(DeliveryError, match=r"delivery to topic outbox\.event\.order failed"):
+        s.judge_failures()
+
+
+def test_purge_echoes_are_ignored():
+    s = session()
+    delivery, msg = in_flight_record(s)
+    s.failures.append((delivery, KafkaError(KafkaError._PURGE_QUEUE), msg))
+    s.judge_failures()
+    assert s.publisher.produced == []  # type: ignore[attr-defined]
