@@ -355,4 +355,18 @@ def require_ready(conn: Connection, settings: Settings) -> SlotInfo:
         raise PrerequisiteError(
             f"publication {settings.publication_name} does not exist: run `cdc-relay setup`"
         )
+    if _is_partitioned(conn, settings) and not _publishes_via_root(conn, settings):
+        # Changes would then carry the partitions' names, which the relay does not map.
+        raise PrerequisiteError(
+            f"{settings.outbox_table} is partitioned but publication "
+            f"{settings.publication_name} lacks publish_via_partition_root: run ALTER "
+            f"PUBLICATION {settings.publication_name} SET (publish_via_partition_root = true)"
+        )
     return slot
+
+
+def _publishes_via_root(conn: Connection, settings: Settings) -> bool:
+    row = conn.execute(
+        "SELECT pubviaroot FROM pg_publication WHERE pubname = %s", (settings.publication_name,)
+    ).fetchone()
+    return bool(row and row[0])

@@ -235,3 +235,31 @@ def test_password_never_appears_in_debug_logs(db: str, kafka: str):
     assert end and "DEBUG" in output
     assert PASSWORD not in output
     wait_confirmed_past(db, 0)
+
+
+def test_a_partitioned_outbox_streams_through_its_root(db: str, kafka: str):
+    execute(
+        db,
+        "CREATE TABLE outbox (id uuid, aggregate_type text NOT NULL, aggregate_id text NOT NULL,"
+        " event_type text NOT NULL, payload jsonb NOT NULL, headers jsonb,"
+        " created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (id, created_at))"
+        " PARTITION BY RANGE (created_at)",
+    )
+    execute(db, "CREATE TABLE outbox_all PARTITION OF outbox DEFAULT")
+    box = make_outbox(db, kafka, create_table=False)
+    assert query(db, "SELECT pubviaroot FROM pg_publication")[0][0] is True
+    execute(
+        db,
+        "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) "
+        "VALUES (gen_random_uuid(), 'order', 'k-1', 'T', '{}')",
+    )
+    with RelayProcess(box.env) as relay:
+        records = consume_all(kafka, [box.topic()], expected=1, timeout=60)
+        assert relay.stop() == 0
+    assert [r.key for r in records] == [b"k-1"]
+    # A publication without publish_via_partition_root would publish under the partitions'
+    # names: the relay refuses to start rather than skip those events.
+    execute(db, "ALTER PUBLICATION cdc_relay SET (publish_via_partition_root = false)")
+    with RelayProcess(box.env) as relay:
+        assert relay.wait(60) == 1
+        assert "publish_via_partition_root" in relay.log()
