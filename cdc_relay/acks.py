@@ -88,6 +88,10 @@ class AckTracker:
         self._open = None
         txn.end_lsn = end_lsn
         txn.committed = True
+        if txn.pending == 0 and not self._queue:
+            # Nothing in flight before or in it: confirmable now, no need to queue it.
+            self._confirmed = max(self._confirmed, end_lsn)
+            return
         self._queue.append(txn)
 
     def advance(self) -> Lsn:

@@ -334,6 +334,14 @@ def teardown(conn: Connection, settings: Settings, say: Say) -> None:
         say(f"ok    publication {settings.publication_name} does not exist")
 
 
+def wal_sender_timeout(conn: Connection) -> float:
+    """The server's wal_sender_timeout for this role and database, in seconds (0: none)."""
+    row = conn.execute(
+        "SELECT setting::float / 1000 FROM pg_settings WHERE name = 'wal_sender_timeout'"
+    ).fetchone()
+    return float(row[0]) if row else 60.0
+
+
 def require_ready(conn: Connection, settings: Settings) -> SlotInfo:
     """What `run` checks before it streams: slot and publication exist, slot usable."""
     slot = fetch_slot(conn, settings.slot_name)

@@ -77,8 +77,9 @@ PROTO_VERSION = 1
 _FATAL_CONNECT_SQLSTATES = {"28P01", "28000", "3D000"}
 _FATAL_CONNECT_TEXTS = ("password authentication failed", "no pg_hba.conf entry", "does not exist")
 # The server drops a silent client after wal_sender_timeout (60 s by default): send a status
-# update at least this often whatever happens, including while Kafka is down.
-FORCED_STATUS_INTERVAL = 10.0
+# update at least this often whatever happens, including while Kafka is down and the socket is
+# left unread (then reply-requested keepalives go unseen). Shortened for a shorter timeout.
+MAX_SILENCE = 10.0
 READ_BATCH = 2_000
 BROKER_WAIT_TIMEOUT = 5.0
 
@@ -298,7 +299,9 @@ class Relay:
             # and a status update below it would move the slot backwards.
             with pool.connection() as conn:
                 slot = admin.require_ready(conn, settings)
+                timeout = admin.wal_sender_timeout(conn)
             start = slot.confirmed or Lsn(0)
+            max_silence = min(MAX_SILENCE, timeout / 4) if timeout else MAX_SILENCE
             self.stats.sessions += 1
             self._failure_log.recovered(f"streaming from slot {settings.slot_name}")
             log.info(
@@ -307,7 +310,7 @@ class Relay:
                 settings.publication_name,
                 format_lsn(start),
             )
-            _Session(self, stream, publisher, start).run()
+            _Session(self, stream, publisher, start, max_silence=max_silence).run()
         finally:
             stream.close()
 
@@ -316,8 +319,15 @@ class _Session:
     """The hot loop of one replication session."""
 
     def __init__(
-        self, relay: Relay, stream: ReplicationStream, publisher: Publisher, start: Lsn
+        self,
+        relay: Relay,
+        stream: ReplicationStream,
+        publisher: Publisher,
+        start: Lsn,
+        *,
+        max_silence: float = MAX_SILENCE,
     ) -> None:
+        self.max_silence = max_silence
         self.relay = relay
         self.settings = relay.settings
         self.stats = relay.stats
@@ -535,7 +545,7 @@ class _Session:
     def maybe_send_status(self) -> None:
         now = time.monotonic()
         since = now - self.last_status_at
-        if since >= FORCED_STATUS_INTERVAL or (
+        if since >= self.max_silence or (
             since >= self.settings.status_interval_seconds
             and self.tracker.advance() > self.last_sent_lsn
         ):
@@ -564,7 +574,7 @@ class _Session:
                 except (DeliveryError, HaltedOnBadRow) as exc:
                     log.warning("at shutdown: %s", exc)
                     break
-            if time.monotonic() - self.last_status_at >= FORCED_STATUS_INTERVAL:
+            if time.monotonic() - self.last_status_at >= self.max_silence:
                 self.send_status()
         if tracker.in_flight_events:
             log.warning(
