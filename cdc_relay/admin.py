@@ -240,6 +240,7 @@ def setup(conn: Connection, settings: Settings, *, create_table: bool, say: Say)
             "CDC_RELAY_PUBLICATION_NAME"
         )
     else:
+        _require_via_root(conn, settings)
         say(f"ok    publication {publication} includes {table}")
 
     slot = fetch_slot(conn, settings.slot_name)
@@ -363,6 +364,11 @@ def require_ready(conn: Connection, settings: Settings) -> SlotInfo:
         raise PrerequisiteError(
             f"publication {settings.publication_name} does not exist: run `cdc-relay setup`"
         )
+    _require_via_root(conn, settings)
+    return slot
+
+
+def _require_via_root(conn: Connection, settings: Settings) -> None:
     if _is_partitioned(conn, settings) and not _publishes_via_root(conn, settings):
         # Changes would then carry the partitions' names, which the relay does not map.
         raise PrerequisiteError(
@@ -370,7 +376,6 @@ def require_ready(conn: Connection, settings: Settings) -> SlotInfo:
             f"{settings.publication_name} lacks publish_via_partition_root: run ALTER "
             f"PUBLICATION {settings.publication_name} SET (publish_via_partition_root = true)"
         )
-    return slot
 
 
 def _publishes_via_root(conn: Connection, settings: Settings) -> bool:

@@ -190,6 +190,9 @@ class TablePlan:
             )
         except UnicodeDecodeError:
             return Rejected("the routing columns are not valid UTF-8", None, None, [])
+        except (ValueError, KeyError, IndexError, AttributeError) as exc:
+            # Settings validate the template; this keeps map() total all the same.
+            return Rejected(f"the topic template cannot be applied: {exc}", None, None, [])
         if not legal_topic(topic):
             return Rejected(
                 f"invalid topic name {topic[:300]!r}: Kafka allows 1-249 characters of "
@@ -209,25 +212,52 @@ class TablePlan:
             # NULL, or an unchanged-TOAST marker (never in an INSERT): nothing to add.
             return []
         try:
-            parsed = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+            # Numbers stay as the text PostgreSQL printed (10.10 must not become 10.1).
+            parsed = json.loads(
+                raw, parse_float=_JsonNumber, parse_int=_JsonNumber, parse_constant=_JsonNumber
+            )
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return Rejected("the headers column is not valid JSON", None, None, [])
         if not isinstance(parsed, dict):
             return Rejected("the headers column is not a JSON object", None, None, [])
         extra: Headers = []
         for name, item in parsed.items():
-            if isinstance(item, str):
+            if isinstance(item, str) and not isinstance(item, _JsonNumber):
                 extra.append((name, item.encode("utf-8")))
             else:
-                extra.append(
-                    (name, json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode())
-                )
+                extra.append((name, json_text(item).encode("utf-8")))
         return extra
 
     def _timestamp_ms(self, raw: ColumnValue) -> int:
         if type(raw) is not bytes:
             return 0
         return parse_timestamp_ms(raw)
+
+
+class _JsonNumber(str):
+    """A JSON number kept as its source text."""
+
+    __slots__ = ()
+
+
+def json_text(value: object) -> str:
+    """Compact JSON text of a parsed value whose numbers are _JsonNumber (kept verbatim)."""
+    if isinstance(value, _JsonNumber):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        items = (f"{json.dumps(k, ensure_ascii=False)}:{json_text(v)}" for k, v in value.items())
+        return "{" + ",".join(items) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(json_text(v) for v in value) + "]"
+    raise TypeError(f"not a JSON value: {type(value).__name__}")
 
 
 def parse_timestamp_ms(raw: bytes) -> int:

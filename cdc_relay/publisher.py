@@ -62,6 +62,10 @@ def classify_delivery_error(code: int) -> Verdict:
     return Verdict.PIPELINE
 
 
+class ProduceInterrupted(Exception):
+    """Stop was requested while produce() waited for room in librdkafka's queue."""
+
+
 class RecordRefused(Exception):
     """produce() refused a record outright (too large for the client, invalid)."""
 
@@ -90,8 +94,15 @@ class Publisher:
             self.fatal_error = error.str()
         self._on_error(error)
 
-    def produce(self, record: OutboxRecord, on_delivery: DeliveryCallback) -> None:
-        """Hand one record to librdkafka; waits (serving callbacks) while its queue is full."""
+    def produce(
+        self,
+        record: OutboxRecord,
+        on_delivery: DeliveryCallback,
+        while_waiting: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """Hand one record to librdkafka. While its queue is full, serve callbacks and call
+        ``while_waiting`` (which keeps the replication connection informed); when that returns
+        False, give up with ProduceInterrupted."""
         producer = self._producer
         while True:
             try:
@@ -106,6 +117,8 @@ class Publisher:
                 return
             except BufferError:
                 producer.poll(0.05)
+                if not while_waiting():
+                    raise ProduceInterrupted from None
             except KafkaException as exc:
                 error = exc.args[0]
                 if error.code() in _PRODUCE_RECORD_ERRORS:

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import json
 import re
+from string import Formatter
 from typing import Annotated, Any, Literal
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from cdc_relay.errors import ConfigError
+from cdc_relay.mapping import legal_topic
 
 ENV_PREFIX = "CDC_RELAY_"
 
@@ -22,13 +26,26 @@ ENV_PREFIX = "CDC_RELAY_"
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _TOPIC_PLACEHOLDERS = {"aggregate_type", "event_type", "table"}
 
-# librdkafka properties the relay owns: overriding them would break the delivery guarantee.
+# librdkafka properties whose other values would break the delivery guarantee: acks from all
+# replicas, idempotence (order through retries), a delivery report per record (the slot only
+# advances on acks).
 _GUARANTEE_PROPERTIES = {
     "acks": {"all", "-1"},
     "request.required.acks": {"all", "-1"},
     "enable.idempotence": {"true"},
+    "delivery.report.only.error": {"false"},
 }
-_RELAY_OWNED_PROPERTIES = {"bootstrap.servers", "on_delivery", "transactional.id"}
+# Key-ignoring partitioners would scatter an aggregate's events and lose per-key order.
+_KEY_IGNORING_PARTITIONERS = {"random"}
+_RELAY_OWNED_PROPERTIES = {
+    "bootstrap.servers",
+    "on_delivery",
+    "error_cb",
+    "dr_cb",
+    "dr_msg_cb",
+    "logger",
+    "transactional.id",
+}
 
 
 def relay_producer_defaults(bootstrap_servers: str) -> dict[str, Any]:
@@ -153,6 +170,28 @@ class Settings(BaseSettings):
                 )
             if key in _RELAY_OWNED_PROPERTIES:
                 raise ValueError(f"property {key!r} is managed by the relay and cannot be set")
+            if key == "partitioner" and str(item) in _KEY_IGNORING_PARTITIONERS:
+                raise ValueError(
+                    f"property 'partitioner'={item} ignores the key and would break per-aggregate "
+                    "order; use murmur2_random (the default), consistent_random or fnv1a_random"
+                )
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr) -> SecretStr:
+        try:
+            conninfo_to_dict(value.get_secret_value())
+        except psycopg.ProgrammingError:
+            # libpq's message quotes the offending text, which may be the password.
+            raise ValueError("is not a valid libpq URL or key=value connection string") from None
+        return value
+
+    @field_validator("dead_letter_topic")
+    @classmethod
+    def _check_dead_letter_topic(cls, value: str) -> str:
+        if not legal_topic(value):
+            raise ValueError("is not a legal Kafka topic name (1-249 characters of [A-Za-z0-9._-])")
         return value
 
     @field_validator("slot_name", "publication_name")
@@ -173,12 +212,22 @@ class Settings(BaseSettings):
     @field_validator("topic_template")
     @classmethod
     def _check_template(cls, value: str) -> str:
-        for name in re.findall(r"\{([^{}]*)\}", value):
-            if name not in _TOPIC_PLACEHOLDERS:
+        try:
+            fields = [field for _, field, _, _ in Formatter().parse(value) if field is not None]
+        except ValueError as exc:
+            raise ValueError(
+                f"is not a valid template ({exc}); write braces as {{{{ }}}}"
+            ) from None
+        for field in fields:
+            if field not in _TOPIC_PLACEHOLDERS:
                 raise ValueError(
-                    f"unknown placeholder {{{name}}}; use {{aggregate_type}}, {{event_type}} "
+                    f"unknown placeholder {{{field}}}; use {{aggregate_type}}, {{event_type}} "
                     "or {table}"
                 )
+        try:
+            value.format(aggregate_type="a", event_type="e", table="t")
+        except (ValueError, KeyError, IndexError, AttributeError) as exc:
+            raise ValueError(f"is not a valid template ({exc})") from None
         return value
 
     @model_validator(mode="after")
@@ -199,6 +248,20 @@ class Settings(BaseSettings):
         named = [name for name in named if name]
         if len(set(named)) != len(named):
             raise ValueError("two CDC_RELAY_COLUMN_* settings name the same column")
+        # librdkafka's queue must hold everything the relay lets be in flight, or produce()
+        # would block before the relay's own backpressure engages.
+        queue_messages = self.kafka_config.get("queue.buffering.max.messages")
+        if queue_messages is not None and int(queue_messages) < self.max_in_flight_events:
+            raise ValueError(
+                "CDC_RELAY_KAFKA_CONFIG: queue.buffering.max.messages must be at least "
+                "CDC_RELAY_MAX_IN_FLIGHT_EVENTS"
+            )
+        queue_kbytes = self.kafka_config.get("queue.buffering.max.kbytes")
+        if queue_kbytes is not None and int(queue_kbytes) * 1024 < self.max_in_flight_bytes:
+            raise ValueError(
+                "CDC_RELAY_KAFKA_CONFIG: queue.buffering.max.kbytes must cover "
+                "CDC_RELAY_MAX_IN_FLIGHT_BYTES"
+            )
         return self
 
     def producer_config(self) -> dict[str, Any]:

@@ -263,3 +263,4 @@ def test_a_partitioned_outbox_streams_through_its_root(db: str, kafka: str):
     with RelayProcess(box.env) as relay:
         assert relay.wait(60) == 1
         assert "publish_via_partition_root" in relay.log()
+    assert_one_line_error(cli(box.env, "setup"), 1, "publish_via_partition_root")

@@ -31,6 +31,9 @@ CASES = {
     "null_aggregate_id": ("order", None, '{"bad": "null key"}', "the aggregate id column is NULL"),
     "illegal_topic": ("order lines/v2", "k-1", '{"bad": "topic"}', "invalid topic name"),
     "too_large": ("order", "k-2", None, "Message size too large"),
+    # Headers count towards the record's size too: even the dead-letter record with them is
+    # too large, so it is sent with only the identifying headers.
+    "huge_headers": ("order", "k-3", '{"bad": "headers"}', "Message size too large"),
 }
 
 
@@ -40,16 +43,19 @@ def test_undeliverable_row(db: str, kafka: str, case: str, policy: str):
     execute(db, NULLABLE_OUTBOX)
     box = make_outbox(db, kafka, create_table=False, dead_letter_policy=policy)
     aggregate_type, aggregate_id, payload, error = CASES[case]
+    headers = None
     if payload is None:
         payload = '{"blob": "' + "x" * BIG + '"}'
+    if case == "huge_headers":
+        headers = '{"blob": "' + "x" * BIG + '"}'
 
     good_end = insert_events(db, count=5, per_txn=5)  # seq 0-4 before the bad row
     bad_id = uuid.uuid4()
     execute(
         db,
-        "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) "
-        "VALUES (%s, %s, %s, 'Bad', %s)",
-        (bad_id, aggregate_type, aggregate_id, payload),
+        "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, headers) "
+        "VALUES (%s, %s, %s, 'Bad', %s, %s)",
+        (bad_id, aggregate_type, aggregate_id, payload, headers),
     )
     after_end = insert_events(db, count=5, per_txn=5, start=5)  # seq 5-9 after it
 
@@ -72,8 +78,17 @@ def test_undeliverable_row(db: str, kafka: str, case: str, policy: str):
         assert error.encode() in (record.header("error") or b"")
         assert record.header("source_table") == b"public.outbox"
         assert b"/" in (record.header("source_lsn") or b"")
-        assert record.key == (aggregate_id.encode() if aggregate_id else None)
-        if case == "too_large":
+        if case == "huge_headers":
+            assert record.key is None and record.value is None
+            assert [name for name, _ in record.headers] == [
+                "id",
+                "error",
+                "source_lsn",
+                "source_table",
+            ]
+        else:
+            assert record.key == (aggregate_id.encode() if aggregate_id else None)
+        if case in ("too_large", "huge_headers"):
             assert record.value is None  # too large for Kafka is too large for the DLQ too
         else:
             assert record.value is not None and record.value.startswith(b'{"bad": ')

@@ -4,6 +4,7 @@ tracker and the verdicts are the real ones."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -11,23 +12,25 @@ from confluent_kafka import KafkaError
 
 from cdc_relay.errors import DeliveryError, HaltedOnBadRow
 from cdc_relay.lsn import Lsn
-from cdc_relay.mapping import OutboxRecord
+from cdc_relay.mapping import ColumnMapping, OutboxRecord, Rejected
 from cdc_relay.publisher import RecordRefused
-from cdc_relay.relay import Relay, _Delivery, _Session
+from cdc_relay.session import Delivery, Session
 from cdc_relay.settings import Settings
+from cdc_relay.stats import RelayStats
 
 
 class FakePublisher:
-    def __init__(self, refuse_values_over: int | None = None) -> None:
-        self.produced: list[OutboxRecord] = []
-        self.refuse_values_over = refuse_values_over
+    """Refuses records larger than ``limit`` bytes (key, value and headers), like produce()."""
 
-    def produce(self, record: OutboxRecord, on_delivery: Any) -> None:
-        if (
-            self.refuse_values_over is not None
-            and len(record.value or b"") > self.refuse_values_over
-        ):
-            raise RecordRefused("Broker: Message size too large", too_large=True)
+    def __init__(self, limit: int | None = None) -> None:
+        self.produced: list[OutboxRecord] = []
+        self.limit = limit
+
+    def produce(self, record: OutboxRecord, on_delivery: Any, while_waiting: Any = None) -> None:
+        size = len(record.key or b"") + len(record.value or b"")
+        size += sum(len(k) + len(v) for k, v in record.headers)
+        if self.limit is not None and size > self.limit:
+            raise RecordRefused("Message size too large", too_large=True)
         self.produced.append(record)
 
 
@@ -48,23 +51,26 @@ class FakeMessage:
         return self._headers
 
 
-def session(policy: str = "dead-letter", publisher: FakePublisher | None = None) -> _Session:
+def session(policy: str = "dead-letter", publisher: FakePublisher | None = None) -> Session:
     settings = Settings(
         database_url="postgresql://x@127.0.0.1/x",  # type: ignore[arg-type]
         kafka_bootstrap_servers="127.0.0.1:9",
         dead_letter_policy=policy,  # type: ignore[arg-type]
     )
-    return _Session(
-        Relay(settings),
-        stream=None,
+    return Session(
+        settings=settings,
+        mapping=ColumnMapping(),
+        stats=RelayStats(),
+        stop=threading.Event(),
+        stream=None,  # type: ignore[arg-type]
         publisher=publisher or FakePublisher(),  # type: ignore[arg-type]
         start=Lsn(100),
     )
 
 
-def in_flight_record(s: _Session, value: bytes = b'{"a":1}') -> tuple[_Delivery, FakeMessage]:
+def in_flight_record(s: Session, value: bytes = b'{"a":1}') -> tuple[Delivery, FakeMessage]:
     txn = s.tracker.begin(Lsn(150))
-    delivery = _Delivery(s.tracker, txn, s.failures)
+    delivery = Delivery(s.tracker, txn, s.failures)
     s.tracker.sent(txn, 3 + len(value))
     s.tracker.commit(txn, Lsn(200))
     s.stats.published += 1
@@ -101,17 +107,44 @@ def test_a_record_too_large_for_kafka_is_dead_lettered_without_its_value():
     assert s.tracker.in_flight_bytes == 3
 
 
-def test_a_refused_dead_letter_record_is_resent_without_value_then_halts():
+def test_a_refused_dead_letter_record_shrinks_step_by_step_then_halts():
     s = session()
     delivery, _ = in_flight_record(s)
-    dead = FakeMessage("outbox.dead-letter", b"k-1", b"{}", [("id", b"e-1")])
+    dead = FakeMessage("outbox.dead-letter", b"k-1", b"{}", [("id", b"e-1"), ("big", b"x")])
     s.failures.append((delivery, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), dead))
     s.judge_failures()
-    assert s.publisher.produced[-1].value is None  # type: ignore[attr-defined]
-    stripped = FakeMessage("outbox.dead-letter", b"k-1", None, [("id", b"e-1")])
+    last = s.publisher.produced[-1]  # type: ignore[attr-defined]
+    assert (last.key, last.value) == (b"k-1", None)
+    stripped = FakeMessage("outbox.dead-letter", b"k-1", None, [("id", b"e-1"), ("big", b"x")])
     s.failures.append((delivery, KafkaError(KafkaError.TOPIC_EXCEPTION), stripped))
+    s.judge_failures()
+    last = s.publisher.produced[-1]  # type: ignore[attr-defined]
+    assert (last.key, last.value, last.headers) == (None, None, [("id", b"e-1")])
+    smallest = FakeMessage("outbox.dead-letter", None, None, [("id", b"e-1")])
+    s.failures.append((delivery, KafkaError(KafkaError.TOPIC_EXCEPTION), smallest))
     with pytest.raises(HaltedOnBadRow, match="even to the dead-letter topic"):
         s.judge_failures()
+    assert s.abandoned == 1  # shutdown will not wait for it
+
+
+def test_oversized_key_and_headers_still_reach_the_dead_letter_topic():
+    # The review found a row whose headers alone exceed the limit crashing the relay.
+    s = session(publisher=FakePublisher(limit=2_000))
+    txn = s.tracker.begin(Lsn(150))
+    s.txn, s.delivery = txn, Delivery(s.tracker, txn, s.failures)
+    record = OutboxRecord(
+        "outbox.event.order", b"k" * 3_000, b"{}", [("id", b"e-9"), ("h", b"y" * 5_000)], 0
+    )
+    s.dead_letter(
+        Rejected("too large", record.key, record.value, record.headers),
+        s.delivery,
+        table="public.outbox",
+        include_value=False,
+    )
+    (dead,) = s.publisher.produced  # type: ignore[attr-defined]
+    assert dead.key is None and dead.value is None
+    assert [name for name, _ in dead.headers] == ["id", "error", "source_lsn", "source_table"]
+    assert s.tracker.in_flight_events == 1
 
 
 def test_halt_policy_stops_on_a_refused_record():

@@ -101,6 +101,17 @@ def test_headers_column_adds_every_key():
     ]
 
 
+def test_header_numbers_keep_the_text_postgresql_printed():
+    raw = b'{"n": 10.10, "big": 1.00000000000000000001, "arr": [1.50, {"x": -0}], "i": 7}'
+    extra = dict(plan().map(row(headers=raw)).headers[3:])
+    assert extra == {
+        "n": b"10.10",
+        "big": b"1.00000000000000000001",
+        "arr": b'[1.50,{"x":-0}]',
+        "i": b"7",
+    }
+
+
 @pytest.mark.parametrize("value", [None, UNCHANGED])
 def test_null_or_unchanged_headers_add_nothing(value):
     assert len(plan().map(row(headers=value)).headers) == 3

@@ -139,3 +139,46 @@ def test_database_url_is_secret_in_repr():
 def test_redacted_kafka_config_hides_secrets():
     shown = redact_kafka_config({"sasl.password": "pw", "sasl.username": "u", "ssl.key.pem": "k"})
     assert shown == {"sasl.password": "***", "sasl.username": "u", "ssl.key.pem": "***"}
+
+
+def test_malformed_database_url_is_a_config_error_without_the_password(monkeypatch):
+    monkeypatch.setenv("CDC_RELAY_DATABASE_URL", "postgresql://relay:p%zzTopSecret@db/app")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value).startswith("CDC_RELAY_DATABASE_URL: is not a valid libpq URL")
+    assert "TopSecret" not in str(info.value)
+
+
+@pytest.mark.parametrize("template", ["outbox.{", "x.{aggregate_type}}", "x.{0}", "x.{table!z}"])
+def test_malformed_topic_template_is_refused_at_start(monkeypatch, template):
+    monkeypatch.setenv("CDC_RELAY_TOPIC_TEMPLATE", template)
+    with pytest.raises(ConfigError, match=r"^CDC_RELAY_TOPIC_TEMPLATE: "):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ('{"partitioner": "random"}', "per-aggregate order"),
+        ('{"delivery.report.only.error": true}', "weaken delivery"),
+        ('{"error_cb": "x"}', "managed by the relay"),
+    ],
+)
+def test_properties_that_break_order_or_acks_are_refused(monkeypatch, raw, fragment):
+    monkeypatch.setenv("CDC_RELAY_KAFKA_CONFIG", raw)
+    with pytest.raises(ConfigError, match=fragment):
+        load_settings()
+
+
+def test_librdkafka_queue_must_hold_the_in_flight_bound(monkeypatch):
+    monkeypatch.setenv("CDC_RELAY_KAFKA_CONFIG", '{"queue.buffering.max.messages": 20}')
+    with pytest.raises(ConfigError, match=r"queue\.buffering\.max\.messages must be at least"):
+        load_settings()
+    monkeypatch.setenv("CDC_RELAY_MAX_IN_FLIGHT_EVENTS", "20")
+    assert load_settings().max_in_flight_events == 20
+
+
+def test_dead_letter_topic_must_be_legal(monkeypatch):
+    monkeypatch.setenv("CDC_RELAY_DEAD_LETTER_TOPIC", "dead letters")
+    with pytest.raises(ConfigError, match=r"^CDC_RELAY_DEAD_LETTER_TOPIC: "):
+        load_settings()
