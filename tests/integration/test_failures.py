@@ -40,19 +40,21 @@ def test_slot_holds_while_the_broker_is_unreachable_and_advances_after(db: str, 
 
         proxied_kafka.proxy.cut()
         cut_at = time.monotonic()
-        second_end = insert_events(db, count=500, per_txn=10, start=100)
-        held_at = confirmed_lsn(db)
+        # The first undelivered transaction ends at or before this position. The slot may
+        # still creep forward through idle keepalives (WAL of no outbox transaction) up to
+        # just before it, but never reach it.
+        first_undelivered_end = insert_events(db, count=10, per_txn=10, start=100)
+        second_end = insert_events(db, count=490, per_txn=10, start=110)
         replies = {reply_time(db)}
 
         def outage_long_enough() -> bool:
             replies.add(reply_time(db))
-            assert confirmed_lsn(db) == held_at, "the slot moved past undelivered events"
+            assert confirmed_lsn(db) < first_undelivered_end, "the slot passed undelivered events"
             return time.monotonic() - cut_at > 8 and len(replies) >= 4
 
         # Over more than twice wal_sender_timeout: the slot never moves past undelivered
         # events, status updates keep coming, and the walsender is the same process.
         wait_until(outage_long_enough, 60, interval=0.25)
-        assert held_at < second_end
         assert query(db, "SELECT active_pid FROM pg_replication_slots")[0][0] == walsender
         assert relay.running()
 

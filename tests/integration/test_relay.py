@@ -149,13 +149,14 @@ def test_idle_advance_moves_the_slot_while_the_outbox_is_quiet(outbox: Outbox):
 
 
 def test_kill_9_mid_stream_then_restart_loses_nothing(outbox: Outbox, kafka: str):
-    total = 20_000
+    total = 40_000
     end = insert_events(outbox.url, count=total, per_txn=50, aggregates=500)
     first = RelayProcess(outbox.env).start()
     try:
-        # Kill it once part of the backlog is confirmed and more is in flight.
+        # Kill it at its first confirmation (0.2 s status interval): part of the backlog is
+        # confirmed, more is in flight, most is still unread.
         start = confirmed_lsn(outbox.url)
-        wait_until(lambda: confirmed_lsn(outbox.url) > start + (end - start) // 4, 120)
+        wait_until(lambda: confirmed_lsn(outbox.url) > start, 120, interval=0.01)
         first.kill()
     finally:
         first.kill()
@@ -172,7 +173,9 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(outbox: Outbox, kafka: str
     duplicates = len(ids) - len(unique)
     print(f"kill -9 mid-stream: {total} events, {duplicates} duplicates")
     # Duplicates come only from what was in flight or unconfirmed at the kill.
-    assert duplicates <= 20_000
+    # Duplicates are what was in flight (at most CDC_RELAY_MAX_IN_FLIGHT_EVENTS) or acked since
+    # the last status update (0.2 s here): far below the backlog.
+    assert duplicates <= total // 2
     first_seen: dict[bytes, list[int]] = defaultdict(list)
     seen: set[bytes | None] = set()
     for r in records:
