@@ -172,7 +172,6 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(outbox: Outbox, kafka: str
     assert len(unique) == total, f"lost {total - len(unique)} events"
     duplicates = len(ids) - len(unique)
     print(f"kill -9 mid-stream: {total} events, {duplicates} duplicates")
-    # Duplicates come only from what was in flight or unconfirmed at the kill.
     # Duplicates are what was in flight (at most CDC_RELAY_MAX_IN_FLIGHT_EVENTS) or acked since
     # the last status update (0.2 s here): far below the backlog.
     assert duplicates <= total // 2
