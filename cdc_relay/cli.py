@@ -21,7 +21,7 @@ from cdc_relay import __version__, admin
 from cdc_relay.database import describe_psycopg_error, pool_for
 from cdc_relay.errors import ConfigError, RelayError
 from cdc_relay.logs import REDACT, configure_logging
-from cdc_relay.settings import Settings, load_settings
+from cdc_relay.settings import Settings, is_secret_property, load_settings
 
 log = logging.getLogger("cdc_relay")
 
@@ -103,7 +103,7 @@ def _register_secrets(settings: Settings) -> None:
         password = None
     REDACT.add(str(password) if password else None)
     for key, value in settings.kafka_config.items():
-        if any(word in key.lower() for word in ("password", "secret")):
+        if is_secret_property(key):
             REDACT.add(str(value))
 
 

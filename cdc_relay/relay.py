@@ -34,7 +34,7 @@ from cdc_relay.lsn import Lsn, format_lsn
 from cdc_relay.mapping import ColumnMapping
 from cdc_relay.publisher import Publisher
 from cdc_relay.session import MAX_SILENCE, PROTO_VERSION, Session
-from cdc_relay.settings import Settings
+from cdc_relay.settings import Settings, redact_kafka_config
 from cdc_relay.stats import RelayStats
 from cdc_relay.stream import ReplicationStream
 
@@ -107,9 +107,9 @@ class Relay:
         pool = open_pool(settings.database_url.get_secret_value())
         try:
             while not self._stop.is_set():
+                sessions_before = self.stats.sessions
                 try:
                     self._session(pool)
-                    backoff = 0.5
                 except SlotInUse as exc:
                     self._failure_log.failed(
                         f"slot {settings.slot_name} is held by another process ({exc}); "
@@ -123,8 +123,10 @@ class Relay:
                 except (HaltedOnBadRow, PrerequisiteError, SlotLost):
                     raise
                 except (ReplicationError, DeliveryError, psycopg.Error, PoolTimeout) as exc:
+                    if self.stats.sessions > sessions_before:
+                        # It had been streaming: a fresh failure, not one more failed retry.
+                        backoff = 0.5
                     self.stats.count_reconnect(_cause(exc))
-                    self.stats.last_error = str(exc)
                     self._failure_log.failed(
                         f"{_describe(exc)}; reconnecting from slot {settings.slot_name} "
                         f"(backoff up to {settings.reconnect_max_backoff_seconds:g} s)"
@@ -140,6 +142,13 @@ class Relay:
                 remaining = self._publisher.flush(0)
                 if remaining:
                     log.debug("%d records left unacknowledged at exit", remaining)
+            stats = self.stats
+            log.debug(
+                "exiting: sessions=%d producer_resets=%d reconnects=%s",
+                stats.sessions,
+                stats.resets,
+                stats.reconnects_by_cause,
+            )
 
     def _check_credentials(self) -> None:
         """Fail fast on what retrying cannot fix (bad password, unknown database or role); a
@@ -181,6 +190,7 @@ class Relay:
         if self._publisher is not None and self._publisher.fatal_error:
             self._reset_publisher()
         if self._publisher is None:
+            log.debug("producer config: %s", redact_kafka_config(self._producer_config))
             self._publisher = Publisher(self._producer_config, on_error=self._on_kafka_error)
         publisher = self._publisher
         # Do not take the slot while the broker is unreachable: a standby with a working broker

@@ -292,10 +292,15 @@ def split_table_name(qualified: str) -> tuple[str, str]:
 _SECRET_WORDS = ("password", "secret", "key.pem", "sasl.oauthbearer.config", "token")
 
 
+def is_secret_property(key: str) -> bool:
+    """Whether a librdkafka property holds a secret (its value must never be shown)."""
+    return any(word in key.lower() for word in _SECRET_WORDS)
+
+
 def redact_kafka_config(config: dict[str, Any]) -> dict[str, Any]:
     """A copy safe to log: values of secret-bearing properties replaced."""
     return {
-        key: "***" if any(word in key.lower() for word in _SECRET_WORDS) else value
+        key: "***" if is_secret_property(key) else value
         for key, value in config.items()
         if not callable(value)
     }

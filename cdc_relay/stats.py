@@ -1,4 +1,4 @@
-"""Counters of a relay's life, read by tests and logged at shutdown."""
+"""Counters of a relay's life, logged at shutdown (and the base of future metrics)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ class RelayStats:
     sessions: int = 0
     resets: int = 0
     confirmed_lsn: int = 0
-    last_error: str | None = None
     reconnects_by_cause: dict[str, int] = field(default_factory=dict)
 
     def count_reconnect(self, cause: str) -> None:
