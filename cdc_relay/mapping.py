@@ -112,9 +112,16 @@ class TablePlan:
         self._created_at_idx = positions.get(mapping.created_at) if mapping.created_at else None
         self._template = topic_template
         self._topics: dict[tuple[bytes, bytes], str] = {}
-        self._width = 1 + max(
-            self._id_idx, self._type_idx, self._key_idx, self._event_type_idx, self._payload_idx
-        )
+        used = [
+            self._id_idx,
+            self._type_idx,
+            self._key_idx,
+            self._event_type_idx,
+            self._payload_idx,
+            self._headers_idx,
+            self._created_at_idx,
+        ]
+        self._width = 1 + max(i for i in used if i is not None)
 
     def map(self, values: tuple[ColumnValue, ...]) -> OutboxRecord | Rejected:
         """Turn one inserted row into a record, or a Rejected verdict. Never raises."""
@@ -137,16 +144,22 @@ class TablePlan:
 
         if isinstance(value, Rejected):
             return Rejected(value.error, key_bytes, None, headers)
-        for role, item in (
-            ("id", event_id),
-            ("aggregate type", aggregate_type),
-            ("aggregate id", key),
-            ("event type", event_type),
+        if not (
+            type(event_id) is bytes
+            and type(aggregate_type) is bytes
+            and key_bytes is not None
+            and type(event_type) is bytes
         ):
-            if type(item) is not bytes:
-                return Rejected(f"the {role} column is NULL", key_bytes, value, headers)
-
-        assert type(aggregate_type) is bytes and type(event_type) is bytes
+            # Off the hot path: find which column to name.
+            for role, item in (
+                ("id", event_id),
+                ("aggregate type", aggregate_type),
+                ("aggregate id", key),
+                ("event type", event_type),
+            ):
+                if type(item) is not bytes:
+                    return Rejected(f"the {role} column is NULL", key_bytes, value, headers)
+        assert type(aggregate_type) is bytes and type(event_type) is bytes  # for mypy
         topic = self._topics.get((aggregate_type, event_type))
         if topic is None:
             topic_or_error = self._topic(aggregate_type, event_type)
