@@ -57,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
         "teardown", parents=[common], help="drop the slot and the publication"
     )
     teardown.add_argument("--yes", action="store_true", help="confirm the teardown")
+    prune = commands.add_parser(
+        "prune", parents=[common], help="delete outbox rows the relay has confirmed, in batches"
+    )
+    prune.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 7d, 12h, 30m, 0s")
+    prune.add_argument("--batch-size", default="1000", metavar="N", help="rows per transaction")
+    prune.add_argument(
+        "--wait", default="60s", metavar="AGE", help="how long to wait for the slot to catch up"
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     return parser
 
 
@@ -109,6 +118,8 @@ def _register_secrets(settings: Settings) -> None:
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     url = settings.database_url.get_secret_value()
+    if args.command == "prune":
+        return _prune(args, settings)
     if args.command == "teardown" and not args.yes:
         raise ConfigError("teardown drops the slot and the publication: add --yes to confirm")
     with pool_for(url) as pool, pool.connection() as conn:
@@ -138,4 +149,27 @@ def _run(settings: Settings, stop_requested: threading.Event) -> int:
     from cdc_relay.relay import Relay  # the producer stack is only needed here
 
     Relay(settings, stop_requested=stop_requested).run()
+    return EXIT_OK
+
+
+def _prune(args: argparse.Namespace, settings: Settings) -> int:
+    from cdc_relay.prune import parse_duration, prune
+
+    try:
+        older_than, wait = parse_duration(args.older_than), parse_duration(args.wait)
+    except ValueError as exc:
+        raise ConfigError(f"prune: {exc}") from None
+    if not args.batch_size.isdigit() or int(args.batch_size) < 1:
+        raise ConfigError("prune: --batch-size must be a whole number of at least 1")
+    batch_size = int(args.batch_size)
+    with pool_for(settings.database_url.get_secret_value()) as pool, pool.connection() as conn:
+        prune(
+            conn,
+            settings,
+            older_than=older_than,
+            batch_size=batch_size,
+            wait_seconds=wait.total_seconds(),
+            dry_run=args.dry_run,
+            say=print,
+        )
     return EXIT_OK
