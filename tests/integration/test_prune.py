@@ -125,3 +125,22 @@ def test_a_row_xmin_is_widened_into_the_right_epoch(db: str, next_xid: int, xid:
         sql.SQL("{}::text::xid").format(sql.Literal(str(xid))), sql.Literal(next_xid)
     )
     assert query(db, sql.SQL("SELECT {}").format(expression).as_string(None)) == [(widened,)]
+
+
+def test_deleting_and_reinserting_rows_republishes_them_with_the_same_ids(
+    outbox: Outbox, kafka: str
+):
+    """The runbook's reconciliation after a lost slot or a failover."""
+    insert_events(outbox.url, count=3, per_txn=3)
+    with RelayProcess(outbox.env) as relay:
+        first = consume_all(kafka, [outbox.topic()], expected=3, timeout=60)
+        with psycopg.connect(outbox.url, autocommit=True) as conn:
+            conn.execute(
+                "WITH gap AS (DELETE FROM outbox WHERE created_at >= now() - interval '1 hour' "
+                "RETURNING *) INSERT INTO outbox SELECT * FROM gap"
+            )
+        both = consume_all(kafka, [outbox.topic()], expected=6, timeout=60, linger=1)
+        assert relay.stop() == 0
+    ids = sorted((r.header("id") or b"").decode() for r in first)
+    assert sorted((r.header("id") or b"").decode() for r in both) == sorted(ids * 2)
+    assert count(outbox.url) == 3
