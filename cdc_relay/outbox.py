@@ -30,8 +30,14 @@ Payload: TypeAlias = (
 
 
 class NotInTransaction(RelayError):
-    """add_event needs a transaction: on an autocommit connection, use `with conn.transaction():`
-    so that the event commits together with the business rows."""
+    """An outbox write needs a transaction: use `with conn.transaction():` around it."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(
+            message
+            or "add_event needs a transaction: on an autocommit connection use "
+            "`with conn.transaction():` so that the event commits with the business rows"
+        )
 
 
 @dataclass(frozen=True, slots=True)
