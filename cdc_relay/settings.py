@@ -146,6 +146,29 @@ class Settings(BaseSettings):
     shutdown_timeout_seconds: float = Field(
         default=30.0, ge=0, description="How long shutdown waits for in-flight acks."
     )
+    http_port: int = Field(
+        default=9187,
+        ge=0,
+        le=65535,
+        description="Port of the HTTP endpoint of run (/metrics, /healthz, /readyz); 0: none.",
+    )
+    http_host: str = Field(
+        default="0.0.0.0",
+        min_length=1,
+        description="Address the HTTP endpoint binds to; all interfaces by default, so that "
+        "probes reach it on the pod IP.",
+    )
+    lag_sample_interval_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="How often run samples the slot's lag and wal_status for the metrics.",
+    )
+    log_format: Literal["auto", "text", "json"] = Field(
+        default="auto",
+        description="Log lines as text or JSON (one object per line); auto: text on a terminal, "
+        "JSON otherwise.",
+    )
 
     @field_validator("kafka_config", mode="before")
     @classmethod
