@@ -78,7 +78,7 @@ class Delivery:
         tracker: AckTracker,
         txn: Transaction,
         failures: list[Any],
-        stats: RelayStats,
+        stats: RelayStats | None = None,
         commit_time: int = 0,
     ) -> None:
         self.tracker = tracker
@@ -91,7 +91,7 @@ class Delivery:
         if err is None:
             txn = self.txn
             self.tracker.acked(txn, record_size(msg.key(), msg.value()))
-            if txn.pending == 0 and txn.committed:
+            if txn.pending == 0 and txn.committed and self.stats is not None:
                 self.stats.transaction_acknowledged(self.commit_time)
         else:
             self.failures.append((self, err, msg))

@@ -120,9 +120,7 @@ def test_a_hot_standby_is_healthy_but_not_ready(outbox: Outbox):
 
 def test_readyz_fails_while_the_broker_is_unreachable(db: str, kafka: str):
     box = make_outbox(db, kafka)
-    env, port = with_http(
-        box.env, CDC_RELAY_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}"
-    )
+    env, port = with_http(box.env, CDC_RELAY_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}")
     with RelayProcess(env) as relay:
         wait_until(lambda: get(port, "/healthz")[0] == 200, 60, message=relay.log)
         status, reason = get(port, "/readyz")
