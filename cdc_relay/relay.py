@@ -178,8 +178,10 @@ class Relay:
             self._stop.wait(min(left, 1.0))
 
     def _probe_broker(self) -> None:
-        """From the sampler thread: after Kafka was reported down, whether it answers again
-        (librdkafka is thread-safe; the loop may meanwhile replace the publisher)."""
+        """From the sampler thread: after Kafka was reported down (all brokers down), whether
+        it answers again. The loop's own signs of recovery are not enough: with nothing in flight
+        it sees no acks. librdkafka is thread-safe; the loop may meanwhile replace the
+        publisher, which this reference keeps alive."""
         publisher = self._publisher
         if self.stats.broker_reachable or publisher is None or self._waiting_for_broker:
             return
@@ -223,7 +225,6 @@ class Relay:
 
     def kafka_flowing(self) -> None:
         """Deliveries are acknowledged again: the next Kafka trouble is news."""
-        self.stats.broker_reachable = True
         if self._kafka_errors_logged:
             log.info("recovered: Kafka acknowledges deliveries again")
             self._kafka_errors_logged.clear()

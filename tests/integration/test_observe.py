@@ -200,3 +200,19 @@ def test_status_watch_refreshes_until_ctrl_c(outbox: Outbox):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_readyz_follows_a_broker_outage_mid_stream(db: str, proxied_kafka):
+    box = make_outbox(db, proxied_kafka.bootstrap)
+    env, port = with_http(box.env, CDC_RELAY_LAG_SAMPLE_INTERVAL_SECONDS="0.5")
+    with RelayProcess(env) as relay:
+        wait_until(lambda: get(port, "/readyz")[0] == 200, 60, message=relay.log)
+        proxied_kafka.proxy.cut(refuse=True)
+        wait_until(lambda: get(port, "/readyz")[0] == 503, 60, message=relay.log)
+        assert "Kafka" in get(port, "/readyz")[1]
+        assert get(port, "/healthz")[0] == 200  # alive: it keeps the replication link
+        proxied_kafka.proxy.restore()
+        wait_until(lambda: get(port, "/readyz")[0] == 200, 60, message=relay.log)
+        end = insert_events(db, count=20, per_txn=10)
+        wait_confirmed_past(db, end)
+        assert relay.stop() == 0
