@@ -1,7 +1,8 @@
 """deploy/, the Dockerfile and docker-compose.yml: they cannot run here (no Docker engine, no
 cluster), so check what can be checked: schemas, a Dockerfile linter, that dashboards and alerts
-parse as PromQL and use only metrics the relay exports, that probes and ports match the settings, that every secret
-reference resolves, and that the image's health check works against a real endpoint."""
+parse as PromQL and use only metrics the relay exports, that probes and ports match the
+settings, that every secret reference resolves, and that the image's health check works against
+a real endpoint."""
 
 from __future__ import annotations
 
