@@ -342,8 +342,9 @@ def format_status(report: dict[str, Any]) -> str:
         elif oldest["created_at"] is None:
             pending = "none"
         else:
-            pending = f"{_human_seconds(oldest['age_seconds'])} (created {oldest['created_at']})"
-        lines.append(f"  oldest unconfirmed event  {pending}")
+            age = _human_seconds(oldest["age_seconds"])
+            pending = f"oldest event {age} old (created {oldest['created_at']})"
+        lines.append(f"  unconfirmed {pending}")
     publication = report["publication"]
     tables = publication["tables"]
     if tables is None:

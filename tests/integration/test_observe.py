@@ -175,7 +175,7 @@ def test_status_reports_the_oldest_unconfirmed_event(outbox: Outbox):
     assert report is not None and report["created_at"] == created[0]
     assert isinstance(report["age_seconds"], float) and report["age_seconds"] >= created[1]
     text = cli(outbox.env, "status")
-    assert text.returncode == 0 and "oldest unconfirmed event" in text.stdout
+    assert text.returncode == 0 and "unconfirmed oldest event" in text.stdout
     assert created[0] in text.stdout
 
 
