@@ -62,9 +62,9 @@ class FailureLog:
             log.log(level, "%s", message, extra=extra)
             self._current = message
 
-    def recovered(self, what: str) -> None:
+    def recovered(self, what: str, *, extra: dict[str, Any] | None = None) -> None:
         if self._current is not None:
-            log.info("recovered: %s", what)
+            log.info("recovered: %s", what, extra=extra)
             self._current = None
 
 
@@ -282,7 +282,10 @@ class Relay:
             max_silence = min(MAX_SILENCE, timeout / 4) if timeout else MAX_SILENCE
             self.stats.sessions += 1
             self.stats.streaming = True
-            self._failure_log.recovered(f"streaming from slot {settings.slot_name}")
+            self._failure_log.recovered(
+                f"streaming from slot {settings.slot_name}",
+                extra={"slot": settings.slot_name, "lsn": format_lsn(start)},
+            )
             log.info(
                 "streaming slot=%s publication=%s from lsn=%s",
                 settings.slot_name,

@@ -444,6 +444,7 @@ class Session:
                 "again on restart",
                 unacked,
                 self.settings.shutdown_timeout_seconds,
+                extra={"slot": self.settings.slot_name, "lsn": format_lsn(tracker.confirmed)},
             )
         self.send_status()
         slot, lsn = self.settings.slot_name, format_lsn(tracker.confirmed)

@@ -5,6 +5,9 @@ unconfirmed event and --watch."""
 from __future__ import annotations
 
 import json
+import os
+import pty
+import select
 import signal
 import socket
 import subprocess
@@ -216,3 +219,36 @@ def test_readyz_follows_a_broker_outage_mid_stream(db: str, proxied_kafka):
         end = insert_events(db, count=20, per_txn=10)
         wait_confirmed_past(db, end)
         assert relay.stop() == 0
+
+
+def test_status_watch_on_a_terminal_redraws_in_place(outbox: Outbox):
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cdc_relay", "status", "--watch", "0.2"],
+        env=outbox.env,
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        cwd=tempfile.gettempdir(),
+    )
+    os.close(follower)
+    output = b""
+    try:
+
+        def redrawn_twice() -> bool:
+            nonlocal output
+            if select.select([leader], [], [], 0.5)[0]:
+                output += os.read(leader, 65536)
+            return output.count(b"\x1b[H\x1b[2J") >= 2
+
+        wait_until(redrawn_twice, 60, message=lambda: output.decode(errors="replace"))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        text = output.decode(errors="replace")
+        assert "slot          cdc_relay" in text and "Ctrl-C" in text
+        assert "Traceback" not in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(leader)
