@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from types import FrameType
 
@@ -53,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("run", parents=[common], help="relay outbox inserts to Kafka until stopped")
     status = commands.add_parser("status", parents=[common], help="show the slot and publication")
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        type=_positive_seconds,
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="refresh in place every SECONDS (default 2) until Ctrl-C",
+    )
     teardown = commands.add_parser(
         "teardown", parents=[common], help="drop the slot and the publication"
     )
@@ -80,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
         _register_secrets(settings)
+        configure_logging(debug=debug, log_format=settings.log_format)
         if args.command == "run":
             return _run(settings, stop_requested)
         return _dispatch(args, settings)
@@ -125,12 +136,43 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     with pool_for(url) as pool, pool.connection() as conn:
         if args.command == "setup":
             admin.setup(conn, settings, create_table=args.create_table, say=print)
+        elif args.command == "status" and args.watch is not None:
+            _watch_status(conn, settings, args.json, args.watch)
         elif args.command == "status":
             report = admin.status(conn, settings)
             print(json.dumps(report) if args.json else admin.format_status(report))
         elif args.command == "teardown":
             admin.teardown(conn, settings, say=print)
     return EXIT_OK
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def _watch_status(conn: admin.Connection, settings: Settings, as_json: bool, every: float) -> None:
+    """Refresh in place (on a terminal: home the cursor and clear the screen) until Ctrl-C;
+    with --json, one object per line."""
+    clear = sys.stdout.isatty() and not as_json
+    try:
+        while True:
+            report = admin.status(conn, settings)
+            if as_json:
+                text = json.dumps(report)
+            else:
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                text = f"{admin.format_status(report)}\n\n{stamp}, every {every:g} s (Ctrl-C stops)"
+            print(("\x1b[H\x1b[2J" if clear else "") + text, flush=True)
+            time.sleep(every)
+    except KeyboardInterrupt:
+        if clear:
+            print()
 
 
 def _install_stop_handlers(stop_requested: threading.Event) -> None:
@@ -146,9 +188,23 @@ def _install_stop_handlers(stop_requested: threading.Event) -> None:
 
 
 def _run(settings: Settings, stop_requested: threading.Event) -> int:
-    from cdc_relay.relay import Relay  # the producer stack is only needed here
+    from cdc_relay.endpoint import MetricsServer  # the producer stack is only needed here
+    from cdc_relay.metrics import registry_for
+    from cdc_relay.relay import Relay
 
-    Relay(settings, stop_requested=stop_requested).run()
+    relay = Relay(settings, stop_requested=stop_requested)
+    server = None
+    if settings.http_port:
+        registry = registry_for(
+            relay.stats, slot=settings.slot_name, publication=settings.publication_name
+        )
+        server = MetricsServer(settings.http_host, settings.http_port, relay.stats, registry)
+        server.start()
+    try:
+        relay.run()
+    finally:
+        if server is not None:
+            server.stop()
     return EXIT_OK
 
 
