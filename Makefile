@@ -4,13 +4,15 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install postgres test test-unit lint format demo clean
+.PHONY: help install postgres test test-unit lint format demo bench clean
 
 help:
 	@echo "make demo       start a local PostgreSQL and broker, stream sample events, stop everything"
 	@echo "make test       install what is needed and run the whole suite"
 	@echo "make test-unit  only the tests that need no servers"
 	@echo "make lint       ruff and mypy"
+	@echo "make bench      the side-by-side benchmark (~10 min); writes docs/performance.md;"
+	@echo "                BENCH_ARGS='--quick' for a fast look, '--help' for the options"
 	@echo "make clean      remove the virtualenv and caches"
 
 # PostgreSQL server binaries (initdb, pg_ctl) for the tests and the demo.
@@ -56,6 +58,9 @@ format: $(STAMP)
 
 demo: install
 	$(PY) examples/demo.py
+
+bench: install
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info build dist
