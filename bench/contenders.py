@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -162,6 +163,13 @@ class RelayRun:
     timed: Timed
     peak_rss_mb: float
     published: int
+    cpu_seconds: float  # user + system time of the relay process, all threads
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time so far of a running process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 _PUBLISHED = re.compile(r"published=(\d+)")
@@ -248,6 +256,7 @@ def _relay_drain(
             time.sleep(0.01)
         seconds = time.perf_counter() - started
         rss = relay.peak_rss_mb()
+        cpu = cpu_seconds(relay.pid)
         if spy is not None:
             spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
             spy.wait(60)
@@ -259,7 +268,7 @@ def _relay_drain(
         raise RuntimeError(
             f"relay exit code {code}, published {published} of {expected}:\n{log[-3000:]}"
         )
-    return RelayRun(Timed(expected, seconds), rss, published)
+    return RelayRun(Timed(expected, seconds), rss, published, cpu)
 
 
 # ------------------------------------------------------------------ (d) polling relay

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -99,6 +100,9 @@ def render_table(rows: Sequence[Row], *, ceiling: str, polling: str) -> str:
     return "\n".join(lines)
 
 
+_LINE = re.compile(r":\d+\)$")
+
+
 def top_self_time(collapsed: Iterable[str], limit: int = 15) -> list[tuple[str, float]]:
     """From py-spy's collapsed stacks ("frame;frame;leaf count" lines), the leaf frames with
     the largest share of samples (self time), as (frame, percent)."""
@@ -113,7 +117,8 @@ def top_self_time(collapsed: Iterable[str], limit: int = 15) -> list[tuple[str, 
             count = int(count_text)
         except ValueError:
             continue
-        leaf = stack.rsplit(";", 1)[-1]
+        # Per function, not per line: "decode (cdc_relay/pgoutput.py:807)" → "... .py)".
+        leaf = _LINE.sub(")", stack.rsplit(";", 1)[-1])
         counts[leaf] += count
         total += count
     if not total:
