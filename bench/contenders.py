@@ -164,11 +164,16 @@ class RelayRun:
     peak_rss_mb: float
     published: int
     cpu_seconds: float  # user + system time of the relay process, all threads
+    main_thread_cpu_seconds: float  # the relay's Python thread (the rest is librdkafka's)
+    walsender_cpu_seconds: float  # the walsender that decoded for it
+    broker_cpu_seconds: float  # the broker, over the run
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time so far of a running process (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time so far of a running process (all its threads), or of one of
+    its threads."""
+    path = f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -199,12 +204,13 @@ def relay_drain(
     expected: int,
     timeout: float,
     profile: Path | None = None,
+    broker_pid: int | None = None,
 ) -> RelayRun:
     """`cdc-relay run` from start until the slot is confirmed past ``end_lsn`` (it only
     confirms after every record before it is acknowledged)."""
     relay = RelayProcess(env)
     try:
-        return _relay_drain(relay, url, slot, end_lsn, expected, timeout, profile)
+        return _relay_drain(relay, url, slot, end_lsn, expected, timeout, profile, broker_pid)
     finally:
         relay.kill()
         relay.log_path.unlink(missing_ok=True)
@@ -218,7 +224,10 @@ def _relay_drain(
     expected: int,
     timeout: float,
     profile: Path | None,
+    broker_pid: int | None,
 ) -> RelayRun:
+    broker_cpu = cpu_seconds(broker_pid) if broker_pid else 0.0
+    walsender_cpu = 0.0
     spy: subprocess.Popen[bytes] | None = None
     with psycopg.connect(url, autocommit=True) as conn:
         started = time.perf_counter()
@@ -244,10 +253,13 @@ def _relay_drain(
         deadline = started + timeout
         while True:
             row = conn.execute(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                "SELECT confirmed_flush_lsn::text, active_pid FROM pg_replication_slots "
+                "WHERE slot_name = %s",
                 (slot,),
             ).fetchone()
             if row and row[0] and lsn_int(str(row[0])) >= end_lsn:
+                if row[1]:
+                    walsender_cpu = cpu_seconds(int(row[1]))
                 break
             if not relay.running():
                 raise RuntimeError(f"the relay exited early:\n{relay.log()[-3000:]}")
@@ -257,6 +269,9 @@ def _relay_drain(
         seconds = time.perf_counter() - started
         rss = relay.peak_rss_mb()
         cpu = cpu_seconds(relay.pid)
+        main_cpu = cpu_seconds(relay.pid, thread=relay.pid)
+        if broker_pid:
+            broker_cpu = cpu_seconds(broker_pid) - broker_cpu
         if spy is not None:
             spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
             spy.wait(60)
@@ -268,7 +283,9 @@ def _relay_drain(
         raise RuntimeError(
             f"relay exit code {code}, published {published} of {expected}:\n{log[-3000:]}"
         )
-    return RelayRun(Timed(expected, seconds), rss, published, cpu)
+    return RelayRun(
+        Timed(expected, seconds), rss, published, cpu, main_cpu, walsender_cpu, broker_cpu
+    )
 
 
 # ------------------------------------------------------------------ (d) polling relay

@@ -236,16 +236,23 @@ def run_all(
                 expected=workload.events,
                 timeout=600,
                 profile=profile,
+                broker_pid=broker.pid,
             )
         finally:
             contenders.drop_slot(admin, slot)
 
     runs_c = repeat(args.repeat, ROW_C, run_c)
-    cpu_us = report.median([r.cpu_seconds / workload.events * 1e6 for r in runs_c])
+
+    def cpu_us(seconds: Callable[[contenders.RelayRun], float]) -> float:
+        return report.median([seconds(r) / workload.events * 1e6 for r in runs_c])
+
     row_c = Row(
         ROW_C,
-        note="`cdc-relay run` start → slot confirmed past the backlog; "
-        f"relay CPU {cpu_us:.1f} µs/event",
+        note="`cdc-relay run` start → slot confirmed past the backlog; CPU µs/event: "
+        f"relay {cpu_us(lambda r: r.cpu_seconds):.1f} "
+        f"(Python thread {cpu_us(lambda r: r.main_thread_cpu_seconds):.1f}), "
+        f"walsender {cpu_us(lambda r: r.walsender_cpu_seconds):.1f}, "
+        f"broker {cpu_us(lambda r: r.broker_cpu_seconds):.1f}",
         rss_mb=max(r.peak_rss_mb for r in runs_c),
     )
     row_c.rates = [r.timed.rate for r in runs_c]
