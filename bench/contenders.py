@@ -167,6 +167,7 @@ class RelayRun:
     main_thread_cpu_seconds: float  # the relay's Python thread (the rest is librdkafka's)
     walsender_cpu_seconds: float  # the walsender that decoded for it
     broker_cpu_seconds: float  # the broker, over the run
+    startup_seconds: float  # from process start until its walsender was streaming
 
 
 def cpu_seconds(pid: int, thread: int | None = None) -> float:
@@ -228,6 +229,7 @@ def _relay_drain(
 ) -> RelayRun:
     broker_cpu = cpu_seconds(broker_pid) if broker_pid else 0.0
     walsender_cpu = 0.0
+    startup: float | None = None
     spy: subprocess.Popen[bytes] | None = None
     with psycopg.connect(url, autocommit=True) as conn:
         started = time.perf_counter()
@@ -257,6 +259,8 @@ def _relay_drain(
                 "WHERE slot_name = %s",
                 (slot,),
             ).fetchone()
+            if startup is None and row and row[1]:
+                startup = time.perf_counter() - started
             if row and row[0] and lsn_int(str(row[0])) >= end_lsn:
                 if row[1]:
                     walsender_cpu = cpu_seconds(int(row[1]))
@@ -284,7 +288,14 @@ def _relay_drain(
             f"relay exit code {code}, published {published} of {expected}:\n{log[-3000:]}"
         )
     return RelayRun(
-        Timed(expected, seconds), rss, published, cpu, main_cpu, walsender_cpu, broker_cpu
+        Timed(expected, seconds),
+        rss,
+        published,
+        cpu,
+        main_cpu,
+        walsender_cpu,
+        broker_cpu,
+        startup or seconds,
     )
 
 

@@ -252,7 +252,8 @@ def run_all(
         f"relay {cpu_us(lambda r: r.cpu_seconds):.1f} "
         f"(Python thread {cpu_us(lambda r: r.main_thread_cpu_seconds):.1f}), "
         f"walsender {cpu_us(lambda r: r.walsender_cpu_seconds):.1f}, "
-        f"broker {cpu_us(lambda r: r.broker_cpu_seconds):.1f}",
+        f"broker {cpu_us(lambda r: r.broker_cpu_seconds):.1f}; start-up (process start → "
+        f"streaming) {report.median([r.startup_seconds for r in runs_c]):.2f} s",
         rss_mb=max(r.peak_rss_mb for r in runs_c),
     )
     row_c.rates = [r.timed.rate for r in runs_c]
