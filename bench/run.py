@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -511,7 +512,7 @@ def render_section(
     profile_lines: list[str],
 ) -> str:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    command = "python -m bench " + " ".join(sys.argv[1:]) if argv_given() else "make bench"
+    command = "python -m bench " + shlex.join(sys.argv[1:]) if argv_given() else "make bench"
     lines = [
         f"### Run of {when}" + (f" — {args.label}" if args.label else ""),
         "",
