@@ -4,13 +4,15 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install postgres test test-unit lint format demo clean up down docs-config
+.PHONY: help install postgres test test-unit lint format demo bench clean up down docs-config
 
 help:
 	@echo "make demo       start a local PostgreSQL and broker, stream sample events, stop everything"
 	@echo "make test       install what is needed and run the whole suite"
 	@echo "make test-unit  only the tests that need no servers"
 	@echo "make lint       ruff and mypy"
+	@echo "make bench      the side-by-side benchmark (~10 min); writes docs/performance.md;"
+	@echo "                BENCH_ARGS='--quick' for a fast look, '--help' for the options"
 	@echo "make clean      remove the virtualenv and caches"
 	@echo "make up         docker compose: PostgreSQL, Kafka (KRaft), cdc-relay setup and run"
 	@echo "make down       stop them and remove their volumes"
@@ -68,6 +70,9 @@ down:
 
 docs-config: $(STAMP)
 	$(PY) -m cdc_relay.settings_doc --write README.md
+
+bench: install
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info build dist

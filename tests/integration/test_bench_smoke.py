@@ -1,0 +1,51 @@
+"""`make bench` in miniature: every contender runs end to end and the report is written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_tiny_bench_run_writes_the_table(tmp_path: Path) -> None:
+    output = tmp_path / "performance.md"
+    output.write_text("# Performance\n\nhand-written analysis stays\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--events",
+            "2000",
+            "--repeat",
+            "1",
+            "--sweep-events",
+            "1000",
+            "--latency-seconds",
+            "1",
+            "--rate",
+            "500",
+            "--skip-rss",
+            "--output",
+            str(output),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = output.read_text()
+    assert "hand-written analysis stays" in text
+    for row in ("| (a) ceiling, stream |", "| (b) ceiling, broker |", "| (c) cdc-relay |"):
+        assert row in text
+    assert "| (d) polling relay, batch " in text
+    # Both relays delivered every event of the latency run and have a latency figure.
+    assert "(c) p99 latency" in text
+    assert text.count(" / ") >= 2
