@@ -13,14 +13,15 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cdc_relay.outbox import add_event  # noqa: E402
 from tests.kafka_helpers import consume_all  # noqa: E402
-from tests.servers import PostgresServer, TansuBroker, wait_until  # noqa: E402
+from tests.servers import PostgresServer, TansuBroker, free_port, wait_until  # noqa: E402
 
 ORDERS = 12
 CUSTOMERS = ["alice", "bob", "chen"]
@@ -57,24 +58,24 @@ def place_orders(pg: PostgresServer) -> None:
                     "INSERT INTO orders (id, customer, total) VALUES (%s, %s, %s)",
                     (order_id, customer, total),
                 )
-                conn.execute(
-                    "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload,"
-                    " headers) VALUES (%s, 'order', %s, 'OrderPlaced', %s, %s)",
-                    (
-                        uuid.uuid4(),
-                        order_id,
-                        json.dumps({"order": order_id, "customer": customer, "total": total}),
-                        json.dumps({"source": "demo-shop"}),
-                    ),
+                add_event(
+                    conn,
+                    aggregate_type="order",
+                    aggregate_id=order_id,
+                    event_type="OrderPlaced",
+                    payload={"order": order_id, "customer": customer, "total": total},
+                    headers={"source": "demo-shop"},
                 )
         # A business transaction that rolls back publishes nothing.
         try:
             with conn.transaction():
                 conn.execute("INSERT INTO orders VALUES ('order-bad', 'mallory', -1)")
-                conn.execute(
-                    "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload)"
-                    " VALUES (%s, 'order', 'order-bad', 'OrderPlaced', '{}')",
-                    (uuid.uuid4(),),
+                add_event(
+                    conn,
+                    aggregate_type="order",
+                    aggregate_id="order-bad",
+                    event_type="OrderPlaced",
+                    payload={},
                 )
                 raise RuntimeError("payment declined")
         except RuntimeError:
@@ -98,6 +99,8 @@ def main() -> int:
             "CDC_RELAY_DATABASE_URL": pg.url(dbname="shop"),
             "CDC_RELAY_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
             "CDC_RELAY_STATUS_INTERVAL_SECONDS": "0.5",
+            "CDC_RELAY_HTTP_PORT": str(free_port()),
+            "CDC_RELAY_LOG_FORMAT": "text",
         }
         say("\n$ cdc-relay setup --create-table")
         say(cdc_relay(env, "setup", "--create-table").rstrip())
@@ -138,6 +141,14 @@ def main() -> int:
                 f" → {after['confirmed_flush_lsn']} (lag {after['lag_bytes']} bytes): the relay "
                 "confirmed only what Kafka acknowledged"
             )
+            metrics_url = f"http://127.0.0.1:{env['CDC_RELAY_HTTP_PORT']}/metrics"
+            say(f"\n$ curl {metrics_url}   (a few of the relay's metrics)")
+            with urllib.request.urlopen(metrics_url, timeout=10) as response:
+                for line in response.read().decode().splitlines():
+                    if line.startswith(
+                        ("cdc_relay_events_published_total", "cdc_relay_confirmed_lsn_bytes")
+                    ):
+                        say(f"  {line}")
         finally:
             relay.send_signal(signal.SIGTERM)
             try:
