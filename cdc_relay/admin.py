@@ -360,11 +360,21 @@ def require_ready(conn: Connection, settings: Settings) -> SlotInfo:
             "removed WAL it still needed, so events may be missing; the relay will not recreate "
             "it. Drop it, run `cdc-relay setup`, and reconcile the gap from the outbox table"
         )
-    if publication_tables(conn, settings.publication_name) is None:
+    tables = publication_tables(conn, settings.publication_name)
+    if tables is None:
         raise PrerequisiteError(
             f"publication {settings.publication_name} does not exist: run `cdc-relay setup`"
         )
     _require_via_root(conn, settings)
+    if not _publication_covers(conn, settings.publication_name, settings):
+        # Renamed, or dropped and recreated: the stream would carry none of its rows, and the
+        # relay would confirm past them.
+        raise PrerequisiteError(
+            f"publication {settings.publication_name} does not include {settings.outbox_table} "
+            f"(it has {', '.join(tables) or 'no tables'}): was the outbox renamed or recreated? "
+            f"Run ALTER PUBLICATION {settings.publication_name} ADD TABLE "
+            f"{settings.outbox_table}; rows written to it before that were not streamed"
+        )
     return slot
 
 

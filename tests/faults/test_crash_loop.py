@@ -16,7 +16,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import psycopg
-import pytest
 
 from tests.faults import results
 from tests.faults.helpers import consume_ids, delivery_figures, outbox_ids
@@ -132,8 +131,9 @@ def test_crash_loop_loses_nothing_and_keeps_aggregate_order(db: str, kafka: str)
             # Recovery: from the restart to the first confirmation past the kill's position
             # (or an active slot when there was nothing left to confirm).
             wait_until(
-                lambda c=confirmed: confirmed_lsn(db) > c
-                or (slot_active(db) and current_lsn(db) <= c),
+                lambda c=confirmed: (
+                    confirmed_lsn(db) > c or (slot_active(db) and current_lsn(db) <= c)
+                ),
                 120,
                 message="the restarted relay confirmed nothing",
             )
@@ -197,4 +197,3 @@ def test_crash_loop_loses_nothing_and_keeps_aggregate_order(db: str, kafka: str)
     assert all(len(parts) == 1 for parts in keys_per_partition.values())
     assert not out_of_order, f"seed {seed}: {out_of_order[:3]}"
     assert duplicates <= resendable, f"seed {seed}: {duplicates} > {resendable}"
-

@@ -14,7 +14,6 @@ from tests.faults.scale import sizes
 from tests.integration.conftest import make_outbox
 from tests.integration.relay_process import (
     RelayProcess,
-    confirmed_lsn,
     execute,
     insert_events,
     query,
