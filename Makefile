@@ -4,12 +4,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install postgres test test-unit lint format demo clean
+.PHONY: help install postgres test test-unit test-faults lint format demo clean
 
 help:
 	@echo "make demo       start a local PostgreSQL and broker, stream sample events, stop everything"
 	@echo "make test       install what is needed and run the whole suite"
 	@echo "make test-unit  only the tests that need no servers"
+	@echo "make test-faults the fault-injection suite at full size (docs/reliability.md)"
 	@echo "make lint       ruff and mypy"
 	@echo "make clean      remove the virtualenv and caches"
 
@@ -44,6 +45,11 @@ test: install
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
+
+# `make test` runs the same suite at CI size (CDC_RELAY_FAULTS_SCALE=ci, the default).
+test-faults: install
+	CDC_RELAY_FAULTS_SCALE=full $(PY) -m pytest -q -m faults tests/faults
+	$(PY) -m tests.faults.results
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -33,7 +33,12 @@ def test_run_on_an_unknown_host(kafka: str):
 
 def test_run_without_wal_level_logical(kafka: str):
     with PostgresServer(wal_level="replica") as server:
-        assert_run_fails_with_one_line(relay_env(server.url(), kafka), 1, "wal_level")
+        # The slot cannot exist without wal_level = logical; `setup` explains the setting.
+        assert_run_fails_with_one_line(
+            relay_env(server.url(), kafka),
+            1,
+            "slot cdc_relay does not exist: run `cdc-relay setup`",
+        )
 
 
 def test_run_without_the_replication_right(pg, db: str, kafka: str):
