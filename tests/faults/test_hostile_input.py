@@ -240,6 +240,23 @@ def test_add_column_mid_stream_keeps_streaming(db: str, kafka: str):
     assert sorted(json.loads(r.value or b"")["seq"] for r in records) == list(range(300))
 
 
+def test_dropping_a_mapped_column_mid_stream_halts_before_its_rows(db: str, kafka: str):
+    box = make_outbox(db, kafka)
+    with RelayProcess(box.env) as relay:
+        end = insert_events(db, count=50, per_txn=10)
+        wait_confirmed_past(db, end)
+        execute(db, "ALTER TABLE outbox DROP COLUMN event_type")
+        before = current_lsn(db)
+        execute(
+            db,
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, payload) "
+            "VALUES (gen_random_uuid(), 'order', 'k', '{}')",
+        )
+        line = assert_clear_halt(relay.wait(60), relay.log(), "'event_type'")
+    assert end <= confirmed_lsn(db) <= before
+    record_outcome("mapped column dropped mid-stream", f"halt: {line}")
+
+
 def error_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if line.startswith("cdc-relay: error:")]
 
