@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install postgres test test-unit test-faults lint format demo clean
+.PHONY: help install postgres test test-unit test-faults lint format demo clean up down docs-config
 
 help:
 	@echo "make demo       start a local PostgreSQL and broker, stream sample events, stop everything"
@@ -13,6 +13,9 @@ help:
 	@echo "make test-faults the fault-injection suite at full size (docs/reliability.md)"
 	@echo "make lint       ruff and mypy"
 	@echo "make clean      remove the virtualenv and caches"
+	@echo "make up         docker compose: PostgreSQL, Kafka (KRaft), cdc-relay setup and run"
+	@echo "make down       stop them and remove their volumes"
+	@echo "make docs-config  regenerate the README configuration table from the settings"
 
 # PostgreSQL server binaries (initdb, pg_ctl) for the tests and the demo.
 postgres:
@@ -62,6 +65,15 @@ format: $(STAMP)
 
 demo: install
 	$(PY) examples/demo.py
+
+up:
+	docker compose up -d --build
+
+down:
+	docker compose down -v
+
+docs-config: $(STAMP)
+	$(PY) -m cdc_relay.settings_doc --write README.md
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info build dist

@@ -268,7 +268,49 @@ def status(conn: Connection, settings: Settings) -> dict[str, Any]:
             "tables": publication_tables(conn, settings.publication_name),
         },
         "outbox_table": settings.outbox_table,
+        "oldest_unconfirmed": oldest_unconfirmed(conn, settings, slot),
     }
+
+
+def oldest_unconfirmed(
+    conn: Connection, settings: Settings, slot: SlotInfo | None
+) -> dict[str, Any] | None:
+    """The oldest outbox row the slot may not have confirmed yet: ``created_at`` and age in
+    seconds (age 0 and no time when none is pending), or None when it cannot be told (no slot,
+    no created_at column, an error).
+
+    Outbox rows carry no LSN, so this goes by transaction ids. A logical slot's catalog_xmin
+    is the oldest transaction still running at a point the slot has confirmed, so a row whose
+    inserting transaction (``xmin``) is older was committed before that point: confirmed. A row
+    at or after catalog_xmin may be pending, or already confirmed (catalog_xmin moves only with
+    the server's running-transactions snapshots, about every 15 s). So the age is an upper
+    bound, and it counts from ``created_at`` (the inserting transaction's start by default).
+    With no WAL past the confirmed position nothing is pending at all.
+    """
+    column = settings.column_created_at
+    if slot is None or not column:
+        return None
+    if slot.lag_bytes is not None and slot.lag_bytes <= 0:
+        return {"created_at": None, "age_seconds": 0.0}
+    query = sql.SQL(
+        """
+        SELECT min(o.{column})::text, extract(epoch FROM now() - min(o.{column}))::float8
+        FROM {table} o, pg_replication_slots s
+        WHERE s.slot_name = %s AND s.catalog_xmin IS NOT NULL
+          AND age(o.xmin) <= age(s.catalog_xmin)
+        """
+    ).format(
+        column=sql.Identifier(column),
+        table=sql.Identifier(settings.table_schema, settings.table_name),
+    )
+    try:
+        row = conn.execute(query, (settings.slot_name,)).fetchone()
+    except psycopg.Error:
+        # No such column or table, or an older server: the rest of the status still stands.
+        return None
+    if row is None or row[0] is None:
+        return {"created_at": None, "age_seconds": 0.0}
+    return {"created_at": row[0], "age_seconds": max(0.0, float(row[1]))}
 
 
 def format_status(report: dict[str, Any]) -> str:
@@ -285,6 +327,15 @@ def format_status(report: dict[str, Any]) -> str:
             f"  lag         {_human_bytes(slot['lag_bytes'])}",
             f"  wal_status  {slot['wal_status']}",
         ]
+        oldest = report.get("oldest_unconfirmed")
+        if oldest is None:
+            pending = "unknown"
+        elif oldest["created_at"] is None:
+            pending = "none"
+        else:
+            age = _human_seconds(oldest["age_seconds"])
+            pending = f"oldest event {age} old (created {oldest['created_at']})"
+        lines.append(f"  unconfirmed {pending}")
     publication = report["publication"]
     tables = publication["tables"]
     if tables is None:
@@ -292,6 +343,14 @@ def format_status(report: dict[str, Any]) -> str:
     else:
         lines.append(f"publication   {publication['name']}: {', '.join(tables) or 'no tables'}")
     return "\n".join(lines)
+
+
+def _human_seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _human_bytes(value: int | None) -> str:

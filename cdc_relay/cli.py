@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from types import FrameType
 
@@ -53,10 +54,28 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("run", parents=[common], help="relay outbox inserts to Kafka until stopped")
     status = commands.add_parser("status", parents=[common], help="show the slot and publication")
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        type=_positive_seconds,
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="refresh in place every SECONDS (default 2) until Ctrl-C",
+    )
     teardown = commands.add_parser(
         "teardown", parents=[common], help="drop the slot and the publication"
     )
     teardown.add_argument("--yes", action="store_true", help="confirm the teardown")
+    prune = commands.add_parser(
+        "prune", parents=[common], help="delete outbox rows the relay has confirmed, in batches"
+    )
+    prune.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 7d, 12h, 30m, 0s")
+    prune.add_argument("--batch-size", default="1000", metavar="N", help="rows per transaction")
+    prune.add_argument(
+        "--wait", default="60s", metavar="AGE", help="how long to wait for the slot to catch up"
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     return parser
 
 
@@ -71,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
         _register_secrets(settings)
+        configure_logging(debug=debug, log_format=settings.log_format)
         if args.command == "run":
             return _run(settings, stop_requested)
         return _dispatch(args, settings)
@@ -109,17 +129,50 @@ def _register_secrets(settings: Settings) -> None:
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     url = settings.database_url.get_secret_value()
+    if args.command == "prune":
+        return _prune(args, settings)
     if args.command == "teardown" and not args.yes:
         raise ConfigError("teardown drops the slot and the publication: add --yes to confirm")
     with pool_for(url) as pool, pool.connection() as conn:
         if args.command == "setup":
             admin.setup(conn, settings, create_table=args.create_table, say=print)
+        elif args.command == "status" and args.watch is not None:
+            _watch_status(conn, settings, args.json, args.watch)
         elif args.command == "status":
             report = admin.status(conn, settings)
             print(json.dumps(report) if args.json else admin.format_status(report))
         elif args.command == "teardown":
             admin.teardown(conn, settings, say=print)
     return EXIT_OK
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def _watch_status(conn: admin.Connection, settings: Settings, as_json: bool, every: float) -> None:
+    """Refresh in place (on a terminal: home the cursor and clear the screen) until Ctrl-C;
+    with --json, one object per line."""
+    clear = sys.stdout.isatty() and not as_json
+    try:
+        while True:
+            report = admin.status(conn, settings)
+            if as_json:
+                text = json.dumps(report)
+            else:
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                text = f"{admin.format_status(report)}\n\n{stamp}, every {every:g} s (Ctrl-C stops)"
+            print(("\x1b[H\x1b[2J" if clear else "") + text, flush=True)
+            time.sleep(every)
+    except KeyboardInterrupt:
+        if clear:
+            print()
 
 
 def _install_stop_handlers(stop_requested: threading.Event) -> None:
@@ -135,7 +188,44 @@ def _install_stop_handlers(stop_requested: threading.Event) -> None:
 
 
 def _run(settings: Settings, stop_requested: threading.Event) -> int:
-    from cdc_relay.relay import Relay  # the producer stack is only needed here
+    from cdc_relay.endpoint import MetricsServer  # the producer stack is only needed here
+    from cdc_relay.metrics import registry_for
+    from cdc_relay.relay import Relay
 
-    Relay(settings, stop_requested=stop_requested).run()
+    relay = Relay(settings, stop_requested=stop_requested)
+    server = None
+    if settings.http_port:
+        registry = registry_for(
+            relay.stats, slot=settings.slot_name, publication=settings.publication_name
+        )
+        server = MetricsServer(settings.http_host, settings.http_port, relay.stats, registry)
+        server.start()
+    try:
+        relay.run()
+    finally:
+        if server is not None:
+            server.stop()
+    return EXIT_OK
+
+
+def _prune(args: argparse.Namespace, settings: Settings) -> int:
+    from cdc_relay.prune import parse_duration, prune
+
+    try:
+        older_than, wait = parse_duration(args.older_than), parse_duration(args.wait)
+    except ValueError as exc:
+        raise ConfigError(f"prune: {exc}") from None
+    if not args.batch_size.isdigit() or int(args.batch_size) < 1:
+        raise ConfigError("prune: --batch-size must be a whole number of at least 1")
+    batch_size = int(args.batch_size)
+    with pool_for(settings.database_url.get_secret_value()) as pool, pool.connection() as conn:
+        prune(
+            conn,
+            settings,
+            older_than=older_than,
+            batch_size=batch_size,
+            wait_seconds=wait.total_seconds(),
+            dry_run=args.dry_run,
+            say=print,
+        )
     return EXIT_OK

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import psycopg
+from confluent_kafka import KafkaError
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from cdc_relay import admin
@@ -30,6 +32,7 @@ from cdc_relay.errors import (
     SlotInUse,
     SlotLost,
 )
+from cdc_relay.lag import LagSampler
 from cdc_relay.lsn import Lsn, format_lsn
 from cdc_relay.mapping import ColumnMapping
 from cdc_relay.publisher import Publisher
@@ -59,14 +62,16 @@ class FailureLog:
     def __init__(self) -> None:
         self._current: str | None = None
 
-    def failed(self, message: str, *, level: int = logging.WARNING) -> None:
+    def failed(
+        self, message: str, *, level: int = logging.WARNING, extra: dict[str, Any] | None = None
+    ) -> None:
         if message != self._current:
-            log.log(level, "%s", message)
+            log.log(level, "%s", message, extra=extra)
             self._current = message
 
-    def recovered(self, what: str) -> None:
+    def recovered(self, what: str, *, extra: dict[str, Any] | None = None) -> None:
         if self._current is not None:
-            log.info("recovered: %s", what)
+            log.info("recovered: %s", what, extra=extra)
             self._current = None
 
 
@@ -112,6 +117,15 @@ class Relay:
         backoff = 0.5
         self._check_credentials()
         pool = open_pool(settings.database_url.get_secret_value())
+        sampler = LagSampler(
+            pool,
+            settings.slot_name,
+            self.stats,
+            interval=settings.lag_sample_interval_seconds,
+            probe_broker=self._probe_broker,
+        )
+        sampler.start()
+        slot_field = {"slot": settings.slot_name}
         try:
             while not self._stop.is_set():
                 sessions_before = self.stats.sessions
@@ -123,9 +137,10 @@ class Relay:
                         "waiting as a hot standby, retrying every "
                         f"{settings.standby_retry_seconds:g} s",
                         level=logging.INFO,
+                        extra=slot_field,
                     )
                     self.stats.count_reconnect("slot_in_use")
-                    self._stop.wait(settings.standby_retry_seconds)
+                    self._wait(settings.standby_retry_seconds)
                     continue
                 except (HaltedOnBadRow, PrerequisiteError, SlotLost):
                     raise
@@ -136,14 +151,16 @@ class Relay:
                     self.stats.count_reconnect(_cause(exc))
                     self._failure_log.failed(
                         f"{_describe(exc)}; reconnecting from slot {settings.slot_name} "
-                        f"(backoff up to {settings.reconnect_max_backoff_seconds:g} s)"
+                        f"(backoff up to {settings.reconnect_max_backoff_seconds:g} s)",
+                        extra=slot_field,
                     )
                     if isinstance(exc, DeliveryError):
                         # Its queue holds records of a pipeline that is gone.
                         self._reset_publisher()
-                    self._stop.wait(backoff)
+                    self._wait(backoff)
                     backoff = min(backoff * 2, settings.reconnect_max_backoff_seconds)
         finally:
+            sampler.stop()
             pool.close()
             if self._publisher is not None:
                 remaining = self._publisher.flush(0)
@@ -156,6 +173,30 @@ class Relay:
                 stats.resets,
                 stats.reconnects_by_cause,
             )
+
+    def _wait(self, seconds: float) -> None:
+        """Wait (until stopped) in slices, so the heartbeat shows the loop alive meanwhile."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            self.stats.beat()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._stop.wait(min(left, 1.0))
+
+    def _probe_broker(self) -> None:
+        """From the sampler thread: after Kafka was reported down (all brokers down), whether
+        it answers again. The loop's own signs of recovery are not enough: with nothing in flight
+        it sees no acks. librdkafka is thread-safe; the loop may meanwhile replace the
+        publisher, which this reference keeps alive."""
+        publisher = self._publisher
+        if self.stats.broker_reachable or publisher is None or self._waiting_for_broker:
+            return
+        try:
+            publisher.wait_for_broker(2.0)
+        except DeliveryError:
+            return
+        self.stats.broker_reachable = True
 
     def _check_credentials(self) -> None:
         """Fail fast on what retrying cannot fix (bad password, unknown database or role); a
@@ -181,6 +222,8 @@ class Relay:
     def _on_kafka_error(self, error: Any) -> None:
         # librdkafka reports transient broker trouble here and keeps retrying on its own.
         code = error.code()
+        if code == KafkaError._ALL_BROKERS_DOWN:
+            self.stats.broker_reachable = False
         if self._waiting_for_broker or code in self._kafka_errors_logged:
             log.debug("Kafka: %s", error.str())
             return
@@ -203,10 +246,13 @@ class Relay:
         # Do not take the slot while the broker is unreachable: a standby with a working broker
         # may take it instead, and the server keeps the WAL either way.
         self._waiting_for_broker = True
+        self.stats.broker_reachable = False
         while not self._stop.is_set():
+            self.stats.beat()
             try:
                 publisher.wait_for_broker(BROKER_WAIT_TIMEOUT)
                 self._waiting_for_broker = False
+                self.stats.broker_reachable = True
                 self._kafka_log.recovered("Kafka is reachable")
                 break
             except DeliveryError as exc:
@@ -242,12 +288,17 @@ class Relay:
             start = slot.confirmed or Lsn(0)
             max_silence = min(MAX_SILENCE, timeout / 4) if timeout else MAX_SILENCE
             self.stats.sessions += 1
-            self._failure_log.recovered(f"streaming from slot {settings.slot_name}")
+            self.stats.streaming = True
+            self._failure_log.recovered(
+                f"streaming from slot {settings.slot_name}",
+                extra={"slot": settings.slot_name, "lsn": format_lsn(start)},
+            )
             log.info(
                 "streaming slot=%s publication=%s from lsn=%s",
                 settings.slot_name,
                 settings.publication_name,
                 format_lsn(start),
+                extra={"slot": settings.slot_name, "lsn": format_lsn(start)},
             )
             Session(
                 settings=settings,
@@ -261,6 +312,8 @@ class Relay:
                 on_acks_flowing=self.kafka_flowing,
             ).run()
         finally:
+            self.stats.streaming = False
+            self.stats.tracker = None
             stream.close()
 
 

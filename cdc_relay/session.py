@@ -68,18 +68,31 @@ _IDENTIFYING_HEADERS = ("id", "error", "source_lsn", "source_table")
 
 class Delivery:
     """The delivery callback of one transaction's records (one object per transaction, not per
-    event): acks feed the tracker, failures are queued for the loop to judge."""
+    event): acks feed the tracker, failures are queued for the loop to judge. The ack that
+    completes a committed transaction is its one latency observation."""
 
-    __slots__ = ("failures", "tracker", "txn")
+    __slots__ = ("commit_time", "failures", "stats", "tracker", "txn")
 
-    def __init__(self, tracker: AckTracker, txn: Transaction, failures: list[Any]) -> None:
+    def __init__(
+        self,
+        tracker: AckTracker,
+        txn: Transaction,
+        failures: list[Any],
+        stats: RelayStats | None = None,
+        commit_time: int = 0,
+    ) -> None:
         self.tracker = tracker
         self.txn = txn
         self.failures = failures
+        self.stats = stats
+        self.commit_time = commit_time
 
     def __call__(self, err: Any, msg: Any) -> None:
         if err is None:
-            self.tracker.acked(self.txn, record_size(msg.key(), msg.value()))
+            txn = self.txn
+            self.tracker.acked(txn, record_size(msg.key(), msg.value()))
+            if txn.pending == 0 and txn.committed and self.stats is not None:
+                self.stats.transaction_acknowledged(self.commit_time)
         else:
             self.failures.append((self, err, msg))
 
@@ -131,6 +144,10 @@ class Session:
         self.last_sent_lsn = start
         self.last_status_at = 0.0
         self.stats.confirmed_lsn = start
+        self.stats.tracker = self.tracker
+        # Records produced or dead-lettered before the open transaction began: tells at Commit
+        # whether the transaction carried any (only those are latency observations).
+        self.records_at_begin = 0
         self.outbox_name = (settings.table_schema, settings.table_name)
 
     def run(self) -> None:
@@ -199,11 +216,20 @@ class Session:
                 self.publish(plan.map(decoded.new), plan)
         elif type(decoded) is Begin:
             self.txn = self.tracker.begin(decoded.final_lsn)
-            self.delivery = Delivery(self.tracker, self.txn, self.failures)
+            self.delivery = Delivery(
+                self.tracker, self.txn, self.failures, self.stats, decoded.commit_time
+            )
+            self.records_at_begin = self.stats.published + self.stats.dead_lettered
         elif type(decoded) is Commit:
-            if self.txn is None:
+            txn = self.txn
+            if txn is None or self.delivery is None:
                 raise ReplicationError("Commit without Begin in the replication stream")
-            self.tracker.commit(self.txn, decoded.end_lsn)
+            self.tracker.commit(txn, decoded.end_lsn)
+            if txn.pending == 0 and (
+                self.stats.published + self.stats.dead_lettered != self.records_at_begin
+            ):
+                # Every record was acknowledged before the Commit message was read.
+                self.stats.transaction_acknowledged(self.delivery.commit_time)
             self.txn = None
             self.delivery = None
         elif type(decoded) is Relation:
@@ -245,13 +271,17 @@ class Session:
         try:
             self.publisher.produce(outcome, delivery, self.while_queue_full)
         except RecordRefused as refused:
+            self.stats.count_delivery_error("refused")
             rejected = Rejected(str(refused), outcome.key, outcome.value, outcome.headers)
             self.dead_letter(
                 rejected, delivery, table=plan.table, include_value=not refused.too_large
             )
             return
         self.tracker.sent(txn, record_size(outcome.key, outcome.value))
-        self.stats.published += 1
+        stats = self.stats
+        stats.published += 1
+        by_topic = stats.published_by_topic
+        by_topic[outcome.topic] = by_topic.get(outcome.topic, 0) + 1
 
     def while_queue_full(self) -> bool:
         """Called while produce() waits for room: keep the server informed; False to give up."""
@@ -292,7 +322,14 @@ class Session:
         )
         self.produce_dead_letter(record, delivery, replacing=replacing)
         self.stats.dead_lettered += 1
-        log.warning("dead-lettered event %s from %s at %s: %s", event, table, lsn, rejected.error)
+        log.warning(
+            "dead-lettered event %s from %s at %s: %s",
+            event,
+            table,
+            lsn,
+            rejected.error,
+            extra={"slot": self.settings.slot_name, "lsn": lsn},
+        )
 
     def produce_dead_letter(
         self, record: OutboxRecord, delivery: Delivery, *, replacing: int | None, shrink: int = 0
@@ -341,6 +378,7 @@ class Session:
             verdict = classify_delivery_error(err.code())
             if verdict is Verdict.IGNORE:
                 continue
+            self.stats.count_delivery_error(verdict.value)
             if verdict is Verdict.PIPELINE:
                 raise DeliveryError(f"delivery to topic {msg.topic()} failed: {err.str()}")
             headers = list(msg.headers() or [])
@@ -348,6 +386,8 @@ class Session:
             if msg.topic() != dead_letter_topic:
                 # Kafka refused the record for good: it goes to the dead-letter topic instead.
                 self.stats.published -= 1
+                by_topic = self.stats.published_by_topic
+                by_topic[msg.topic()] = by_topic.get(msg.topic(), 1) - 1
                 rejected = Rejected(
                     f"topic {msg.topic()} refused it: {err.str()}", msg.key(), msg.value(), headers
                 )
@@ -370,7 +410,9 @@ class Session:
     # ------------------------------------------------------------ status updates
 
     def maybe_send_status(self) -> None:
-        since = time.monotonic() - self.last_status_at
+        now = time.monotonic()
+        self.stats.heartbeat = now  # the loop is alive (endpoint.py /healthz)
+        since = now - self.last_status_at
         if since >= self.max_silence or (
             since >= self.settings.status_interval_seconds
             and self.tracker.advance() > self.last_sent_lsn
@@ -382,7 +424,8 @@ class Session:
         self.stream.send_status(flushed=position)
         self.last_status_at = time.monotonic()
         if position != self.last_sent_lsn:
-            log.debug("confirmed slot=%s lsn=%s", self.settings.slot_name, format_lsn(position))
+            slot, lsn = self.settings.slot_name, format_lsn(position)
+            log.debug("confirmed slot=%s lsn=%s", slot, lsn, extra={"slot": slot, "lsn": lsn})
             if self.stats.published:
                 self.on_acks_flowing()
         self.last_sent_lsn = position
@@ -393,6 +436,7 @@ class Session:
         deadline = time.monotonic() + self.settings.shutdown_timeout_seconds
         tracker = self.tracker
         while tracker.in_flight_events > self.abandoned and time.monotonic() < deadline:
+            self.stats.beat()
             self.publisher.poll(0.05)
             if self.failures:
                 try:
@@ -409,12 +453,15 @@ class Session:
                 "again on restart",
                 unacked,
                 self.settings.shutdown_timeout_seconds,
+                extra={"slot": self.settings.slot_name, "lsn": format_lsn(tracker.confirmed)},
             )
         self.send_status()
+        slot, lsn = self.settings.slot_name, format_lsn(tracker.confirmed)
         log.info(
             "stopped slot=%s confirmed lsn=%s published=%d dead_lettered=%d",
-            self.settings.slot_name,
-            format_lsn(tracker.confirmed),
+            slot,
+            lsn,
             self.stats.published,
             self.stats.dead_lettered,
+            extra={"slot": slot, "lsn": lsn},
         )

@@ -77,12 +77,15 @@ class Settings(BaseSettings):
         description="libpq URL or key=value DSN of the database that holds the outbox."
     )
     kafka_bootstrap_servers: str | None = Field(
-        default=None, description="Kafka bootstrap servers, host:port[,host:port]. Required by run."
+        default=None, description="Kafka bootstrap servers, `host:port[,host:port]`."
     )
     kafka_config: Annotated[dict[str, str | int | float | bool], NoDecode] = Field(
         default_factory=dict,
         description="JSON object of extra librdkafka producer properties (SASL, TLS, compression, "
-        "...) merged over the relay's safe defaults.",
+        "…) merged over the relay's safe defaults. Properties that would weaken delivery or order "
+        "are refused: `acks` other than `all`, `enable.idempotence=false`, "
+        "`delivery.report.only.error=true`, `partitioner=random`, queue limits below the "
+        "in-flight bounds.",
     )
     outbox_table: str = Field(
         default="public.outbox", description="The outbox table, schema-qualified."
@@ -91,7 +94,8 @@ class Settings(BaseSettings):
     publication_name: str = Field(default="cdc_relay", description="Publication name.")
     topic_template: str = Field(
         default="outbox.event.{aggregate_type}",
-        description="Topic of each event; placeholders {aggregate_type}, {event_type}, {table}.",
+        description="Topic of each event; placeholders `{aggregate_type}`, `{event_type}`, "
+        "`{table}`.",
     )
     column_id: str = Field(default="id", description="Column with the event id (header `id`).")
     column_aggregate_type: str = Field(
@@ -116,13 +120,16 @@ class Settings(BaseSettings):
     )
     dead_letter_policy: Literal["dead-letter", "halt"] = Field(
         default="dead-letter",
-        description="What to do with a row that can never be delivered: dead-letter or halt.",
+        description="What to do with a row that can never be delivered: `dead-letter` or `halt`.",
     )
     dead_letter_topic: str = Field(
         default="outbox.dead-letter", description="Topic for rows that cannot be delivered."
     )
     max_in_flight_events: int = Field(
-        default=20_000, ge=1, description="Events produced but not yet acknowledged, at most."
+        default=20_000,
+        ge=1,
+        description="Events produced but not yet acknowledged, at most; when reached the relay "
+        "stops reading the WAL until acks drain.",
     )
     max_in_flight_bytes: int = Field(
         default=64 * 1024 * 1024,
@@ -133,7 +140,8 @@ class Settings(BaseSettings):
         default=1.0,
         gt=0,
         le=30,
-        description="Least interval between status updates that move the confirmed position.",
+        description="Least interval between status updates that move the confirmed position "
+        "(an update goes out at least every 10 s regardless, well within `wal_sender_timeout`).",
     )
     reconnect_max_backoff_seconds: float = Field(
         default=30.0, gt=0, description="Cap of the exponential backoff between reconnects."
@@ -145,6 +153,31 @@ class Settings(BaseSettings):
     )
     shutdown_timeout_seconds: float = Field(
         default=30.0, ge=0, description="How long shutdown waits for in-flight acks."
+    )
+    http_port: int = Field(
+        default=9187,
+        ge=0,
+        le=65535,
+        description="Port of the HTTP endpoint of `run` (`/metrics`, `/healthz`, `/readyz`); "
+        "`0` disables it.",
+    )
+    http_host: str = Field(
+        default="0.0.0.0",
+        min_length=1,
+        description="Address the HTTP endpoint binds to; all interfaces by default, so that "
+        "probes and Prometheus reach it on the pod IP.",
+    )
+    lag_sample_interval_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="How often `run` samples the slot's lag and `wal_status` for the metrics "
+        "(one query over its connection pool).",
+    )
+    log_format: Literal["auto", "text", "json"] = Field(
+        default="auto",
+        description="`text`, `json` (one object per line) or `auto`: text when stderr is a "
+        "terminal, JSON otherwise.",
     )
 
     @field_validator("kafka_config", mode="before")

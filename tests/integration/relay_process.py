@@ -25,6 +25,10 @@ def relay_env(database_url: str, bootstrap: str | None, **settings: Any) -> dict
     if bootstrap:
         env["CDC_RELAY_KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
     env.setdefault("CDC_RELAY_STATUS_INTERVAL_SECONDS", "0.2")
+    # Many relays run side by side in the tests: no HTTP endpoint unless a test asks for one
+    # (on a free port), and readable log lines unless a test asks for JSON.
+    env.setdefault("CDC_RELAY_HTTP_PORT", "0")
+    env.setdefault("CDC_RELAY_LOG_FORMAT", "text")
     for name, value in settings.items():
         env[f"CDC_RELAY_{name.upper()}"] = str(value)
     return env

@@ -182,3 +182,25 @@ def test_dead_letter_topic_must_be_legal(monkeypatch):
     monkeypatch.setenv("CDC_RELAY_DEAD_LETTER_TOPIC", "dead letters")
     with pytest.raises(ConfigError, match=r"^CDC_RELAY_DEAD_LETTER_TOPIC: "):
         load_settings()
+
+
+def test_observability_settings_have_safe_defaults_and_are_validated(monkeypatch):
+    monkeypatch.setenv("CDC_RELAY_DATABASE_URL", "postgresql://u@h/d")
+    settings = load_settings()
+    assert (settings.http_port, settings.http_host, settings.log_format) == (
+        9187,
+        "0.0.0.0",
+        "auto",
+    )
+    assert settings.lag_sample_interval_seconds == 5.0
+    monkeypatch.setenv("CDC_RELAY_HTTP_PORT", "0")
+    assert load_settings().http_port == 0  # disabled
+    for variable, value in [
+        ("CDC_RELAY_HTTP_PORT", "70000"),
+        ("CDC_RELAY_LOG_FORMAT", "xml"),
+        ("CDC_RELAY_LAG_SAMPLE_INTERVAL_SECONDS", "0"),
+    ]:
+        monkeypatch.setenv(variable, value)
+        with pytest.raises(ConfigError, match=variable):
+            load_settings()
+        monkeypatch.delenv(variable)

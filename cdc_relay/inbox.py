@@ -1,0 +1,133 @@
+"""The consumer helper: an idempotent-consumer inbox, so at-least-once delivery ends in
+exactly-once effects.
+
+The relay may deliver an event twice (after a crash, what was in flight is sent again; a
+consumer may also re-read after a rebalance). A consumer that records the event id (the Kafka
+header ``id``) in the same database transaction as the event's effects, with
+``INSERT ... ON CONFLICT DO NOTHING``, sees each duplicate come back as "already processed" and
+skips it. The table is created by sql/inbox.sql.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeAlias, overload
+
+import psycopg
+from psycopg import sql
+
+from cdc_relay.outbox import NotInTransaction
+from cdc_relay.settings import split_table_name
+
+DEFAULT_INBOX = "public.processed_events"
+
+SyncTarget: TypeAlias = psycopg.Connection[Any] | psycopg.Cursor[Any]
+AsyncTarget: TypeAlias = psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any]
+KafkaHeaders: TypeAlias = Sequence[tuple[str, bytes | str | None]] | None
+
+
+class MissingEventId(ValueError):
+    """The record has no `id` header: it was not published by cdc-relay."""
+
+
+def event_id_of(headers: KafkaHeaders) -> str:
+    """The event id from a consumed record's headers (``message.headers()`` of confluent-kafka)."""
+    for name, value in headers or ():
+        if name == "id" and value is not None:
+            return value.decode("utf-8") if isinstance(value, bytes) else value
+    raise MissingEventId(MissingEventId.__doc__)
+
+
+def _claim_query(table: str) -> sql.Composed:
+    return sql.SQL(
+        "INSERT INTO {} (consumer, event_id) VALUES (%s, %s) ON CONFLICT DO NOTHING RETURNING 1"
+    ).format(sql.Identifier(*split_table_name(table)))
+
+
+def _require_transaction(
+    connection: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
+) -> None:
+    # In autocommit the claim would commit on its own: a crash before the effects commit would
+    # then mark the event processed without its effects.
+    if (
+        connection.autocommit
+        and connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    ):
+        raise NotInTransaction(
+            "the inbox claim needs a transaction: on an autocommit connection use "
+            "`with conn.transaction():` around the claim and the event's effects"
+        )
+
+
+@overload
+def claim(
+    conn: SyncTarget, event_id: str, *, consumer: str = "", table: str = DEFAULT_INBOX
+) -> bool: ...
+
+
+@overload
+def claim(
+    conn: AsyncTarget, event_id: str, *, consumer: str = "", table: str = DEFAULT_INBOX
+) -> Awaitable[bool]: ...
+
+
+def claim(
+    conn: SyncTarget | AsyncTarget, event_id: str, *, consumer: str = "", table: str = DEFAULT_INBOX
+) -> bool | Awaitable[bool]:
+    """Record ``event_id`` as processed by ``consumer`` in the caller's transaction.
+
+    True when the event is new (apply its effects, then commit), False when it was processed
+    before (skip it). A concurrent claim of the same id waits for the other transaction and then
+    returns False if that one committed. Never commits. With an async connection, await it.
+    """
+    query = _claim_query(table)
+    if isinstance(conn, psycopg.AsyncConnection | psycopg.AsyncCursor):
+        return _claim_async(conn, query, consumer, str(event_id))
+    _require_transaction(conn if isinstance(conn, psycopg.Connection) else conn.connection)
+    cursor = conn.execute(query, (consumer, str(event_id)))
+    return cursor.fetchone() is not None
+
+
+async def _claim_async(
+    conn: AsyncTarget, query: sql.Composed, consumer: str, event_id: str
+) -> bool:
+    _require_transaction(conn if isinstance(conn, psycopg.AsyncConnection) else conn.connection)
+    cursor = await conn.execute(query, (consumer, event_id))
+    return await cursor.fetchone() is not None
+
+
+def process_once(
+    conn: psycopg.Connection[Any],
+    event_id: str,
+    handler: Callable[[], object],
+    *,
+    consumer: str = "",
+    table: str = DEFAULT_INBOX,
+) -> bool:
+    """Run ``handler`` (which writes through ``conn``) and record the event, in one transaction,
+    unless the event was processed before. Returns whether the handler ran.
+
+    Opens a transaction (a savepoint when the caller already has one), so an exception from the
+    handler rolls back its effects and the claim together: the event is retried next time.
+    """
+    with conn.transaction():
+        if not claim(conn, event_id, consumer=consumer, table=table):
+            return False
+        handler()
+    return True
+
+
+async def process_once_async(
+    conn: psycopg.AsyncConnection[Any],
+    event_id: str,
+    handler: Callable[[], Awaitable[object]],
+    *,
+    consumer: str = "",
+    table: str = DEFAULT_INBOX,
+) -> bool:
+    """process_once for an AsyncConnection and an async handler."""
+    async with conn.transaction():
+        if not await claim(conn, event_id, consumer=consumer, table=table):
+            return False
+        await handler()
+    return True

@@ -1,0 +1,190 @@
+"""The producer helper: write an outbox event inside the application's own transaction.
+
+``add_event`` inserts one row with the caller's connection and never commits: the event is
+published when, and only when, the caller's transaction commits together with its business rows.
+It works with psycopg 3 sync and async connections (and cursors); with an async one it returns an
+awaitable.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias, overload
+
+import psycopg
+from psycopg import sql
+from psycopg.pq import TransactionStatus
+
+from cdc_relay.errors import RelayError
+from cdc_relay.mapping import ColumnMapping
+from cdc_relay.settings import Settings, split_table_name
+
+SyncTarget: TypeAlias = psycopg.Connection[Any] | psycopg.Cursor[Any]
+AsyncTarget: TypeAlias = psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any]
+Payload: TypeAlias = (
+    bytes | bytearray | memoryview | Mapping[str, Any] | list[Any] | str | int | float | bool | None
+)
+
+
+class NotInTransaction(RelayError):
+    """An outbox write needs a transaction: use `with conn.transaction():` around it."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(
+            message
+            or "add_event needs a transaction: on an autocommit connection use "
+            "`with conn.transaction():` so that the event commits with the business rows"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxTable:
+    """Where events go: the outbox table and its column roles (the relay's defaults)."""
+
+    name: str = "public.outbox"
+    columns: ColumnMapping = field(default_factory=ColumnMapping)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> OutboxTable:
+        """The table the relay configured by ``settings`` reads."""
+        return cls(
+            name=settings.outbox_table,
+            columns=ColumnMapping(
+                id=settings.column_id,
+                aggregate_type=settings.column_aggregate_type,
+                aggregate_id=settings.column_aggregate_id,
+                event_type=settings.column_event_type,
+                payload=settings.column_payload,
+                headers=settings.column_headers or None,
+                created_at=settings.column_created_at or None,
+            ),
+        )
+
+
+DEFAULT_TABLE = OutboxTable()
+
+
+def encode_payload(payload: Payload) -> str:
+    """The payload as JSON text. Bytes are taken as already-encoded JSON (UTF-8) and passed on
+    unchanged; anything else goes through ``json.dumps``. A jsonb column still validates it."""
+    if isinstance(payload, bytes | bytearray | memoryview):
+        try:
+            return bytes(payload).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("a pre-encoded payload must be UTF-8 JSON text") from None
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+def _insert(
+    table: OutboxTable,
+    event_id: uuid.UUID,
+    aggregate_type: str,
+    aggregate_id: str,
+    event_type: str,
+    payload: Payload,
+    headers: Mapping[str, Any] | None,
+) -> tuple[sql.Composed, list[Any]]:
+    columns = table.columns
+    names = [
+        columns.id,
+        columns.aggregate_type,
+        columns.aggregate_id,
+        columns.event_type,
+        columns.payload,
+    ]
+    values: list[Any] = [
+        event_id,
+        aggregate_type,
+        aggregate_id,
+        event_type,
+        encode_payload(payload),
+    ]
+    if headers is not None:
+        if columns.headers is None:
+            raise ValueError("headers were given but the outbox has no headers column")
+        names.append(columns.headers)
+        values.append(json.dumps(dict(headers), ensure_ascii=False, separators=(",", ":")))
+    # Every value goes as a str, which psycopg sends untyped ("unknown"): the server then parses
+    # it as its column's type, so uuid or text ids and jsonb, json or text payloads all work.
+    query = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+        sql.Identifier(*split_table_name(table.name)),
+        sql.SQL(", ").join(sql.Identifier(name) for name in names),
+        sql.SQL(", ").join(sql.Placeholder() for _ in names),
+    )
+    return query, [str(value) for value in values]
+
+
+def _require_transaction(
+    connection: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
+) -> None:
+    # On an autocommit connection outside `conn.transaction()` the insert would commit on its own,
+    # before (or without) the business rows: exactly the dual write the outbox exists to avoid.
+    if connection.autocommit and connection.info.transaction_status == TransactionStatus.IDLE:
+        raise NotInTransaction()
+
+
+@overload
+def add_event(
+    conn: SyncTarget,
+    *,
+    aggregate_type: str,
+    aggregate_id: str,
+    event_type: str,
+    payload: Payload,
+    headers: Mapping[str, Any] | None = None,
+    event_id: uuid.UUID | None = None,
+    table: OutboxTable = DEFAULT_TABLE,
+) -> uuid.UUID: ...
+
+
+@overload
+def add_event(
+    conn: AsyncTarget,
+    *,
+    aggregate_type: str,
+    aggregate_id: str,
+    event_type: str,
+    payload: Payload,
+    headers: Mapping[str, Any] | None = None,
+    event_id: uuid.UUID | None = None,
+    table: OutboxTable = DEFAULT_TABLE,
+) -> Awaitable[uuid.UUID]: ...
+
+
+def add_event(
+    conn: SyncTarget | AsyncTarget,
+    *,
+    aggregate_type: str,
+    aggregate_id: str,
+    event_type: str,
+    payload: Payload,
+    headers: Mapping[str, Any] | None = None,
+    event_id: uuid.UUID | None = None,
+    table: OutboxTable = DEFAULT_TABLE,
+) -> uuid.UUID | Awaitable[uuid.UUID]:
+    """Insert one outbox event in the caller's current transaction and return its id.
+
+    Never commits. ``payload`` is any JSON-serialisable value, or bytes of already-encoded JSON;
+    ``headers`` (a JSON object) become Kafka headers. Raises NotInTransaction on an autocommit
+    connection outside ``conn.transaction()``. With an AsyncConnection or AsyncCursor, await it.
+    """
+    new_id = event_id or uuid.uuid4()
+    query, params = _insert(
+        table, new_id, aggregate_type, aggregate_id, event_type, payload, headers
+    )
+    if isinstance(conn, psycopg.AsyncConnection | psycopg.AsyncCursor):
+        return _add_event_async(conn, query, params, new_id)
+    _require_transaction(conn if isinstance(conn, psycopg.Connection) else conn.connection)
+    conn.execute(query, params)
+    return new_id
+
+
+async def _add_event_async(
+    conn: AsyncTarget, query: sql.Composed, params: list[Any], new_id: uuid.UUID
+) -> uuid.UUID:
+    _require_transaction(conn if isinstance(conn, psycopg.AsyncConnection) else conn.connection)
+    await conn.execute(query, params)
+    return new_id

@@ -1,0 +1,180 @@
+"""deploy/, the Dockerfile and docker-compose.yml: they cannot run here (no Docker engine, no
+cluster), so check what can be checked: schemas, a Dockerfile linter, that dashboards and alerts
+parse as PromQL and use only metrics the relay exports, that probes and ports match the
+settings, that every secret reference resolves, and that the image's health check works against
+a real endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import promql_parser
+import yaml
+
+from cdc_relay.endpoint import HEARTBEAT_STALE_SECONDS, MetricsServer
+from cdc_relay.metrics import METRIC_NAMES, registry_for
+from cdc_relay.settings import Settings
+from cdc_relay.stats import RelayStats
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+BIN = Path(sys.executable).parent
+DEFAULT_PORT = Settings.model_fields["http_port"].default
+METRIC = re.compile(r"\bcdc_relay_[a-z0-9_]+")
+
+
+def metric_names(expr: str) -> set[str]:
+    """The relay metrics an expression uses; it must parse as PromQL (Grafana's variables are
+    replaced by values first)."""
+    concrete = expr.replace("$__rate_interval", "5m").replace("$job", ".*")
+    promql_parser.parse(concrete.replace("$instance", ".*"))
+    return set(METRIC.findall(expr))
+
+
+def test_the_grafana_dashboard_queries_only_exported_metrics():
+    dashboard = json.loads((DEPLOY / "grafana" / "cdc-relay.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = set().union(*(metric_names(e) for e in exprs))
+    # Variables use Grafana's label_values(), not PromQL: their metric names only.
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            used |= set(METRIC.findall(variable["query"]))
+    assert used <= METRIC_NAMES, used - METRIC_NAMES
+    for needed in (
+        "cdc_relay_events_published_total",
+        "cdc_relay_replication_lag_bytes",
+        "cdc_relay_end_to_end_latency_seconds_bucket",
+        "cdc_relay_in_flight_events",
+        "cdc_relay_slot_wal_status",
+    ):
+        assert needed in used
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_the_alert_rules_use_only_exported_metrics_and_cover_the_risks():
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    alerts = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
+    for name, rule in alerts.items():
+        assert metric_names(rule["expr"]) <= METRIC_NAMES, name
+        assert rule["annotations"]["summary"] and rule["labels"]["severity"]
+    by_metric = {m: name for name, rule in alerts.items() for m in metric_names(rule["expr"])}
+    assert "cdc_relay_replication_lag_bytes" in by_metric
+    assert "cdc_relay_slot_wal_status" in by_metric
+    assert "cdc_relay_events_dead_lettered_total" in by_metric
+    no_acks = metric_names(alerts["CdcRelayNoAcksWhileLagGrows"]["expr"])
+    assert {"cdc_relay_last_ack_timestamp_seconds", "cdc_relay_replication_lag_bytes"} <= no_acks
+
+
+def k8s_documents() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return docs
+
+
+def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(doc["spec"]["template"]["spec"]["containers"])
+
+
+def test_the_k8s_sidecar_probes_and_secrets_match_the_relay():
+    docs = k8s_documents()
+    secrets = {d["metadata"]["name"]: set(d["stringData"]) for d in docs if d["kind"] == "Secret"}
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    relay = next(c for c in containers(deployment) if c["name"] == "cdc-relay")
+    ports = {p["name"]: p["containerPort"] for p in relay["ports"]}
+    env = {e["name"]: e.get("value") for e in relay["env"]}
+    port = int(env.get("CDC_RELAY_HTTP_PORT") or DEFAULT_PORT)
+    assert relay["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert relay["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    for probe in (relay["livenessProbe"], relay["readinessProbe"]):
+        assert ports[probe["httpGet"]["port"]] == port
+    assert relay["args"] == ["run"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert (
+        pod["terminationGracePeriodSeconds"]
+        > Settings.model_fields["shutdown_timeout_seconds"].default
+    )
+    job = next(d for d in docs if d["kind"] == "Job")
+    assert containers(job)[0]["args"][0] == "setup"
+    # Every secretKeyRef names a key of a Secret defined here; the database URL is never inline.
+    refs = 0
+    for doc in (deployment, job):
+        for container in containers(doc):
+            for item in container.get("env", []):
+                ref = item.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    refs += 1
+                    assert ref["key"] in secrets[ref["name"]], ref
+                assert not (item["name"].endswith("DATABASE_URL") and "value" in item)
+    assert refs >= 3
+
+
+def test_compose_file_matches_the_compose_spec_and_the_relay():
+    path = ROOT / "docker-compose.yml"
+    done = subprocess.run(
+        [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    services = yaml.safe_load(path.read_text())["services"]
+    assert "wal_level=logical" in services["postgres"]["command"]
+    assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert services["relay-setup"]["command"][0] == "setup"
+    relay = services["relay"]
+    assert relay["depends_on"]["relay-setup"]["condition"] == "service_completed_successfully"
+    assert relay["depends_on"]["kafka"]["condition"] == "service_healthy"
+    port = int(relay["environment"]["CDC_RELAY_HTTP_PORT"])
+    assert f"{port}:{port}" in relay["ports"] and port == DEFAULT_PORT
+    assert f":{port}/healthz" in " ".join(relay["healthcheck"]["test"])
+
+
+def dockerfile_instructions() -> dict[str, str]:
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    found = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            word, _, rest = line.strip().partition(" ")
+            found[word.upper()] = rest.strip()
+    return found
+
+
+def test_the_dockerfile_passes_hadolint_and_runs_as_a_numeric_user():
+    done = subprocess.run(
+        [str(BIN / "hadolint"), "--no-color", str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    instructions = dockerfile_instructions()
+    assert instructions["FROM"].startswith("python:3.12-slim")
+    assert instructions["USER"].isdigit() and instructions["USER"] != "0"
+    assert json.loads(instructions["ENTRYPOINT"]) == ["cdc-relay"]
+    assert json.loads(instructions["CMD"]) == ["run"]
+
+
+def test_the_image_healthcheck_command_follows_healthz():
+    health = dockerfile_instructions()["HEALTHCHECK"]
+    command = json.loads(health[health.index("CMD") + 3 :].strip())
+    assert command[0] == "python"
+    stats = RelayStats()
+    server = MetricsServer("127.0.0.1", 0, stats, registry_for(stats, slot="s", publication="p"))
+    server.start()
+    try:
+        env = {**os.environ, "CDC_RELAY_HTTP_PORT": str(server.port)}
+        argv = [sys.executable, *command[1:]]
+        assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 0
+        stats.heartbeat -= HEARTBEAT_STALE_SECONDS + 1
+        assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode != 0
+    finally:
+        server.stop()
+    disabled = {**os.environ, "CDC_RELAY_HTTP_PORT": "0"}
+    argv = [sys.executable, *command[1:]]
+    assert subprocess.run(argv, env=disabled, capture_output=True, timeout=30).returncode == 0
