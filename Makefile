@@ -4,12 +4,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install postgres test test-unit lint format demo bench clean up down docs-config
+.PHONY: help install postgres test test-unit test-faults lint format demo bench clean up down docs-config
 
 help:
 	@echo "make demo       start a local PostgreSQL and broker, stream sample events, stop everything"
 	@echo "make test       install what is needed and run the whole suite"
 	@echo "make test-unit  only the tests that need no servers"
+	@echo "make test-faults the fault-injection suite at full size (docs/reliability.md)"
 	@echo "make lint       ruff and mypy"
 	@echo "make bench      the side-by-side benchmark (~10 min); writes docs/performance.md;"
 	@echo "                BENCH_ARGS='--quick' for a fast look, '--help' for the options"
@@ -49,6 +50,11 @@ test: install
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
+
+# `make test` runs the same suite at CI size (CDC_RELAY_FAULTS_SCALE=ci, the default).
+test-faults: install
+	CDC_RELAY_FAULTS_SCALE=full $(PY) -m pytest -q -m faults tests/faults
+	$(PY) -m tests.faults.results
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

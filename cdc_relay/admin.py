@@ -96,16 +96,7 @@ def check_prerequisites(conn: Connection, settings: Settings, say: Say) -> None:
         )
     say("ok    wal_level = logical")
 
-    role = conn.execute(
-        "SELECT current_user, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
-    ).fetchone()
-    if not role or not role[1]:
-        user = role[0] if role else "the current role"
-        raise PrerequisiteError(
-            f"role {user} lacks the REPLICATION attribute: run ALTER ROLE {user} WITH REPLICATION "
-            "as a superuser"
-        )
-    say(f"ok    role {role[0]} may replicate")
+    say(f"ok    role {_require_replication_right(conn)} may replicate")
 
     slots = conn.execute(
         """
@@ -402,8 +393,24 @@ def wal_sender_timeout(conn: Connection) -> float:
     return float(row[0]) if row else 60.0
 
 
+def _require_replication_right(conn: Connection) -> str:
+    """The current role's name; PrerequisiteError when it may not replicate."""
+    role = conn.execute(
+        "SELECT current_user, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    if not role or not role[1]:
+        user = role[0] if role else "the current role"
+        raise PrerequisiteError(
+            f"role {user} lacks the REPLICATION attribute: run ALTER ROLE {user} WITH REPLICATION "
+            "as a superuser"
+        )
+    return str(role[0])
+
+
 def require_ready(conn: Connection, settings: Settings) -> SlotInfo:
-    """What `run` checks before it streams: slot and publication exist, slot usable."""
+    """What `run` checks before it streams: slot and publication exist, slot usable, and the
+    role may replicate (the walsender would refuse it, and retrying cannot fix that)."""
+    _require_replication_right(conn)
     slot = fetch_slot(conn, settings.slot_name)
     if slot is None:
         raise PrerequisiteError(
@@ -419,11 +426,21 @@ def require_ready(conn: Connection, settings: Settings) -> SlotInfo:
             "removed WAL it still needed, so events may be missing; the relay will not recreate "
             "it. Drop it, run `cdc-relay setup`, and reconcile the gap from the outbox table"
         )
-    if publication_tables(conn, settings.publication_name) is None:
+    tables = publication_tables(conn, settings.publication_name)
+    if tables is None:
         raise PrerequisiteError(
             f"publication {settings.publication_name} does not exist: run `cdc-relay setup`"
         )
     _require_via_root(conn, settings)
+    if not _publication_covers(conn, settings.publication_name, settings):
+        # Renamed, or dropped and recreated: the stream would carry none of its rows, and the
+        # relay would confirm past them.
+        raise PrerequisiteError(
+            f"publication {settings.publication_name} does not include {settings.outbox_table} "
+            f"(it has {', '.join(tables) or 'no tables'}): was the outbox renamed or recreated? "
+            f"Run ALTER PUBLICATION {settings.publication_name} ADD TABLE "
+            f"{settings.outbox_table}; rows written to it before that were not streamed"
+        )
     return slot
 
 

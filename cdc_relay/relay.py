@@ -45,7 +45,14 @@ log = logging.getLogger(__name__)
 
 # Connection failures that no amount of retrying fixes.
 _FATAL_CONNECT_SQLSTATES = {"28P01", "28000", "3D000"}
-_FATAL_CONNECT_TEXTS = ("password authentication failed", "no pg_hba.conf entry", "does not exist")
+_FATAL_CONNECT_TEXTS = (
+    "password authentication failed",
+    "no pg_hba.conf entry",
+    "does not exist",
+    # An unknown host at start is a configuration error; a database that is down is waited for.
+    "could not translate host name",
+    "failed to resolve host",
+)
 BROKER_WAIT_TIMEOUT = 5.0
 
 

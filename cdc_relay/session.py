@@ -241,7 +241,16 @@ class Session:
 
     def on_relation(self, relation: Relation) -> None:
         if (relation.namespace, relation.name) != self.outbox_name:
-            self.plans.pop(relation.relid, None)
+            plan = self.plans.pop(relation.relid, None)
+            if plan is not None:
+                # The outbox itself under a new name: skipping its rows would confirm past
+                # them, so stop before this transaction instead.
+                raise PrerequisiteError(
+                    f"outbox table {plan.table} was renamed to {relation.namespace}."
+                    f"{relation.name} while the relay ran; its new rows are not published. "
+                    "Rename it back, or point CDC_RELAY_OUTBOX_TABLE at it and run "
+                    "`cdc-relay setup`"
+                )
             return
         # A new Relation message follows every schema change: re-resolve the columns. A table
         # that lost a mapped column cannot deliver anything, so that is fatal, not per row.

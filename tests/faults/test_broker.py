@@ -1,0 +1,141 @@
+"""The broker link fails: cut for a while (outage), or slowed down (latency) under a backlog."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from tests.faults import results
+from tests.faults.helpers import consume_ids, cpu_seconds, delivery_figures, outbox_ids
+from tests.faults.scale import sizes
+from tests.integration.conftest import make_outbox
+from tests.integration.relay_process import (
+    RelayProcess,
+    confirmed_lsn,
+    execute,
+    insert_events,
+    query,
+    wait_confirmed_past,
+)
+from tests.servers import wait_until
+
+# While Kafka is down the relay stops reading the socket; only its own status updates keep the
+# walsender from dropping it. A short timeout proves they continue.
+WAL_SENDER_TIMEOUT_S = 4
+
+
+def walsender() -> str:
+    return "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'cdc_relay'"
+
+
+def reply_time(url: str):
+    rows = query(
+        url, "SELECT reply_time FROM pg_stat_replication WHERE application_name = 'cdc-relay'"
+    )
+    return rows[0][0] if rows else None
+
+
+def test_broker_outage_holds_the_slot_stays_idle_and_recovers(db: str, proxied_kafka):
+    size = sizes()
+    dbname = db.rsplit("/", 1)[1]
+    execute(db, f"ALTER DATABASE \"{dbname}\" SET wal_sender_timeout = '{WAL_SENDER_TIMEOUT_S}s'")
+    box = make_outbox(db, proxied_kafka.bootstrap, max_in_flight_events=500)
+    with RelayProcess(box.env) as relay:
+        first_end = insert_events(db, count=1_000, per_txn=10)
+        wait_confirmed_past(db, first_end)
+        sender = query(db, walsender())[0][0]
+
+        proxied_kafka.proxy.cut()
+        cut_at = time.monotonic()
+        first_undelivered_end = insert_events(db, count=10, per_txn=10, start=1_000)
+        last_end = insert_events(db, count=2_990, per_txn=10, start=1_010)
+        # CPU is measured once the writes above are done and the relay has hit backpressure.
+        cpu_from, cpu_at = cpu_seconds(relay.pid), time.monotonic()
+        replies = {reply_time(db)}
+
+        def outage_over() -> bool:
+            replies.add(reply_time(db))
+            assert confirmed_lsn(db) < first_undelivered_end, "the slot passed undelivered events"
+            assert relay.running(), "the relay stopped during the outage"
+            return time.monotonic() - cut_at >= size.outage_seconds
+
+        wait_until(outage_over, size.outage_seconds + 60, interval=0.25)
+        cpu_share = (cpu_seconds(relay.pid) - cpu_from) / (time.monotonic() - cpu_at)
+        same_sender = query(db, walsender())[0][0] == sender
+
+        proxied_kafka.proxy.restore()
+        restored_at = time.monotonic()
+        wait_until(lambda: confirmed_lsn(db) >= first_undelivered_end, 120)
+        first_ack_s = time.monotonic() - restored_at
+        wait_confirmed_past(db, last_end, timeout=180)
+        all_delivered_s = time.monotonic() - restored_at
+        assert relay.running(), "the relay must recover without a restart"
+        assert relay.stop() == 0
+        log = relay.log()
+
+    inserted = outbox_ids(db)
+    records = consume_ids(proxied_kafka.bootstrap, [box.topic()], expected=len(inserted))
+    lost, duplicates = delivery_figures(records, inserted)
+    results.record(
+        "broker outage",
+        events=len(inserted),
+        faults=f"broker link cut for {size.outage_seconds:.0f} s",
+        lost=lost,
+        duplicates=duplicates,
+        recovery_s=all_delivered_s,
+        notes=f"first confirmation {first_ack_s:.1f} s after restore; relay CPU during the "
+        f"outage {100 * cpu_share:.1f}% of a core; {len(replies) - 1} distinct status replies; "
+        f"walsender kept: {same_sender}",
+    )
+    assert same_sender, "the replication connection was replaced during the outage"
+    # One status update per status interval at least; the timeout never fired.
+    assert len(replies) - 1 >= size.outage_seconds / WAL_SENDER_TIMEOUT_S
+    assert cpu_share < 0.2, f"the relay spun during the outage: {100 * cpu_share:.0f}% CPU"
+    assert "Traceback" not in log and "reconnecting" not in log
+    assert lost == 0
+    assert {json.loads(r.value or b"")["seq"] for r in records} == set(range(4_000))
+
+
+def test_slow_broker_drains_a_backlog_within_the_memory_bounds(db: str, proxied_kafka):
+    size = sizes()
+    max_bytes = 16 * 1024 * 1024
+    box = make_outbox(
+        db, proxied_kafka.bootstrap, max_in_flight_events=20_000, max_in_flight_bytes=max_bytes
+    )
+    end = insert_events(db, count=size.slow_broker_backlog, per_txn=1_000, aggregates=1_000)
+    proxied_kafka.proxy.latency_ms = size.slow_broker_latency_ms
+    peak = 0.0
+    started = time.monotonic()
+    with RelayProcess(box.env) as relay:
+
+        def drained() -> bool:
+            nonlocal peak
+            peak = max(peak, relay.peak_rss_mb())
+            return confirmed_lsn(db) >= end
+
+        wait_until(drained, 900, interval=0.2, message="the backlog did not drain")
+        drain_s = time.monotonic() - started
+        peak = max(peak, relay.peak_rss_mb())
+        assert relay.stop() == 0
+        log = relay.log()
+    proxied_kafka.proxy.latency_ms = 0
+    inserted = outbox_ids(db)
+    records = consume_ids(
+        proxied_kafka.bootstrap, [box.topic()], expected=len(inserted), timeout=600
+    )
+    lost, duplicates = delivery_figures(records, inserted)
+    results.record(
+        "slow broker",
+        events=len(inserted),
+        faults=f"+{size.slow_broker_latency_ms:.0f} ms each way on the broker link",
+        lost=lost,
+        duplicates=duplicates,
+        recovery_s=None,
+        notes=f"backlog drained in {drain_s:.0f} s ({len(inserted) / drain_s:.0f} events/s); "
+        f"peak RSS {peak:.0f} MB with max_in_flight_bytes {max_bytes // 2**20} MB",
+        peak_rss_mb=peak,
+    )
+    assert "Traceback" not in log
+    assert lost == 0 and duplicates == 0
+    # Python, librdkafka and the bounded in-flight data; a backlog-sized buffer would be GBs.
+    assert peak < 150, f"peak RSS {peak:.0f} MB"

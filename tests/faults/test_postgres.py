@@ -1,0 +1,136 @@
+"""PostgreSQL side faults: server restart and crash, the walsender terminated, a hot standby
+taking over from a killed relay."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.faults import results
+from tests.faults.helpers import consume_ids, delivery_figures, outbox_ids
+from tests.faults.scale import sizes
+from tests.integration.conftest import make_outbox
+from tests.integration.relay_process import (
+    RelayProcess,
+    execute,
+    insert_events,
+    query,
+    slot_active,
+    wait_confirmed_past,
+)
+from tests.servers import wait_until
+
+ACTIVE_PID = "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'cdc_relay'"
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_postgres_restart_or_crash_mid_stream(restartable_pg, db: str, kafka: str, mode: str):
+    size = sizes()
+    half = size.pg_restart_events // 2
+    box = make_outbox(db, kafka, reconnect_max_backoff_seconds=1)
+    with RelayProcess(box.env) as relay:
+        quarter = insert_events(db, count=half // 2, per_txn=20)
+        insert_events(db, count=half - half // 2, per_txn=20, start=half // 2)
+        wait_confirmed_past(db, quarter)  # streaming: restart while the rest flows
+        restartable_pg.restart(mode=mode)
+        restarted = time.monotonic()
+        wait_until(lambda: slot_active(db), 120, message="the relay did not reconnect")
+        reconnect_s = time.monotonic() - restarted
+        end = insert_events(db, count=size.pg_restart_events - half, per_txn=20, start=half)
+        wait_confirmed_past(db, end, timeout=180)
+        assert relay.running()
+        assert relay.stop() == 0
+        log = relay.log()
+    inserted = outbox_ids(db)
+    records = consume_ids(kafka, [box.topic()], expected=len(inserted))
+    lost, duplicates = delivery_figures(records, inserted)
+    results.record(
+        f"PostgreSQL {'restart (-m fast)' if mode == 'fast' else 'crash (-m immediate)'}",
+        events=len(inserted),
+        faults=f"pg_ctl restart -m {mode} mid-stream",
+        lost=lost,
+        duplicates=duplicates,
+        recovery_s=reconnect_s,
+        notes="recovery: restart done until the relay holds the slot again",
+    )
+    assert "Traceback" not in log, log
+    assert "reconnecting" in log, log
+    assert lost == 0
+    assert {json.loads(r.value or b"")["seq"] for r in records} == set(
+        range(size.pg_restart_events)
+    )
+
+
+def test_walsender_terminated_repeatedly_recovers_each_time(db: str, kafka: str):
+    size = sizes()
+    box = make_outbox(db, kafka, reconnect_max_backoff_seconds=1)
+    recoveries = []
+    with RelayProcess(box.env) as relay:
+        end = insert_events(db, count=500, per_txn=20)
+        wait_confirmed_past(db, end)
+        for round_ in range(size.walsender_cuts):
+            old = wait_until(lambda: query(db, ACTIVE_PID)[0][0], 60)
+            execute(db, "SELECT pg_terminate_backend(%s)", (old,))
+            cut = time.monotonic()
+            # Events written while the relay is disconnected.
+            end = insert_events(db, count=200, per_txn=10, start=500 + 200 * round_)
+            wait_until(lambda o=old: query(db, ACTIVE_PID)[0][0] not in (None, o), 60)
+            recoveries.append(time.monotonic() - cut)
+            wait_confirmed_past(db, end, timeout=90)
+        assert relay.running()
+        assert relay.stop() == 0
+        log = relay.log()
+    total = 500 + 200 * size.walsender_cuts
+    inserted = outbox_ids(db)
+    records = consume_ids(kafka, [box.topic()], expected=len(inserted))
+    lost, duplicates = delivery_figures(records, inserted)
+    results.record(
+        "walsender terminated",
+        events=len(inserted),
+        faults=f"pg_terminate_backend(walsender) x{size.walsender_cuts}",
+        lost=lost,
+        duplicates=duplicates,
+        recovery_s=max(recoveries),
+        notes="recovery: termination until a new walsender holds the slot (worst of all)",
+    )
+    assert "Traceback" not in log and log.count("reconnecting") >= size.walsender_cuts
+    assert lost == 0
+    assert {json.loads(r.value or b"")["seq"] for r in records} == set(range(total))
+
+
+def test_hot_standby_takes_over_within_the_retry_interval(db: str, kafka: str):
+    box = make_outbox(db, kafka)
+    assert "CDC_RELAY_STANDBY_RETRY_SECONDS" not in box.env  # the default interval
+    with RelayProcess(box.env) as active:
+        wait_until(lambda: slot_active(db), 60)
+        active_pid = query(db, ACTIVE_PID)[0][0]
+        with RelayProcess(box.env) as standby:
+            wait_until(lambda: "hot standby" in standby.log(), 60)
+            first = insert_events(db, count=500, per_txn=10)
+            insert_events(db, count=500, per_txn=10, start=500)
+            wait_confirmed_past(db, first)  # streaming: kill while the rest flows
+            active.kill()
+            killed = time.monotonic()
+            end = insert_events(db, count=1_000, per_txn=10, start=1_000)
+            wait_until(lambda: query(db, ACTIVE_PID)[0][0] not in (None, active_pid), 60)
+            takeover_s = time.monotonic() - killed
+            wait_confirmed_past(db, end, timeout=90)
+            assert standby.stop() == 0
+            log = standby.log()
+    inserted = outbox_ids(db)
+    records = consume_ids(kafka, [box.topic()], expected=len(inserted))
+    lost, duplicates = delivery_figures(records, inserted)
+    results.record(
+        "hot standby takeover",
+        events=len(inserted),
+        faults="SIGKILL of the active relay, standby on the same slot",
+        lost=lost,
+        duplicates=duplicates,
+        recovery_s=takeover_s,
+        notes="recovery: kill until the standby holds the slot (default standby_retry_seconds)",
+    )
+    assert log.count("hot standby") == 1  # logged once, not per retry
+    assert takeover_s <= 10, f"the standby took {takeover_s:.1f} s to take over"
+    assert lost == 0
