@@ -157,22 +157,29 @@ def _positive_seconds(text: str) -> float:
 
 
 def _watch_status(conn: admin.Connection, settings: Settings, as_json: bool, every: float) -> None:
-    """Refresh in place (on a terminal: home the cursor and clear the screen) until Ctrl-C;
-    with --json, one object per line."""
+    """Refresh in place (on a terminal: home the cursor and clear the screen) until Ctrl-C or
+    SIGTERM; with --json, one object per line.
+
+    The signals only set a flag, checked between refreshes: an interrupt raised inside a query
+    would make psycopg cancel it and fail with QueryCanceled, and one raised inside a blocked
+    write to a full terminal would leave the goodbye newline blocked too."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     clear = sys.stdout.isatty() and not as_json
-    try:
-        while True:
-            report = admin.status(conn, settings)
-            if as_json:
-                text = json.dumps(report)
-            else:
-                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-                text = f"{admin.format_status(report)}\n\n{stamp}, every {every:g} s (Ctrl-C stops)"
-            print(("\x1b[H\x1b[2J" if clear else "") + text, flush=True)
-            time.sleep(every)
-    except KeyboardInterrupt:
-        if clear:
-            print()
+    while not stop.is_set():
+        report = admin.status(conn, settings)
+        if as_json:
+            text = json.dumps(report)
+        else:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            text = f"{admin.format_status(report)}\n\n{stamp}, every {every:g} s (Ctrl-C stops)"
+        print(("\x1b[H\x1b[2J" if clear else "") + text, flush=True)
+        stop.wait(every)
 
 
 def _install_stop_handlers(stop_requested: threading.Event) -> None:
