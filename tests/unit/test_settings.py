@@ -204,3 +204,10 @@ def test_observability_settings_have_safe_defaults_and_are_validated(monkeypatch
         with pytest.raises(ConfigError, match=variable):
             load_settings()
         monkeypatch.delenv(variable)
+
+
+def test_producer_defaults_compress_with_lz4_unless_told_otherwise(monkeypatch):
+    monkeypatch.setenv("CDC_RELAY_KAFKA_BOOTSTRAP_SERVERS", "k:9092")
+    assert load_settings().producer_config()["compression.type"] == "lz4"
+    monkeypatch.setenv("CDC_RELAY_KAFKA_CONFIG", '{"compression.type": "none"}')
+    assert load_settings().producer_config()["compression.type"] == "none"
