@@ -52,15 +52,7 @@ class OutboxTable:
         """The table the relay configured by ``settings`` reads."""
         return cls(
             name=settings.outbox_table,
-            columns=ColumnMapping(
-                id=settings.column_id,
-                aggregate_type=settings.column_aggregate_type,
-                aggregate_id=settings.column_aggregate_id,
-                event_type=settings.column_event_type,
-                payload=settings.column_payload,
-                headers=settings.column_headers or None,
-                created_at=settings.column_created_at or None,
-            ),
+            columns=settings.column_mapping(),
         )
 
 

@@ -34,7 +34,6 @@ from cdc_relay.errors import (
 )
 from cdc_relay.lag import LagSampler
 from cdc_relay.lsn import Lsn, format_lsn
-from cdc_relay.mapping import ColumnMapping
 from cdc_relay.publisher import Publisher
 from cdc_relay.session import MAX_SILENCE, PROTO_VERSION, Session
 from cdc_relay.settings import Settings, redact_kafka_config
@@ -84,15 +83,7 @@ class Relay:
         self.settings = settings
         self.stats = RelayStats()
         self._stop = stop_requested or threading.Event()
-        self._mapping = ColumnMapping(
-            id=settings.column_id,
-            aggregate_type=settings.column_aggregate_type,
-            aggregate_id=settings.column_aggregate_id,
-            event_type=settings.column_event_type,
-            payload=settings.column_payload,
-            headers=settings.column_headers or None,
-            created_at=settings.column_created_at or None,
-        )
+        self._mapping = settings.column_mapping()
         self._producer_config = settings.producer_config()
         self._producer_config.setdefault(
             "queue.buffering.max.messages", max(100_000, 2 * settings.max_in_flight_events)

@@ -17,7 +17,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from cdc_relay.errors import ConfigError
-from cdc_relay.mapping import legal_topic
+from cdc_relay.mapping import ColumnMapping, legal_topic
 
 ENV_PREFIX = "CDC_RELAY_"
 
@@ -299,6 +299,18 @@ class Settings(BaseSettings):
                 "CDC_RELAY_MAX_IN_FLIGHT_BYTES"
             )
         return self
+
+    def column_mapping(self) -> ColumnMapping:
+        """Which outbox column plays which role, as configured."""
+        return ColumnMapping(
+            id=self.column_id,
+            aggregate_type=self.column_aggregate_type,
+            aggregate_id=self.column_aggregate_id,
+            event_type=self.column_event_type,
+            payload=self.column_payload,
+            headers=self.column_headers or None,
+            created_at=self.column_created_at or None,
+        )
 
     def producer_config(self) -> dict[str, Any]:
         """The librdkafka configuration: safe defaults, then the user's properties."""
