@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from cdc_relay.acks import AckTracker, Transaction
-from cdc_relay.copydata import Keepalive, XLogData, parse_copy_data
+from cdc_relay.copydata import XLOG_DATA_HEADER_SIZE, Keepalive, parse_copy_data
 from cdc_relay.errors import (
     DeliveryError,
     HaltedOnBadRow,
@@ -64,6 +65,8 @@ READ_BATCH = 2_000
 _IGNORED = (Update, Delete, Truncate, Origin, Type, LogicalMessage)
 # The dead-letter record of last resort keeps only what identifies the row.
 _IDENTIFYING_HEADERS = ("id", "error", "source_lsn", "source_table")
+_XLOG_DATA = ord("w")
+_START_LSN = struct.Struct(">Q").unpack_from
 
 
 class Delivery:
@@ -201,15 +204,20 @@ class Session:
     # ------------------------------------------------------------ frames and messages
 
     def handle_frame(self, frame: bytes | memoryview) -> None:
-        message = parse_copy_data(frame)
-        if type(message) is Keepalive:
+        if len(frame) >= XLOG_DATA_HEADER_SIZE and frame[0] == _XLOG_DATA:
+            # Nearly every frame: XLogData, read in place (parse_copy_data would build an
+            # object per event); its start position is only quoted in decoding errors.
+            decoded = self.decoder.decode(
+                frame[XLOG_DATA_HEADER_SIZE:], lsn=Lsn(_START_LSN(frame, 1)[0])
+            )
+        else:
+            message = parse_copy_data(frame)  # a keepalive: any other frame raises here
+            assert type(message) is Keepalive
             if self.tracker.idle:
                 self.tracker.observe_idle_position(message.wal_end)
             if message.reply_requested:
                 self.send_status()
             return
-        assert type(message) is XLogData
-        decoded = self.decoder.decode(message.payload, lsn=message.start_lsn)
         if type(decoded) is Insert:
             plan = self.plans.get(decoded.relid)
             if plan is not None:

@@ -4,13 +4,14 @@ tracker and the verdicts are the real ones."""
 
 from __future__ import annotations
 
+import struct
 import threading
 from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError
 
-from cdc_relay.errors import DeliveryError, HaltedOnBadRow
+from cdc_relay.errors import DecodeError, DeliveryError, HaltedOnBadRow
 from cdc_relay.lsn import Lsn
 from cdc_relay.mapping import ColumnMapping, OutboxRecord, Rejected
 from cdc_relay.publisher import RecordRefused
@@ -175,3 +176,29 @@ def test_purge_echoes_are_ignored():
     s.failures.append((delivery, KafkaError(KafkaError._PURGE_QUEUE), msg))
     s.judge_failures()
     assert s.publisher.produced == []  # type: ignore[attr-defined]
+
+
+class RecordingStream:
+    def __init__(self) -> None:
+        self.statuses: list[Lsn] = []
+
+    def send_status(self, *, flushed: Lsn, reply_requested: bool = False) -> None:
+        self.statuses.append(flushed)
+
+
+def test_frames_other_than_xlogdata_take_the_checked_path():
+    """The hot path reads XLogData in place; keepalives and malformed frames still go through
+    parse_copy_data, with its errors."""
+    s = session()
+    stream = RecordingStream()
+    s.stream = stream  # type: ignore[assignment]
+    s.handle_frame(b"k" + struct.pack(">QqB", 0x500, 0, 1))  # idle keepalive, reply requested
+    assert s.tracker.confirmed == Lsn(0x500) and stream.statuses == [Lsn(0x500)]
+    with pytest.raises(DecodeError, match="truncated XLogData header"):
+        s.handle_frame(b"w" + bytes(10))
+    with pytest.raises(DecodeError, match="unknown CopyData message type"):
+        s.handle_frame(b"x" + bytes(40))
+    # A malformed pgoutput message in a well-formed frame names the frame's start position.
+    with pytest.raises(DecodeError) as caught:
+        s.handle_frame(b"w" + struct.pack(">QQq", 0x1234, 0x1234, 0) + b"I\x00")
+    assert caught.value.lsn == Lsn(0x1234)
