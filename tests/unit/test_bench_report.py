@@ -94,3 +94,10 @@ def test_write_section_keeps_the_text_around_the_markers(tmp_path) -> None:
     text = path.read_text()
     assert "analysis" in text and text.endswith(f"{END_MARK}\n\nafter\n")
     assert "second" in text and "first" not in text
+
+
+def test_the_hot_path_harness_publishes_every_event():
+    from bench.hotpath import make_frames, run_once
+
+    seconds, published = run_once(make_frames(20))
+    assert published == 200 and seconds > 0

@@ -1,0 +1,169 @@
+"""The relay's pure hot path, in process: CopyData frames → Session.handle_frame → records →
+a fake producer → delivery callbacks. No server, no broker, no socket: what is left is the
+Python work per event that the relay's main thread does besides librdkafka's C calls.
+
+``python -m bench.hotpath [--transactions N] [--repeat R]`` prints microseconds per event
+(best of R). Used to measure hot-path changes back to back, where the end-to-end bench is
+too noisy on a shared machine; ``--profile`` prints cProfile's top functions instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import struct
+import threading
+import time
+import uuid
+from typing import Any
+
+from cdc_relay.lsn import Lsn
+from cdc_relay.mapping import OutboxRecord
+from cdc_relay.session import Session
+from cdc_relay.settings import Settings
+from cdc_relay.stats import RelayStats
+
+RELID = 16384
+# The columns of sql/outbox.sql, with their type OIDs (uuid, text, jsonb, timestamptz).
+COLUMNS = (
+    ("id", 2950),
+    ("aggregate_type", 25),
+    ("aggregate_id", 25),
+    ("event_type", 25),
+    ("payload", 3802),
+    ("headers", 3802),
+    ("created_at", 1184),
+)
+
+
+def _cstring(text: str) -> bytes:
+    return text.encode() + b"\0"
+
+
+def _xlog_data(payload: bytes, lsn: int) -> bytes:
+    return b"w" + struct.pack(">QQq", lsn, lsn, 0) + payload
+
+
+def _tuple_data(values: list[bytes | None]) -> bytes:
+    out = struct.pack(">H", len(values))
+    for value in values:
+        out += b"n" if value is None else b"t" + struct.pack(">I", len(value)) + value
+    return out
+
+
+def make_frames(transactions: int, txn_size: int = 10, payload_bytes: int = 300) -> list[bytes]:
+    """A Relation message, then ``transactions`` of Begin, ``txn_size`` Inserts and Commit,
+    shaped like the bench's default workload."""
+    relation = b"R" + struct.pack(">I", RELID) + _cstring("public") + _cstring("outbox") + b"d"
+    relation += struct.pack(">H", len(COLUMNS))
+    for name, oid in COLUMNS:
+        relation += b"\0" + _cstring(name) + struct.pack(">Ii", oid, -1)
+    payload = b'{"pad": "' + b"x" * max(0, payload_bytes - 30) + b'", "seq": 1}'
+    frames = [_xlog_data(relation, 1)]
+    lsn = 100
+    for t in range(transactions):
+        begin = b"B" + struct.pack(">QqI", lsn + 5_000, 0, 1_000 + t)
+        frames.append(_xlog_data(begin, lsn))
+        for i in range(txn_size):
+            lsn += 400
+            row: list[bytes | None] = [
+                str(uuid.uuid4()).encode(),
+                b"order",
+                f"a-{(t * txn_size + i) % 1000}".encode(),
+                b"OrderPlaced",
+                payload,
+                None,
+                b"2026-11-22 12:00:00.123456+00",
+            ]
+            insert = b"I" + struct.pack(">I", RELID) + b"N" + _tuple_data(row)
+            frames.append(_xlog_data(insert, lsn))
+        lsn += 400
+        frames.append(_xlog_data(b"C" + struct.pack(">BQQq", 0, lsn, lsn + 50, 0), lsn))
+        lsn += 100
+    return frames
+
+
+class _Acknowledgement:
+    """What a delivery callback reads of a confluent-kafka Message."""
+
+    __slots__ = ("_key", "_value")
+
+    def __init__(self, key: bytes | None, value: bytes | None) -> None:
+        self._key, self._value = key, value
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+
+class _AcknowledgingPublisher:
+    """Keeps what was produced; poll() acknowledges all of it."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Any, _Acknowledgement]] = []
+
+    def produce(self, record: OutboxRecord, on_delivery: Any, while_waiting: Any = None) -> None:
+        self.pending.append((on_delivery, _Acknowledgement(record.key, record.value)))
+
+    def poll(self, timeout: float = 0.0) -> int:
+        pending, self.pending = self.pending, []
+        for on_delivery, message in pending:
+            on_delivery(None, message)
+        return len(pending)
+
+
+class _SilentStream:
+    def send_status(self, *, flushed: Lsn, reply_requested: bool = False) -> None:
+        pass
+
+
+def run_once(frames: list[bytes]) -> tuple[float, int]:
+    """Seconds to handle every frame (acknowledging every 2,000 frames), and events published."""
+    settings = Settings(
+        database_url="postgresql://bench@127.0.0.1/bench",  # type: ignore[arg-type]
+        kafka_bootstrap_servers="127.0.0.1:9",
+    )
+    stats = RelayStats()
+    publisher = _AcknowledgingPublisher()
+    session = Session(
+        settings=settings,
+        mapping=settings.column_mapping(),
+        stats=stats,
+        stop=threading.Event(),
+        stream=_SilentStream(),  # type: ignore[arg-type]
+        publisher=publisher,  # type: ignore[arg-type]
+        start=Lsn(0),
+    )
+    handle = session.handle_frame
+    started = time.perf_counter()
+    for n, frame in enumerate(frames):
+        handle(frame)
+        if n % 2_000 == 0:
+            publisher.poll()
+    publisher.poll()
+    return time.perf_counter() - started, stats.published
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.hotpath", description=__doc__)
+    parser.add_argument("--transactions", type=int, default=5_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="cProfile's top functions")
+    args = parser.parse_args(argv)
+    frames = make_frames(args.transactions)
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.runcall(run_once, frames)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+        return 0
+    best, published = min(run_once(frames) for _ in range(args.repeat))
+    per_event_us = best / published * 1e6
+    print(f"{per_event_us:.2f} µs per event ({published:,} events, best of {args.repeat})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
