@@ -12,7 +12,7 @@ help:
 	@echo "make test-unit  only the tests that need no servers"
 	@echo "make test-faults the fault-injection suite at full size (docs/reliability.md)"
 	@echo "make lint       ruff and mypy"
-	@echo "make bench      the side-by-side benchmark (~10 min); writes docs/performance.md;"
+	@echo "make bench      the side-by-side benchmark (~5 min); writes docs/performance.md;"
 	@echo "                BENCH_ARGS='--quick' for a fast look, '--help' for the options"
 	@echo "make clean      remove the virtualenv and caches"
 	@echo "make up         docker compose: PostgreSQL, Kafka (KRaft), cdc-relay setup and run"
