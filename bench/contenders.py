@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from psycopg import pq
 
 from bench.workload import AGGREGATE_TYPE, EVENT_TYPE, Workload
 from tests.integration.relay_process import RelayProcess, lsn_int, relay_env
+from tests.servers import cpu_seconds
 
 PUBLICATION = "cdc_relay"
 _XLOG_DATA = ord("w")
@@ -168,14 +168,6 @@ class RelayRun:
     walsender_cpu_seconds: float  # the walsender that decoded for it
     broker_cpu_seconds: float  # the broker, over the run
     startup_seconds: float  # from process start until its walsender was streaming
-
-
-def cpu_seconds(pid: int, thread: int | None = None) -> float:
-    """User + system CPU time so far of a running process (all its threads), or of one of
-    its threads."""
-    path = f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat"
-    fields = Path(path).read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 _PUBLISHED = re.compile(r"published=(\d+)")

@@ -50,10 +50,6 @@ class AckTracker:
         return self._confirmed
 
     @property
-    def in_transaction(self) -> bool:
-        return self._open is not None
-
-    @property
     def idle(self) -> bool:
         """Nothing open, nothing in flight: the stream position itself may be confirmed."""
         return self._open is None and not self._queue

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from importlib import resources
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from cdc_relay.errors import ConfigError, PrerequisiteError, RelayError
+from cdc_relay import recipes
+from cdc_relay.errors import PrerequisiteError, RelayError
 from cdc_relay.lsn import Lsn, parse_lsn
 from cdc_relay.settings import Settings
 
@@ -126,7 +126,7 @@ def check_prerequisites(conn: Connection, settings: Settings, say: Say) -> None:
 
 
 def outbox_sql(settings: Settings) -> sql.Composed:
-    text = resources.files("cdc_relay").joinpath("sql/outbox.sql").read_text("utf-8")
+    text = recipes.read("outbox.sql")
     body = "\n".join(line for line in text.splitlines() if not line.startswith("--"))
     table = sql.Identifier(settings.table_schema, settings.table_name)
     return sql.SQL(body).format(table=table)
@@ -242,17 +242,7 @@ def setup(conn: Connection, settings: Settings, *, create_table: bool, say: Say)
         say(f"done  created logical replication slot {settings.slot_name} (pgoutput)")
         changed = True
     else:
-        current_db = conn.execute("SELECT current_database()").fetchone()
-        if slot.plugin != "pgoutput" or (current_db and slot.database != current_db[0]):
-            raise PrerequisiteError(
-                f"replication slot {settings.slot_name} exists but is not a pgoutput slot of "
-                "this database: drop it or choose another CDC_RELAY_SLOT_NAME"
-            )
-        if slot.wal_status == "lost":
-            raise PrerequisiteError(
-                f"replication slot {settings.slot_name} is lost (wal_status = lost): the WAL it "
-                "needed is gone; drop it and run setup again, then reconcile the gap"
-            )
+        usable_slot(conn, settings, slot)
         say(f"ok    replication slot {settings.slot_name} exists")
 
     say("setup complete" if changed else "nothing to change: already set up")
@@ -407,25 +397,36 @@ def _require_replication_right(conn: Connection) -> str:
     return str(role[0])
 
 
+def require_slot(conn: Connection, settings: Settings) -> SlotInfo:
+    """The configured slot, if the relay can stream from it: it exists, is a pgoutput slot of
+    this database, and the server still has the WAL it needs."""
+    return usable_slot(conn, settings, fetch_slot(conn, settings.slot_name))
+
+
+def usable_slot(conn: Connection, settings: Settings, slot: SlotInfo | None) -> SlotInfo:
+    name = settings.slot_name
+    if slot is None:
+        raise PrerequisiteError(f"replication slot {name} does not exist: run `cdc-relay setup`")
+    current_db = conn.execute("SELECT current_database()").fetchone()
+    if slot.plugin != "pgoutput" or (current_db and slot.database != current_db[0]):
+        raise PrerequisiteError(
+            f"replication slot {name} exists but is not a pgoutput slot of this database: "
+            "drop it or choose another CDC_RELAY_SLOT_NAME"
+        )
+    if slot.wal_status == "lost":
+        raise PrerequisiteError(
+            f"replication slot {name} is lost (wal_status = lost): the server removed WAL it "
+            "still needed, so events may be missing; the relay will not recreate it. Drop it, "
+            "run `cdc-relay setup`, and reconcile the gap from the outbox table"
+        )
+    return slot
+
+
 def require_ready(conn: Connection, settings: Settings) -> SlotInfo:
     """What `run` checks before it streams: slot and publication exist, slot usable, and the
     role may replicate (the walsender would refuse it, and retrying cannot fix that)."""
     _require_replication_right(conn)
-    slot = fetch_slot(conn, settings.slot_name)
-    if slot is None:
-        raise PrerequisiteError(
-            f"replication slot {settings.slot_name} does not exist: run `cdc-relay setup`"
-        )
-    if slot.plugin != "pgoutput":
-        raise ConfigError(
-            f"replication slot {settings.slot_name} uses plugin {slot.plugin}, not pgoutput"
-        )
-    if slot.wal_status == "lost":
-        raise PrerequisiteError(
-            f"replication slot {settings.slot_name} is lost (wal_status = lost): the server "
-            "removed WAL it still needed, so events may be missing; the relay will not recreate "
-            "it. Drop it, run `cdc-relay setup`, and reconcile the gap from the outbox table"
-        )
+    slot = require_slot(conn, settings)
     tables = publication_tables(conn, settings.publication_name)
     if tables is None:
         raise PrerequisiteError(

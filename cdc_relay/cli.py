@@ -19,7 +19,7 @@ from types import FrameType
 import psycopg
 
 from cdc_relay import __version__, admin
-from cdc_relay.database import describe_psycopg_error, pool_for
+from cdc_relay.database import connect, describe_psycopg_error
 from cdc_relay.errors import ConfigError, RelayError
 from cdc_relay.logs import REDACT, configure_logging
 from cdc_relay.settings import Settings, is_secret_property, load_settings
@@ -117,10 +117,8 @@ def _fail(error: BaseException | str, code: int, debug: bool) -> int:
 
 def _register_secrets(settings: Settings) -> None:
     url = settings.database_url.get_secret_value()
-    try:
-        password = psycopg.conninfo.conninfo_to_dict(url).get("password")
-    except psycopg.ProgrammingError:
-        password = None
+    # The settings already refused a URL that does not parse.
+    password = psycopg.conninfo.conninfo_to_dict(url).get("password")
     REDACT.add(str(password) if password else None)
     for key, value in settings.kafka_config.items():
         if is_secret_property(key):
@@ -128,12 +126,11 @@ def _register_secrets(settings: Settings) -> None:
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
-    url = settings.database_url.get_secret_value()
     if args.command == "prune":
         return _prune(args, settings)
     if args.command == "teardown" and not args.yes:
         raise ConfigError("teardown drops the slot and the publication: add --yes to confirm")
-    with pool_for(url) as pool, pool.connection() as conn:
+    with connect(settings.database_url.get_secret_value()) as conn:
         if args.command == "setup":
             admin.setup(conn, settings, create_table=args.create_table, say=print)
         elif args.command == "status" and args.watch is not None:
@@ -225,7 +222,7 @@ def _prune(args: argparse.Namespace, settings: Settings) -> int:
     if not args.batch_size.isdigit() or int(args.batch_size) < 1:
         raise ConfigError("prune: --batch-size must be a whole number of at least 1")
     batch_size = int(args.batch_size)
-    with pool_for(settings.database_url.get_secret_value()) as pool, pool.connection() as conn:
+    with connect(settings.database_url.get_secret_value()) as conn:
         prune(
             conn,
             settings,

@@ -1,10 +1,10 @@
-"""Ordinary (non-replication) database access: a small psycopg-pool and readable errors."""
+"""Ordinary (non-replication) database access: one connection or a small psycopg-pool, and
+readable errors."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -29,16 +29,26 @@ def describe_psycopg_error(exc: BaseException) -> str:
     return lines[-1]
 
 
-def check_connection(database_url: str) -> None:
-    """Connect once, directly, so that a bad password or host is reported as such (a pool would
-    only say that it timed out)."""
+def connect(database_url: str) -> psycopg.Connection[tuple[Any, ...]]:
+    """One autocommit connection, for the commands that need no more; a bad password or host
+    is reported as such."""
     try:
-        with psycopg.connect(database_url, connect_timeout=_CONNECT_TIMEOUT):
-            pass
+        return psycopg.connect(
+            database_url,
+            autocommit=True,
+            connect_timeout=_CONNECT_TIMEOUT,
+            application_name="cdc-relay-admin",
+        )
     except psycopg.Error as exc:
         raise DatabaseUnavailable(
             f"cannot connect to the database: {describe_psycopg_error(exc)}"
         ) from exc
+
+
+def check_connection(database_url: str) -> None:
+    """Connect once, directly, so that a bad password or host is reported as such (a pool would
+    only say that it timed out)."""
+    connect(database_url).close()
 
 
 def open_pool(database_url: str, *, max_size: int = 2) -> ConnectionPool:
@@ -56,13 +66,3 @@ def open_pool(database_url: str, *, max_size: int = 2) -> ConnectionPool:
         name="cdc-relay",
         open=True,
     )
-
-
-@contextmanager
-def pool_for(database_url: str) -> Iterator[ConnectionPool]:
-    check_connection(database_url)
-    pool = open_pool(database_url)
-    try:
-        yield pool
-    finally:
-        pool.close()

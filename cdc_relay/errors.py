@@ -21,6 +21,7 @@ class DecodeError(RelayError):
     """A pgoutput message could not be decoded."""
 
     def __init__(self, message: str, *, offset: int | None = None, lsn: int | None = None) -> None:
+        self.reason = message
         self.offset = offset
         self.lsn = lsn
         where = []
@@ -39,10 +40,6 @@ class MappingError(RelayError):
 
 class ReplicationError(RelayError):
     """The replication connection failed."""
-
-    def __init__(self, message: str | None = None, *, sqlstate: str | None = None) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
 
 
 class SlotInUse(ReplicationError):

@@ -16,13 +16,11 @@ from typing import Any, TypeAlias, overload
 import psycopg
 from psycopg import sql
 
-from cdc_relay.outbox import NotInTransaction
+from cdc_relay.outbox import AsyncTarget, SyncTarget, require_transaction
 from cdc_relay.settings import split_table_name
 
 DEFAULT_INBOX = "public.processed_events"
 
-SyncTarget: TypeAlias = psycopg.Connection[Any] | psycopg.Cursor[Any]
-AsyncTarget: TypeAlias = psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any]
 KafkaHeaders: TypeAlias = Sequence[tuple[str, bytes | str | None]] | None
 
 
@@ -44,19 +42,12 @@ def _claim_query(table: str) -> sql.Composed:
     ).format(sql.Identifier(*split_table_name(table)))
 
 
-def _require_transaction(
-    connection: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
-) -> None:
-    # In autocommit the claim would commit on its own: a crash before the effects commit would
-    # then mark the event processed without its effects.
-    if (
-        connection.autocommit
-        and connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-    ):
-        raise NotInTransaction(
-            "the inbox claim needs a transaction: on an autocommit connection use "
-            "`with conn.transaction():` around the claim and the event's effects"
-        )
+# In autocommit the claim would commit on its own: a crash before the effects commit would
+# then mark the event processed without its effects.
+_CLAIM_NEEDS_A_TRANSACTION = (
+    "the inbox claim needs a transaction: on an autocommit connection use "
+    "`with conn.transaction():` around the claim and the event's effects"
+)
 
 
 @overload
@@ -83,7 +74,7 @@ def claim(
     query = _claim_query(table)
     if isinstance(conn, psycopg.AsyncConnection | psycopg.AsyncCursor):
         return _claim_async(conn, query, consumer, str(event_id))
-    _require_transaction(conn if isinstance(conn, psycopg.Connection) else conn.connection)
+    require_transaction(conn, _CLAIM_NEEDS_A_TRANSACTION)
     cursor = conn.execute(query, (consumer, str(event_id)))
     return cursor.fetchone() is not None
 
@@ -91,7 +82,7 @@ def claim(
 async def _claim_async(
     conn: AsyncTarget, query: sql.Composed, consumer: str, event_id: str
 ) -> bool:
-    _require_transaction(conn if isinstance(conn, psycopg.AsyncConnection) else conn.connection)
+    require_transaction(conn, _CLAIM_NEEDS_A_TRANSACTION)
     cursor = await conn.execute(query, (consumer, event_id))
     return await cursor.fetchone() is not None
 

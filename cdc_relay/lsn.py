@@ -6,8 +6,6 @@ from typing import NewType
 
 Lsn = NewType("Lsn", int)
 
-INVALID_LSN = Lsn(0)
-
 
 def format_lsn(lsn: int) -> str:
     """Render an LSN the way PostgreSQL does (``16/B374D848``)."""

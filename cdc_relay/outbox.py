@@ -98,7 +98,7 @@ def _insert(
         if columns.headers is None:
             raise ValueError("headers were given but the outbox has no headers column")
         names.append(columns.headers)
-        values.append(json.dumps(dict(headers), ensure_ascii=False, separators=(",", ":")))
+        values.append(encode_payload(dict(headers)))
     # Every value goes as a str, which psycopg sends untyped ("unknown"): the server then parses
     # it as its column's type, so uuid or text ids and jsonb, json or text payloads all work.
     query = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
@@ -109,13 +109,18 @@ def _insert(
     return query, [str(value) for value in values]
 
 
-def _require_transaction(
-    connection: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
-) -> None:
+def require_transaction(target: SyncTarget | AsyncTarget, message: str | None = None) -> None:
+    """NotInTransaction unless ``target`` (a connection or one of its cursors) is inside a
+    transaction that the caller will commit."""
+    connection = (
+        target
+        if isinstance(target, psycopg.Connection | psycopg.AsyncConnection)
+        else target.connection
+    )
     # On an autocommit connection outside `conn.transaction()` the insert would commit on its own,
     # before (or without) the business rows: exactly the dual write the outbox exists to avoid.
     if connection.autocommit and connection.info.transaction_status == TransactionStatus.IDLE:
-        raise NotInTransaction()
+        raise NotInTransaction(message)
 
 
 @overload
@@ -169,7 +174,7 @@ def add_event(
     )
     if isinstance(conn, psycopg.AsyncConnection | psycopg.AsyncCursor):
         return _add_event_async(conn, query, params, new_id)
-    _require_transaction(conn if isinstance(conn, psycopg.Connection) else conn.connection)
+    require_transaction(conn)
     conn.execute(query, params)
     return new_id
 
@@ -177,6 +182,6 @@ def add_event(
 async def _add_event_async(
     conn: AsyncTarget, query: sql.Composed, params: list[Any], new_id: uuid.UUID
 ) -> uuid.UUID:
-    _require_transaction(conn if isinstance(conn, psycopg.AsyncConnection) else conn.connection)
+    require_transaction(conn)
     await conn.execute(query, params)
     return new_id

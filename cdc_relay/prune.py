@@ -28,21 +28,16 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
-import psycopg
 from psycopg import sql
 
 from cdc_relay import admin
+from cdc_relay.admin import Connection, Say
 from cdc_relay.errors import ConfigError, PrerequisiteError, RelayError
 from cdc_relay.lsn import Lsn, format_lsn, parse_lsn
 from cdc_relay.settings import Settings
-
-Connection = psycopg.Connection[tuple[Any, ...]]
-Say = Callable[[str], None]
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -188,17 +183,7 @@ def _wait_confirmed(
 ) -> Lsn | None:
     deadline = time.monotonic() + wait_seconds
     while True:
-        slot = admin.fetch_slot(conn, settings.slot_name)
-        if slot is None:
-            raise PrerequisiteError(
-                f"replication slot {settings.slot_name} does not exist: prune deletes only "
-                "what the relay confirmed through it"
-            )
-        if slot.wal_status == "lost":
-            raise PrerequisiteError(
-                f"replication slot {settings.slot_name} is lost: reconcile before pruning"
-            )
-        confirmed = slot.confirmed
+        confirmed = admin.require_slot(conn, settings).confirmed
         if (confirmed is not None and confirmed >= target) or time.monotonic() >= deadline:
             return confirmed
         time.sleep(_POLL_SECONDS)

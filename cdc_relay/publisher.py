@@ -121,10 +121,9 @@ class Publisher:
                     raise ProduceInterrupted from None
             except KafkaException as exc:
                 error = exc.args[0]
-                if error.code() in _PRODUCE_RECORD_ERRORS:
-                    raise RecordRefused(
-                        error.str(), too_large=error.code() == KafkaError.MSG_SIZE_TOO_LARGE
-                    ) from None
+                code = error.code()
+                if code in _PRODUCE_RECORD_ERRORS:
+                    raise RecordRefused(error.str(), too_large=is_size_error(code)) from None
                 raise DeliveryError(f"produce failed: {error.str()}") from exc
 
     def poll(self, timeout: float = 0.0) -> int:

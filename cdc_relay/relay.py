@@ -85,9 +85,6 @@ class Relay:
         self._stop = stop_requested or threading.Event()
         self._mapping = settings.column_mapping()
         self._producer_config = settings.producer_config()
-        self._producer_config.setdefault(
-            "queue.buffering.max.messages", max(100_000, 2 * settings.max_in_flight_events)
-        )
         self._failure_log = FailureLog()
         self._kafka_log = FailureLog()
         # librdkafka reports the same trouble over and over (per connection attempt): log each
@@ -274,7 +271,7 @@ class Relay:
             # Read the start position only now that the slot is ours: nobody else can move it,
             # and a status update below it would move the slot backwards.
             with pool.connection() as conn:
-                slot = admin.require_ready(conn, settings)
+                slot = admin.require_slot(conn, settings)
                 timeout = admin.wal_sender_timeout(conn)
             start = slot.confirmed or Lsn(0)
             max_silence = min(MAX_SILENCE, timeout / 4) if timeout else MAX_SILENCE

@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from cdc_relay.acks import AckTracker, Transaction
-from cdc_relay.copydata import XLOG_DATA_HEADER_SIZE, Keepalive, parse_copy_data
+from cdc_relay.copydata import (
+    XLOG_DATA_HEADER_SIZE,
+    XLOG_DATA_TYPE,
+    Keepalive,
+    parse_copy_data,
+    xlog_data_start,
+)
 from cdc_relay.errors import (
+    DecodeError,
     DeliveryError,
     HaltedOnBadRow,
     PrerequisiteError,
@@ -65,8 +71,6 @@ READ_BATCH = 2_000
 _IGNORED = (Update, Delete, Truncate, Origin, Type, LogicalMessage)
 # The dead-letter record of last resort keeps only what identifies the row.
 _IDENTIFYING_HEADERS = ("id", "error", "source_lsn", "source_table")
-_XLOG_DATA = ord("w")
-_START_LSN = struct.Struct(">Q").unpack_from
 
 
 class Delivery:
@@ -139,12 +143,10 @@ class Session:
         self.decoder = Decoder(PROTO_VERSION)
         self.failures: list[Any] = []
         self.plans: dict[int, TablePlan] = {}
-        self.txn: Transaction | None = None
         self.delivery: Delivery | None = None
         # Records that will never be acknowledged (the cause of a halt): shutdown does not wait
         # for them.
         self.abandoned = 0
-        self.last_sent_lsn = start
         self.last_status_at = 0.0
         self.stats.confirmed_lsn = start
         self.stats.tracker = self.tracker
@@ -204,17 +206,18 @@ class Session:
     # ------------------------------------------------------------ frames and messages
 
     def handle_frame(self, frame: bytes | memoryview) -> None:
-        if len(frame) >= XLOG_DATA_HEADER_SIZE and frame[0] == _XLOG_DATA:
+        if len(frame) >= XLOG_DATA_HEADER_SIZE and frame[0] == XLOG_DATA_TYPE:
             # Nearly every frame: XLogData, read in place (parse_copy_data would build an
-            # object per event); its start position is only quoted in decoding errors.
-            decoded = self.decoder.decode(
-                frame[XLOG_DATA_HEADER_SIZE:], lsn=Lsn(_START_LSN(frame, 1)[0])
-            )
+            # object per event). Its start position is only quoted in decoding errors.
+            try:
+                decoded = self.decoder.decode(frame[XLOG_DATA_HEADER_SIZE:])
+            except DecodeError as exc:
+                lsn = xlog_data_start(frame)
+                raise DecodeError(exc.reason, offset=exc.offset, lsn=lsn) from None
         else:
             message = parse_copy_data(frame)  # a keepalive: any other frame raises here
             assert type(message) is Keepalive
-            if self.tracker.idle:
-                self.tracker.observe_idle_position(message.wal_end)
+            self.tracker.observe_idle_position(message.wal_end)
             if message.reply_requested:
                 self.send_status()
             return
@@ -223,22 +226,25 @@ class Session:
             if plan is not None:
                 self.publish(plan.map(decoded.new), plan)
         elif type(decoded) is Begin:
-            self.txn = self.tracker.begin(decoded.final_lsn)
             self.delivery = Delivery(
-                self.tracker, self.txn, self.failures, self.stats, decoded.commit_time
+                self.tracker,
+                self.tracker.begin(decoded.final_lsn),
+                self.failures,
+                self.stats,
+                decoded.commit_time,
             )
             self.records_at_begin = self.stats.published + self.stats.dead_lettered
         elif type(decoded) is Commit:
-            txn = self.txn
-            if txn is None or self.delivery is None:
+            delivery = self.delivery
+            if delivery is None:
                 raise ReplicationError("Commit without Begin in the replication stream")
+            txn = delivery.txn
             self.tracker.commit(txn, decoded.end_lsn)
             if txn.pending == 0 and (
                 self.stats.published + self.stats.dead_lettered != self.records_at_begin
             ):
                 # Every record was acknowledged before the Commit message was read.
-                self.stats.transaction_acknowledged(self.delivery.commit_time)
-            self.txn = None
+                self.stats.transaction_acknowledged(delivery.commit_time)
             self.delivery = None
         elif type(decoded) is Relation:
             self.on_relation(decoded)
@@ -270,12 +276,11 @@ class Session:
             raise PrerequisiteError(str(exc)) from None
 
     def publish(self, outcome: OutboxRecord | Rejected, plan: TablePlan) -> None:
-        txn, delivery = self.txn, self.delivery
-        assert txn is not None and delivery is not None
-        if type(outcome) is Rejected:
+        delivery = self.delivery
+        assert delivery is not None
+        if isinstance(outcome, Rejected):
             self.dead_letter(outcome, delivery, table=plan.table, include_value=True)
             return
-        assert isinstance(outcome, OutboxRecord)
         try:
             self.publisher.produce(outcome, delivery, self.while_queue_full)
         except RecordRefused as refused:
@@ -285,7 +290,7 @@ class Session:
                 rejected, delivery, table=plan.table, include_value=not refused.too_large
             )
             return
-        self.tracker.sent(txn, record_size(outcome.key, outcome.value))
+        self.tracker.sent(delivery.txn, record_size(outcome.key, outcome.value))
         stats = self.stats
         stats.published += 1
         by_topic = stats.published_by_topic
@@ -423,7 +428,7 @@ class Session:
         since = now - self.last_status_at
         if since >= self.max_silence or (
             since >= self.settings.status_interval_seconds
-            and self.tracker.advance() > self.last_sent_lsn
+            and self.tracker.advance() > self.stats.confirmed_lsn
         ):
             self.send_status()
 
@@ -431,12 +436,11 @@ class Session:
         position = self.tracker.advance()
         self.stream.send_status(flushed=position)
         self.last_status_at = time.monotonic()
-        if position != self.last_sent_lsn:
+        if position != self.stats.confirmed_lsn:
             slot, lsn = self.settings.slot_name, format_lsn(position)
             log.debug("confirmed slot=%s lsn=%s", slot, lsn, extra={"slot": slot, "lsn": lsn})
             if self.stats.published:
                 self.on_acks_flowing()
-        self.last_sent_lsn = position
         self.stats.confirmed_lsn = position
 
     def shutdown(self) -> None:

@@ -316,7 +316,13 @@ class Settings(BaseSettings):
         """The librdkafka configuration: safe defaults, then the user's properties."""
         if not self.kafka_bootstrap_servers:
             raise ConfigError(f"{ENV_PREFIX}KAFKA_BOOTSTRAP_SERVERS is required by `run`")
-        return {**relay_producer_defaults(self.kafka_bootstrap_servers), **self.kafka_config}
+        return {
+            **relay_producer_defaults(self.kafka_bootstrap_servers),
+            # Room for everything the relay lets be in flight, or produce() would block before
+            # the relay's own backpressure engages.
+            "queue.buffering.max.messages": max(100_000, 2 * self.max_in_flight_events),
+            **self.kafka_config,
+        }
 
     @property
     def table_schema(self) -> str:

@@ -26,7 +26,7 @@ def default_text(name: str, field: FieldInfo) -> str:
     if field.is_required():
         return "required"
     default = field.get_default(call_default_factory=True)
-    return "`{}`" if default == {} else f"`{default}`"
+    return f"`{default}`"
 
 
 def render_table() -> str:

@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 _SESSION_OPTIONS: Final = "-c DateStyle=ISO,MDY -c TimeZone=UTC -c bytea_output=hex"
 
 SQLSTATE_OBJECT_IN_USE = "55006"
-SQLSTATE_UNDEFINED_OBJECT = "42704"
 SQLSTATE_PREREQUISITE_STATE = "55000"
 
 
@@ -150,4 +149,4 @@ def _result_error(result: pq.abc.PGresult | None, context: str) -> ReplicationEr
         return SlotInUse(message)
     if sqlstate == SQLSTATE_PREREQUISITE_STATE and "can no longer get changes" in message:
         return SlotLost(message)
-    return ReplicationError(f"{context}: {message}", sqlstate=sqlstate or None)
+    return ReplicationError(f"{context}: {message}")

@@ -28,7 +28,7 @@ from tests.servers import (
     TcpProxy,
     find_pg_bindir,
     find_tansu,
-    free_port,
+    proxied_tansu,
 )
 
 DATABASE_URL_ENV = "CDC_RELAY_TEST_DATABASE_URL"
@@ -164,11 +164,7 @@ def proxied_kafka() -> Iterator[ProxiedKafka]:
         find_tansu()
     except FileNotFoundError as exc:
         pytest.skip(f"no Tansu broker: {exc}")
-    broker_port = free_port()
-    with (
-        TcpProxy("127.0.0.1", broker_port) as proxy,
-        TansuBroker(port=broker_port, advertised_port=proxy.port) as broker,
-    ):
+    with proxied_tansu() as (broker, proxy):
         yield ProxiedKafka(broker=broker, proxy=proxy)
 
 

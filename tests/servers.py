@@ -88,6 +88,15 @@ def _port_accepts(host: str, port: int) -> bool:
         return False
 
 
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time so far of a running process (all its threads), or of one of
+    its threads."""
+    path = f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat"
+    with open(path, encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

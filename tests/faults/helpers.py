@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
-from pathlib import Path
 
 from tests.integration.relay_process import query
 from tests.kafka_helpers import ConsumedRecord, consume_all
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (all its threads, librdkafka's included)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def outbox_ids(url: str, table: str = "outbox") -> set[str]:

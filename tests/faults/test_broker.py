@@ -6,7 +6,7 @@ import json
 import time
 
 from tests.faults import results
-from tests.faults.helpers import consume_ids, cpu_seconds, delivery_figures, outbox_ids
+from tests.faults.helpers import consume_ids, delivery_figures, outbox_ids
 from tests.faults.scale import sizes
 from tests.integration.conftest import make_outbox
 from tests.integration.relay_process import (
@@ -17,7 +17,7 @@ from tests.integration.relay_process import (
     query,
     wait_confirmed_past,
 )
-from tests.servers import wait_until
+from tests.servers import cpu_seconds, wait_until
 
 # While Kafka is down the relay stops reading the socket; only its own status updates keep the
 # walsender from dropping it. A short timeout proves they continue.

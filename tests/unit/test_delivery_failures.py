@@ -132,7 +132,7 @@ def test_oversized_key_and_headers_still_reach_the_dead_letter_topic():
     # The review found a row whose headers alone exceed the limit crashing the relay.
     s = session(publisher=FakePublisher(limit=2_000))
     txn = s.tracker.begin(Lsn(150))
-    s.txn, s.delivery = txn, Delivery(s.tracker, txn, s.failures)
+    s.delivery = Delivery(s.tracker, txn, s.failures)
     record = OutboxRecord(
         "outbox.event.order", b"k" * 3_000, b"{}", [("id", b"e-9"), ("h", b"y" * 5_000)], 0
     )
