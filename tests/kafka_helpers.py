@@ -43,10 +43,6 @@ class ConsumedRecord:
                 return v
         raise KeyError(name)
 
-    @property
-    def headers_dict(self) -> dict[str, bytes | None]:
-        return dict(self.headers)
-
 
 def _consumer(bootstrap: str, **overrides: Any) -> Consumer:
     conf: dict[str, Any] = {
@@ -72,19 +68,6 @@ def list_topics(bootstrap: str, timeout: float = 10.0) -> set[str]:
         return set(c.list_topics(timeout=timeout).topics)
     finally:
         c.close()
-
-
-def topic_partitions(bootstrap: str, topic: str, timeout: float = 10.0) -> int | None:
-    """How many partitions ``topic`` has, or None if it does not exist (never creates it)."""
-    c = _consumer(bootstrap)
-    try:
-        md = c.list_topics(timeout=timeout)
-    finally:
-        c.close()
-    t = md.topics.get(topic)
-    if t is None or t.error is not None:
-        return None
-    return len(t.partitions)
 
 
 def create_topic(

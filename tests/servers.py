@@ -893,10 +893,6 @@ class TcpProxy(_ManagedMixin):
     def active_connections(self) -> int:
         return len(self._links)
 
-    @property
-    def is_cut(self) -> bool:
-        return self._mode != "forward"
-
     def start(self) -> Self:
         if self._thread is not None:
             return self
@@ -919,10 +915,6 @@ class TcpProxy(_ManagedMixin):
     def restore(self) -> None:
         """Heal the partition: forward new connections again."""
         self._call(self._do_restore)
-
-    def close_connections(self) -> None:
-        """Close every live connection once (a blip), staying in the current mode."""
-        self._call(self._close_all_links)
 
     def close(self) -> None:
         _LIVE.discard(self)

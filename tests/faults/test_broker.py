@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 from tests.faults import results
-from tests.faults.helpers import consume_ids, delivery_figures, outbox_ids
+from tests.faults.helpers import measure_delivery
 from tests.faults.scale import sizes
 from tests.integration.conftest import make_outbox
 from tests.integration.relay_process import (
@@ -73,15 +72,11 @@ def test_broker_outage_holds_the_slot_stays_idle_and_recovers(db: str, proxied_k
         assert relay.stop() == 0
         log = relay.log()
 
-    inserted = outbox_ids(db)
-    records = consume_ids(proxied_kafka.bootstrap, [box.topic()], expected=len(inserted))
-    lost, duplicates = delivery_figures(records, inserted)
+    delivered = measure_delivery(db, proxied_kafka.bootstrap, box.topic())
     results.record(
         "broker outage",
-        events=len(inserted),
+        **delivered.figures,
         faults=f"broker link cut for {size.outage_seconds:.0f} s",
-        lost=lost,
-        duplicates=duplicates,
         recovery_s=all_delivered_s,
         notes=f"first confirmation {first_ack_s:.1f} s after restore; relay CPU during the "
         f"outage {100 * cpu_share:.1f}% of a core; {len(replies) - 1} distinct status replies; "
@@ -92,8 +87,8 @@ def test_broker_outage_holds_the_slot_stays_idle_and_recovers(db: str, proxied_k
     assert len(replies) - 1 >= size.outage_seconds / WAL_SENDER_TIMEOUT_S
     assert cpu_share < 0.2, f"the relay spun during the outage: {100 * cpu_share:.0f}% CPU"
     assert "Traceback" not in log and "reconnecting" not in log
-    assert lost == 0
-    assert {json.loads(r.value or b"")["seq"] for r in records} == set(range(4_000))
+    assert delivered.lost == 0
+    assert delivered.seqs() == set(range(4_000))
 
 
 def test_slow_broker_drains_a_backlog_within_the_memory_bounds(db: str, proxied_kafka):
@@ -119,23 +114,18 @@ def test_slow_broker_drains_a_backlog_within_the_memory_bounds(db: str, proxied_
         assert relay.stop() == 0
         log = relay.log()
     proxied_kafka.proxy.latency_ms = 0
-    inserted = outbox_ids(db)
-    records = consume_ids(
-        proxied_kafka.bootstrap, [box.topic()], expected=len(inserted), timeout=600
-    )
-    lost, duplicates = delivery_figures(records, inserted)
+    delivered = measure_delivery(db, proxied_kafka.bootstrap, box.topic(), timeout=600)
+    events = len(delivered.inserted)
     results.record(
         "slow broker",
-        events=len(inserted),
+        **delivered.figures,
         faults=f"+{size.slow_broker_latency_ms:.0f} ms each way on the broker link",
-        lost=lost,
-        duplicates=duplicates,
         recovery_s=None,
-        notes=f"backlog drained in {drain_s:.0f} s ({len(inserted) / drain_s:.0f} events/s); "
+        notes=f"backlog drained in {drain_s:.0f} s ({events / drain_s:.0f} events/s); "
         f"peak RSS {peak:.0f} MB with max_in_flight_bytes {max_bytes // 2**20} MB",
         peak_rss_mb=peak,
     )
     assert "Traceback" not in log
-    assert lost == 0 and duplicates == 0
+    assert delivered.lost == 0 and delivered.duplicates == 0
     # Python, librdkafka and the bounded in-flight data; a backlog-sized buffer would be GBs.
     assert peak < 150, f"peak RSS {peak:.0f} MB"

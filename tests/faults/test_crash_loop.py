@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import psycopg
 
 from tests.faults import results
-from tests.faults.helpers import consume_ids, delivery_figures, outbox_ids
+from tests.faults.helpers import measure_delivery
 from tests.faults.scale import sizes
 from tests.integration.conftest import make_outbox
 from tests.integration.relay_process import (
@@ -113,9 +113,7 @@ def test_crash_loop_loses_nothing_and_keeps_aggregate_order(db: str, kafka: str)
     ]
     kills: list[tuple[float, int]] = []  # (monotonic time of the kill, confirmed LSN after it)
     recoveries: list[float] = []
-    relay = RelayProcess(box.env)
-    try:
-        relay.start()
+    with RelayProcess(box.env) as relay:
         wait_until(lambda: slot_active(db), 60)
         for t in threads:
             t.start()
@@ -146,15 +144,11 @@ def test_crash_loop_loses_nothing_and_keeps_aggregate_order(db: str, kafka: str)
         assert relay.running()
         assert relay.stop() == 0
         log = relay.log()
-    finally:
-        relay.kill()
-        relay.log_path.unlink(missing_ok=True)
     assert "Traceback" not in log
 
-    inserted = outbox_ids(db)
-    assert len(inserted) == size.crash_loop_events
-    records = consume_ids(kafka, [box.topic()], expected=len(inserted), timeout=180)
-    lost, duplicates = delivery_figures(records, inserted)
+    delivered = measure_delivery(db, kafka, box.topic(), timeout=180)
+    assert len(delivered.inserted) == size.crash_loop_events
+    records, lost, duplicates = delivered.records, delivered.lost, delivered.duplicates
 
     # What PostgreSQL may resend after kill k: transactions committed before it whose commit
     # may lie past the confirmed position (their end LSN is not known to be at or before it).
@@ -182,10 +176,8 @@ def test_crash_loop_loses_nothing_and_keeps_aggregate_order(db: str, kafka: str)
 
     results.record(
         "crash loop (SIGKILL)",
-        events=len(inserted),
+        **delivered.figures,
         faults=f"{len(kills)} SIGKILLs, {size.crash_loop_writers} writers, seed {seed}",
-        lost=lost,
-        duplicates=duplicates,
         recovery_s=max(recoveries),
         notes=f"resendable at the kills: {resendable}; median recovery "
         f"{sorted(recoveries)[len(recoveries) // 2]:.1f} s",

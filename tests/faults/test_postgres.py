@@ -3,13 +3,12 @@ taking over from a killed relay."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 
 from tests.faults import results
-from tests.faults.helpers import consume_ids, delivery_figures, outbox_ids
+from tests.faults.helpers import measure_delivery
 from tests.faults.scale import sizes
 from tests.integration.conftest import make_outbox
 from tests.integration.relay_process import (
@@ -43,24 +42,18 @@ def test_postgres_restart_or_crash_mid_stream(restartable_pg, db: str, kafka: st
         assert relay.running()
         assert relay.stop() == 0
         log = relay.log()
-    inserted = outbox_ids(db)
-    records = consume_ids(kafka, [box.topic()], expected=len(inserted))
-    lost, duplicates = delivery_figures(records, inserted)
+    delivered = measure_delivery(db, kafka, box.topic())
     results.record(
         f"PostgreSQL {'restart (-m fast)' if mode == 'fast' else 'crash (-m immediate)'}",
-        events=len(inserted),
+        **delivered.figures,
         faults=f"pg_ctl restart -m {mode} mid-stream",
-        lost=lost,
-        duplicates=duplicates,
         recovery_s=reconnect_s,
         notes="recovery: restart done until the relay holds the slot again",
     )
     assert "Traceback" not in log, log
     assert "reconnecting" in log, log
-    assert lost == 0
-    assert {json.loads(r.value or b"")["seq"] for r in records} == set(
-        range(size.pg_restart_events)
-    )
+    assert delivered.lost == 0
+    assert delivered.seqs() == set(range(size.pg_restart_events))
 
 
 def test_walsender_terminated_repeatedly_recovers_each_time(db: str, kafka: str):
@@ -83,21 +76,17 @@ def test_walsender_terminated_repeatedly_recovers_each_time(db: str, kafka: str)
         assert relay.stop() == 0
         log = relay.log()
     total = 500 + 200 * size.walsender_cuts
-    inserted = outbox_ids(db)
-    records = consume_ids(kafka, [box.topic()], expected=len(inserted))
-    lost, duplicates = delivery_figures(records, inserted)
+    delivered = measure_delivery(db, kafka, box.topic())
     results.record(
         "walsender terminated",
-        events=len(inserted),
+        **delivered.figures,
         faults=f"pg_terminate_backend(walsender) x{size.walsender_cuts}",
-        lost=lost,
-        duplicates=duplicates,
         recovery_s=max(recoveries),
         notes="recovery: termination until a new walsender holds the slot (worst of all)",
     )
     assert "Traceback" not in log and log.count("reconnecting") >= size.walsender_cuts
-    assert lost == 0
-    assert {json.loads(r.value or b"")["seq"] for r in records} == set(range(total))
+    assert delivered.lost == 0
+    assert delivered.seqs() == set(range(total))
 
 
 def test_hot_standby_takes_over_within_the_retry_interval(db: str, kafka: str):
@@ -119,18 +108,14 @@ def test_hot_standby_takes_over_within_the_retry_interval(db: str, kafka: str):
             wait_confirmed_past(db, end, timeout=90)
             assert standby.stop() == 0
             log = standby.log()
-    inserted = outbox_ids(db)
-    records = consume_ids(kafka, [box.topic()], expected=len(inserted))
-    lost, duplicates = delivery_figures(records, inserted)
+    delivered = measure_delivery(db, kafka, box.topic())
     results.record(
         "hot standby takeover",
-        events=len(inserted),
+        **delivered.figures,
         faults="SIGKILL of the active relay, standby on the same slot",
-        lost=lost,
-        duplicates=duplicates,
         recovery_s=takeover_s,
         notes="recovery: kill until the standby holds the slot (default standby_retry_seconds)",
     )
     assert log.count("hot standby") == 1  # logged once, not per retry
     assert takeover_s <= 10, f"the standby took {takeover_s:.1f} s to take over"
-    assert lost == 0
+    assert delivered.lost == 0

@@ -135,7 +135,7 @@ def test_updates_deletes_and_truncates_of_the_outbox_emit_nothing(outbox: Outbox
 def test_idle_advance_moves_the_slot_while_the_outbox_is_quiet(outbox: Outbox):
     execute(outbox.url, "CREATE TABLE busy (n int, pad text)")
     with RelayProcess(outbox.env) as relay:
-        wait_until(lambda: query(outbox.url, "SELECT active FROM pg_replication_slots")[0][0], 30)
+        wait_until(lambda: slot_active(outbox.url), 30)
         start = confirmed_lsn(outbox.url)
         for _ in range(5):
             execute(
@@ -151,16 +151,12 @@ def test_idle_advance_moves_the_slot_while_the_outbox_is_quiet(outbox: Outbox):
 def test_kill_9_mid_stream_then_restart_loses_nothing(outbox: Outbox, kafka: str):
     total = 40_000
     end = insert_events(outbox.url, count=total, per_txn=50, aggregates=500)
-    first = RelayProcess(outbox.env).start()
-    try:
+    with RelayProcess(outbox.env) as first:
         # Kill it at its first confirmation (0.2 s status interval): part of the backlog is
         # confirmed, more is in flight, most is still unread.
         start = confirmed_lsn(outbox.url)
         wait_until(lambda: confirmed_lsn(outbox.url) > start, 120, interval=0.01)
         first.kill()
-    finally:
-        first.kill()
-        first.log_path.unlink(missing_ok=True)
     assert confirmed_lsn(outbox.url) < end
     with RelayProcess(outbox.env) as second:
         wait_confirmed_past(outbox.url, end, timeout=120)
