@@ -18,11 +18,11 @@ import time
 import uuid
 from typing import Any
 
-from cdc_relay.lsn import Lsn
-from cdc_relay.mapping import OutboxRecord
-from cdc_relay.session import Session
+from cdc_relay.core.lsn import Lsn
+from cdc_relay.core.mapping import OutboxRecord
+from cdc_relay.core.stats import RelayStats
+from cdc_relay.runtime.session import Session
 from cdc_relay.settings import Settings
-from cdc_relay.stats import RelayStats
 
 RELID = 16384
 # The columns of sql/outbox.sql, with their type OIDs (uuid, text, jsonb, timestamptz).

@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 from bench.acklog import AckLog
-from cdc_relay import session
 from cdc_relay.cli import main
+from cdc_relay.runtime import session
 
 
 def install(log: AckLog) -> None:

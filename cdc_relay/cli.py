@@ -18,10 +18,11 @@ from types import FrameType
 
 import psycopg
 
-from cdc_relay import __version__, admin
-from cdc_relay.database import connect, describe_psycopg_error
+from cdc_relay import __version__
+from cdc_relay.adapters.database import connect, describe_psycopg_error
 from cdc_relay.errors import ConfigError, RelayError
 from cdc_relay.logs import REDACT, configure_logging
+from cdc_relay.ops import admin
 from cdc_relay.settings import Settings, is_secret_property, load_settings
 
 log = logging.getLogger("cdc_relay")
@@ -192,9 +193,9 @@ def _install_stop_handlers(stop_requested: threading.Event) -> None:
 
 
 def _run(settings: Settings, stop_requested: threading.Event) -> int:
-    from cdc_relay.endpoint import MetricsServer  # the producer stack is only needed here
-    from cdc_relay.metrics import registry_for
-    from cdc_relay.relay import Relay
+    from cdc_relay.adapters.http import MetricsServer  # the producer stack is only needed here
+    from cdc_relay.adapters.metrics import registry_for
+    from cdc_relay.runtime.relay import Relay
 
     relay = Relay(settings, stop_requested=stop_requested)
     server = None
@@ -213,7 +214,7 @@ def _run(settings: Settings, stop_requested: threading.Event) -> int:
 
 
 def _prune(args: argparse.Namespace, settings: Settings) -> int:
-    from cdc_relay.prune import parse_duration, prune
+    from cdc_relay.ops.prune import parse_duration, prune
 
     try:
         older_than, wait = parse_duration(args.older_than), parse_duration(args.wait)

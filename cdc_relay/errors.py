@@ -26,7 +26,7 @@ class DecodeError(RelayError):
         self.lsn = lsn
         where = []
         if lsn is not None:
-            from cdc_relay.lsn import format_lsn
+            from cdc_relay.core.lsn import format_lsn
 
             where.append(f"lsn {format_lsn(lsn)}")
         if offset is not None:

@@ -16,8 +16,8 @@ from typing import Any, TypeAlias, overload
 import psycopg
 from psycopg import sql
 
+from cdc_relay.core.names import split_table_name
 from cdc_relay.outbox import AsyncTarget, SyncTarget, require_transaction
-from cdc_relay.settings import split_table_name
 
 DEFAULT_INBOX = "public.processed_events"
 

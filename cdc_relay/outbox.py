@@ -12,15 +12,15 @@ import json
 import uuid
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias, overload
+from typing import Any, Protocol, TypeAlias, overload
 
 import psycopg
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
+from cdc_relay.core.mapping import ColumnMapping
+from cdc_relay.core.names import split_table_name
 from cdc_relay.errors import RelayError
-from cdc_relay.mapping import ColumnMapping
-from cdc_relay.settings import Settings, split_table_name
 
 SyncTarget: TypeAlias = psycopg.Connection[Any] | psycopg.Cursor[Any]
 AsyncTarget: TypeAlias = psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any]
@@ -40,6 +40,16 @@ class NotInTransaction(RelayError):
         )
 
 
+class RelaySettings(Protocol):
+    """What ``OutboxTable.from_settings`` reads of the relay's settings (``load_settings()``),
+    so that this module, which services import, never imports the relay itself."""
+
+    @property
+    def outbox_table(self) -> str: ...
+
+    def column_mapping(self) -> ColumnMapping: ...
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxTable:
     """Where events go: the outbox table and its column roles (the relay's defaults)."""
@@ -48,7 +58,7 @@ class OutboxTable:
     columns: ColumnMapping = field(default_factory=ColumnMapping)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> OutboxTable:
+    def from_settings(cls, settings: RelaySettings) -> OutboxTable:
         """The table the relay configured by ``settings`` reads."""
         return cls(
             name=settings.outbox_table,

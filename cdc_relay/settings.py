@@ -16,8 +16,9 @@ from psycopg.conninfo import conninfo_to_dict
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
+from cdc_relay.core.mapping import ColumnMapping, legal_topic
+from cdc_relay.core.names import split_table_name
 from cdc_relay.errors import ConfigError
-from cdc_relay.mapping import ColumnMapping, legal_topic
 
 ENV_PREFIX = "CDC_RELAY_"
 
@@ -331,16 +332,6 @@ class Settings(BaseSettings):
     @property
     def table_name(self) -> str:
         return split_table_name(self.outbox_table)[1]
-
-
-def split_table_name(qualified: str) -> tuple[str, str]:
-    """Split ``schema.table`` (default schema public); names are taken literally, no quoting."""
-    parts = qualified.split(".")
-    if len(parts) == 1:
-        parts = ["public", parts[0]]
-    if len(parts) != 2 or not all(parts) or any('"' in p or "\x00" in p for p in parts):
-        raise ValueError("must be a table name, optionally schema-qualified (schema.table)")
-    return parts[0], parts[1]
 
 
 _SECRET_WORDS = ("password", "secret", "key.pem", "sasl.oauthbearer.config", "token")

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from cdc_relay import recipes
-from cdc_relay.mapping import ColumnMapping
+from cdc_relay.core.mapping import ColumnMapping
 from cdc_relay.outbox import NotInTransaction, OutboxTable, add_event
 from tests.integration.conftest import Outbox
 from tests.integration.relay_process import (

@@ -6,7 +6,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from cdc_relay import prune as prune_module
+from cdc_relay.ops import prune as prune_module
 from cdc_relay.settings import load_settings
 from tests.integration.conftest import Outbox
 from tests.integration.relay_process import (

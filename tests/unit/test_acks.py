@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdc_relay.acks import AckTracker
-from cdc_relay.lsn import Lsn
+from cdc_relay.core.acks import AckTracker
+from cdc_relay.core.lsn import Lsn
 
 
 def test_confirms_a_transaction_only_when_all_its_records_are_acked():

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdc_relay.copydata import (
+from cdc_relay.core.copydata import (
     PG_EPOCH_UNIX,
     Keepalive,
     XLogData,
@@ -19,8 +19,8 @@ from cdc_relay.copydata import (
     pg_time_us,
     unix_seconds,
 )
+from cdc_relay.core.lsn import Lsn
 from cdc_relay.errors import DecodeError
-from cdc_relay.lsn import Lsn
 
 U64 = st.integers(0, 2**64 - 1)
 I64 = st.integers(-(2**63), 2**63 - 1)

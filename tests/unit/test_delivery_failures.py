@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError
 
+from cdc_relay.adapters.kafka import RecordRefused
+from cdc_relay.core.lsn import Lsn
+from cdc_relay.core.mapping import ColumnMapping, OutboxRecord, Rejected
+from cdc_relay.core.stats import RelayStats
 from cdc_relay.errors import DecodeError, DeliveryError, HaltedOnBadRow
-from cdc_relay.lsn import Lsn
-from cdc_relay.mapping import ColumnMapping, OutboxRecord, Rejected
-from cdc_relay.publisher import RecordRefused
-from cdc_relay.session import Delivery, Session
+from cdc_relay.runtime.session import Delivery, Session
 from cdc_relay.settings import Settings
-from cdc_relay.stats import RelayStats
 
 
 class FakePublisher:

@@ -17,10 +17,10 @@ from typing import Any
 import promql_parser
 import yaml
 
-from cdc_relay.endpoint import HEARTBEAT_STALE_SECONDS, MetricsServer
-from cdc_relay.metrics import METRIC_NAMES, registry_for
+from cdc_relay.adapters.http import HEARTBEAT_STALE_SECONDS, MetricsServer
+from cdc_relay.adapters.metrics import METRIC_NAMES, registry_for
+from cdc_relay.core.stats import RelayStats
 from cdc_relay.settings import Settings
-from cdc_relay.stats import RelayStats
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -10,9 +10,9 @@ from typing import Any
 
 import psycopg
 
-from cdc_relay.admin import SlotInfo
-from cdc_relay.lag import LagSampler
-from cdc_relay.stats import RelayStats
+from cdc_relay.adapters.lag import LagSampler
+from cdc_relay.core.stats import RelayStats
+from cdc_relay.ops.admin import SlotInfo
 
 
 class FakePool:
@@ -28,11 +28,11 @@ class FakePool:
 
 def test_failures_are_logged_once_and_counted_then_recovery_fills_the_stats(monkeypatch, caplog):
     slot = SlotInfo("s1", "pgoutput", "app", True, 1, "0/10", "0/8", "reserved", 4096)
-    monkeypatch.setattr("cdc_relay.lag.admin.fetch_slot", lambda conn, name: slot)
+    monkeypatch.setattr("cdc_relay.adapters.lag.admin.fetch_slot", lambda conn, name: slot)
     stats = RelayStats()
     pool = FakePool()
     sampler = LagSampler(pool, "s1", stats, interval=5.0)  # type: ignore[arg-type]
-    with caplog.at_level(logging.INFO, logger="cdc_relay.lag"):
+    with caplog.at_level(logging.INFO, logger="cdc_relay.adapters.lag"):
         for _ in range(3):
             sampler.sample()
         assert stats.lag_sample_errors == 3

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cdc_relay.errors import MappingError
-from cdc_relay.mapping import (
+from cdc_relay.core.mapping import (
     ColumnMapping,
     OutboxRecord,
     Rejected,
@@ -14,7 +13,8 @@ from cdc_relay.mapping import (
     legal_topic,
     parse_timestamp_ms,
 )
-from cdc_relay.pgoutput import UNCHANGED, Column, Oid, Relation
+from cdc_relay.core.pgoutput import UNCHANGED, Column, Oid, Relation
+from cdc_relay.errors import MappingError
 
 UUID_OID, TEXT_OID, JSONB_OID, BYTEA_OID, TSTZ_OID = 2950, 25, 3802, 17, 1184
 

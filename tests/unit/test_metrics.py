@@ -13,15 +13,15 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cdc_relay.copydata import pg_time_us
-from cdc_relay.endpoint import HEARTBEAT_STALE_SECONDS, MetricsServer, health, readiness
+from cdc_relay.adapters.http import HEARTBEAT_STALE_SECONDS, MetricsServer, health, readiness
+from cdc_relay.adapters.metrics import METRIC_NAMES, registry_for
+from cdc_relay.core.copydata import pg_time_us
+from cdc_relay.core.lsn import Lsn
+from cdc_relay.core.mapping import ColumnMapping
+from cdc_relay.core.stats import Histogram, RelayStats
 from cdc_relay.errors import RelayError
-from cdc_relay.lsn import Lsn
-from cdc_relay.mapping import ColumnMapping
-from cdc_relay.metrics import METRIC_NAMES, registry_for
-from cdc_relay.session import Delivery, Session
+from cdc_relay.runtime.session import Delivery, Session
 from cdc_relay.settings import Settings
-from cdc_relay.stats import Histogram, RelayStats
 
 
 def samples(stats: RelayStats) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

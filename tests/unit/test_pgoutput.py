@@ -21,9 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cdc_relay.errors import DecodeError
-from cdc_relay.lsn import Lsn, parse_lsn
-from cdc_relay.pgoutput import (
+from cdc_relay.core.lsn import Lsn, parse_lsn
+from cdc_relay.core.pgoutput import (
     UNCHANGED,
     Begin,
     BeginPrepare,
@@ -53,6 +52,7 @@ from cdc_relay.pgoutput import (
     Xid,
     decode,
 )
+from cdc_relay.errors import DecodeError
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "pgoutput"
 FIXTURE_NAMES = sorted(p.stem for p in FIXTURES.glob("*.json"))

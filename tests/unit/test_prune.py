@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from cdc_relay import cli
-from cdc_relay.prune import delete_batch_sql, parse_duration
+from cdc_relay.ops.prune import delete_batch_sql, parse_duration
 from cdc_relay.settings import Settings
 
 

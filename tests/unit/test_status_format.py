@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cdc_relay.admin import format_status
+from cdc_relay.ops.admin import format_status
 
 
 def report(oldest: dict[str, object] | None) -> dict[str, object]:

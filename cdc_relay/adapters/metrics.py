@@ -18,7 +18,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from cdc_relay import __version__
-from cdc_relay.stats import RelayStats
+from cdc_relay.core.stats import RelayStats
 
 WAL_STATUSES = ("reserved", "extended", "unreserved", "lost")
 RECONNECT_CAUSES = ("database", "replication", "kafka", "slot_in_use")

@@ -16,9 +16,9 @@ from typing import Final
 import psycopg
 from psycopg import pq
 
-from cdc_relay.copydata import encode_standby_status, pg_time_us
+from cdc_relay.core.copydata import encode_standby_status, pg_time_us
+from cdc_relay.core.lsn import Lsn, format_lsn
 from cdc_relay.errors import ReplicationError, SlotInUse, SlotLost
-from cdc_relay.lsn import Lsn, format_lsn
 
 log = logging.getLogger(__name__)
 

@@ -14,25 +14,32 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cdc_relay.acks import AckTracker, Transaction
-from cdc_relay.copydata import (
+from cdc_relay.adapters.kafka import (
+    ProduceInterrupted,
+    Publisher,
+    RecordRefused,
+    Verdict,
+    classify_delivery_error,
+    is_size_error,
+)
+from cdc_relay.adapters.replication import ReplicationStream
+from cdc_relay.core.acks import AckTracker, Transaction
+from cdc_relay.core.copydata import (
     XLOG_DATA_HEADER_SIZE,
     XLOG_DATA_TYPE,
     Keepalive,
     parse_copy_data,
     xlog_data_start,
 )
-from cdc_relay.errors import (
-    DecodeError,
-    DeliveryError,
-    HaltedOnBadRow,
-    PrerequisiteError,
-    RelayError,
-    ReplicationError,
+from cdc_relay.core.lsn import Lsn, format_lsn
+from cdc_relay.core.mapping import (
+    ColumnMapping,
+    OutboxRecord,
+    Rejected,
+    TablePlan,
+    dead_letter_record,
 )
-from cdc_relay.lsn import Lsn, format_lsn
-from cdc_relay.mapping import ColumnMapping, OutboxRecord, Rejected, TablePlan, dead_letter_record
-from cdc_relay.pgoutput import (
+from cdc_relay.core.pgoutput import (
     Begin,
     Commit,
     Decoder,
@@ -45,17 +52,16 @@ from cdc_relay.pgoutput import (
     Type,
     Update,
 )
-from cdc_relay.publisher import (
-    ProduceInterrupted,
-    Publisher,
-    RecordRefused,
-    Verdict,
-    classify_delivery_error,
-    is_size_error,
+from cdc_relay.core.stats import RelayStats
+from cdc_relay.errors import (
+    DecodeError,
+    DeliveryError,
+    HaltedOnBadRow,
+    PrerequisiteError,
+    RelayError,
+    ReplicationError,
 )
 from cdc_relay.settings import Settings
-from cdc_relay.stats import RelayStats
-from cdc_relay.stream import ReplicationStream
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,17 @@ import psycopg
 from confluent_kafka import KafkaError
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from cdc_relay import admin
-from cdc_relay.database import (
+from cdc_relay.adapters.database import (
     DatabaseUnavailable,
     check_connection,
     describe_psycopg_error,
     open_pool,
 )
+from cdc_relay.adapters.kafka import Publisher
+from cdc_relay.adapters.lag import LagSampler
+from cdc_relay.adapters.replication import ReplicationStream
+from cdc_relay.core.lsn import Lsn, format_lsn
+from cdc_relay.core.stats import RelayStats
 from cdc_relay.errors import (
     DeliveryError,
     HaltedOnBadRow,
@@ -32,13 +36,9 @@ from cdc_relay.errors import (
     SlotInUse,
     SlotLost,
 )
-from cdc_relay.lag import LagSampler
-from cdc_relay.lsn import Lsn, format_lsn
-from cdc_relay.publisher import Publisher
-from cdc_relay.session import MAX_SILENCE, PROTO_VERSION, Session
+from cdc_relay.ops import admin
+from cdc_relay.runtime.session import MAX_SILENCE, PROTO_VERSION, Session
 from cdc_relay.settings import Settings, redact_kafka_config
-from cdc_relay.stats import RelayStats
-from cdc_relay.stream import ReplicationStream
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from cdc_relay.core.pgoutput import ColumnValue, Relation
 from cdc_relay.errors import MappingError
-from cdc_relay.pgoutput import ColumnValue, Relation
 
 BYTEA_OID = 17
 

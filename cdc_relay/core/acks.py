@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from cdc_relay.lsn import Lsn
+from cdc_relay.core.lsn import Lsn
 
 
 class Transaction:

@@ -33,10 +33,10 @@ from datetime import datetime, timedelta
 
 from psycopg import sql
 
-from cdc_relay import admin
-from cdc_relay.admin import Connection, Say
+from cdc_relay.core.lsn import Lsn, format_lsn, parse_lsn
 from cdc_relay.errors import ConfigError, PrerequisiteError, RelayError
-from cdc_relay.lsn import Lsn, format_lsn, parse_lsn
+from cdc_relay.ops import admin
+from cdc_relay.ops.admin import Connection, Say
 from cdc_relay.settings import Settings
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")

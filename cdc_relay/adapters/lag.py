@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 from psycopg_pool import ConnectionPool
 
-from cdc_relay import admin
-from cdc_relay.database import describe_psycopg_error
-from cdc_relay.stats import RelayStats
+from cdc_relay.adapters.database import describe_psycopg_error
+from cdc_relay.core.stats import RelayStats
+from cdc_relay.ops import admin
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from cdc_relay.core.stats import RelayStats
 from cdc_relay.errors import RelayError
-from cdc_relay.stats import RelayStats
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from cdc_relay.core.mapping import OutboxRecord
 from cdc_relay.errors import ConfigError, DeliveryError
-from cdc_relay.mapping import OutboxRecord
 
 log = logging.getLogger(__name__)
 

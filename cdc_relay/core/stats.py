@@ -12,7 +12,7 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cdc_relay.copydata import unix_seconds
+from cdc_relay.core.copydata import unix_seconds
 
 # End-to-end latency buckets (seconds), from a commit in PostgreSQL to Kafka's last ack of it.
 LATENCY_BUCKETS: tuple[float, ...] = (

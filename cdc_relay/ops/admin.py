@@ -10,8 +10,8 @@ import psycopg
 from psycopg import sql
 
 from cdc_relay import recipes
+from cdc_relay.core.lsn import Lsn, parse_lsn
 from cdc_relay.errors import PrerequisiteError, RelayError
-from cdc_relay.lsn import Lsn, parse_lsn
 from cdc_relay.settings import Settings
 
 Connection = psycopg.Connection[tuple[Any, ...]]

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Final, NewType, TypeAlias, final
 
+from cdc_relay.core.lsn import Lsn
 from cdc_relay.errors import DecodeError
-from cdc_relay.lsn import Lsn
 
 __all__ = [
     "MAX_PROTO_VERSION",

@@ -11,8 +11,8 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
+from cdc_relay.core.lsn import Lsn
 from cdc_relay.errors import DecodeError
-from cdc_relay.lsn import Lsn
 
 __all__ = [
     "PG_EPOCH_UNIX",

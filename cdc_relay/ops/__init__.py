@@ -1,0 +1,1 @@
+"""Operator commands: setup, status and teardown of the slot and publication, prune."""
