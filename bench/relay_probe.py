@@ -1,8 +1,8 @@
 """`cdc-relay run` with one hook for the latency runs: the time of each acknowledgement.
 
-``python -m bench.relay_probe run`` (env BENCH_ACK_LOG=<file>) wraps the session's delivery
-callback, which the relay calls for every record's delivery report, to note when each ack
-was seen; the rest is the unchanged relay.
+``python -m bench.relay_probe run`` (env BENCH_ACK_LOG=<file>) wraps the delivery callback
+(a transaction of the ack tracker, called for every record's delivery report) to note when
+each ack was seen; the rest is the unchanged relay.
 """
 
 from __future__ import annotations
@@ -15,19 +15,19 @@ from typing import Any
 
 from bench.acklog import AckLog
 from cdc_relay.cli import main
-from cdc_relay.runtime import session
+from cdc_relay.core.acks import Transaction
 
 
 def install(log: AckLog) -> None:
-    original = session.Delivery.__call__
+    original = Transaction.__call__
     entries = log.entries
 
-    def on_delivery(self: session.Delivery, err: Any, msg: Any) -> None:
+    def on_delivery(self: Transaction, err: Any, msg: Any) -> None:
         if err is None:
             entries.append((msg.value(), time.time()))
         original(self, err, msg)
 
-    session.Delivery.__call__ = on_delivery  # type: ignore[method-assign]
+    Transaction.__call__ = on_delivery  # type: ignore[method-assign]
     atexit.register(log.write)
 
 

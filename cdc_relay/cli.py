@@ -77,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
         "--wait", default="60s", metavar="AGE", help="how long to wait for the slot to catch up"
     )
     prune.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    skip = commands.add_parser(
+        "skip",
+        parents=[common],
+        help="dead-letter the one event that halted the relay, instead of delivering it",
+    )
+    skip.add_argument(
+        "--lsn", required=True, metavar="X/Y", help="the event's WAL position, from the halt line"
+    )
     return parser
 
 
@@ -141,6 +149,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             print(json.dumps(report) if args.json else admin.format_status(report))
         elif args.command == "teardown":
             admin.teardown(conn, settings, say=print)
+        elif args.command == "skip":
+            from cdc_relay.ops import skip
+
+            skip.skip(conn, settings, args.lsn, say=print)
     return EXIT_OK
 
 

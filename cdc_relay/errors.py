@@ -1,9 +1,13 @@
-"""The exception tree. Every error the relay raises on purpose derives from RelayError.
+"""The exception tree. Every error cdc-relay raises on purpose derives from RelayError, and every
+one of them is defined here, so callers have one place to look.
 
-A class's docstring is its default message; the CLI prints ``str(exc)`` as one line.
+A class's docstring is its default message; the CLI prints ``str(exc)`` as one line. Library
+errors (psycopg, librdkafka) are wrapped once, at the adapter that meets them.
 """
 
 from __future__ import annotations
+
+from cdc_relay.core.lsn import format_lsn
 
 
 class RelayError(Exception):
@@ -13,8 +17,18 @@ class RelayError(Exception):
         super().__init__(message or (self.__doc__ or "").strip())
 
 
+# --------------------------------------------------------------------------- configuration
+
+
 class ConfigError(RelayError):
     """The configuration is invalid."""
+
+
+class PrerequisiteError(RelayError):
+    """The database is not ready for the relay (wal_level, rights, slot, publication)."""
+
+
+# --------------------------------------------------------------------------- the stream
 
 
 class DecodeError(RelayError):
@@ -26,8 +40,6 @@ class DecodeError(RelayError):
         self.lsn = lsn
         where = []
         if lsn is not None:
-            from cdc_relay.core.lsn import format_lsn
-
             where.append(f"lsn {format_lsn(lsn)}")
         if offset is not None:
             where.append(f"offset {offset}")
@@ -50,13 +62,50 @@ class SlotLost(ReplicationError):
     """The replication slot can no longer be used (wal_status = lost, or it was dropped)."""
 
 
+class DatabaseUnavailable(RelayError):
+    """The database cannot be reached."""
+
+
+# --------------------------------------------------------------------------- Kafka
+
+
 class DeliveryError(RelayError):
-    """Kafka did not acknowledge a record."""
+    """Kafka did not acknowledge a record: the pipeline replays from the confirmed position."""
+
+
+class RecordRefused(RelayError):
+    """The producer refused a record outright (too large for the client, invalid)."""
+
+    def __init__(self, reason: str, *, too_large: bool) -> None:
+        super().__init__(reason)
+        self.too_large = too_large
+
+
+class ProduceInterrupted(RelayError):
+    """Stop was requested while the producer waited for room in librdkafka's queue."""
 
 
 class HaltedOnBadRow(RelayError):
     """An outbox row cannot be delivered and the dead-letter policy is 'halt'."""
 
+    def __init__(self, message: str | None = None, *, lsn: int | None = None) -> None:
+        super().__init__(message)
+        self.lsn = lsn
 
-class PrerequisiteError(RelayError):
-    """The database is not ready for the relay (wal_level, rights, slot, publication)."""
+
+# --------------------------------------------------------------------------- operations
+
+
+class PruneBlocked(RelayError):
+    """The slot has not confirmed the position prune started at: nothing was deleted."""
+
+
+# --------------------------------------------------------------------------- client helpers
+
+
+class NotInTransaction(RelayError):
+    """An outbox write needs a transaction: use `with conn.transaction():` around it."""
+
+
+class MissingEventId(RelayError):
+    """The record has no `id` header: it was not published by cdc-relay."""

@@ -17,15 +17,12 @@ import psycopg
 from psycopg import sql
 
 from cdc_relay.core.names import split_table_name
+from cdc_relay.errors import MissingEventId
 from cdc_relay.outbox import AsyncTarget, SyncTarget, require_transaction
 
 DEFAULT_INBOX = "public.processed_events"
 
 KafkaHeaders: TypeAlias = Sequence[tuple[str, bytes | str | None]] | None
-
-
-class MissingEventId(ValueError):
-    """The record has no `id` header: it was not published by cdc-relay."""
 
 
 def event_id_of(headers: KafkaHeaders) -> str:

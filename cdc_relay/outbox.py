@@ -20,24 +20,13 @@ from psycopg.pq import TransactionStatus
 
 from cdc_relay.core.mapping import ColumnMapping
 from cdc_relay.core.names import split_table_name
-from cdc_relay.errors import RelayError
+from cdc_relay.errors import NotInTransaction
 
 SyncTarget: TypeAlias = psycopg.Connection[Any] | psycopg.Cursor[Any]
 AsyncTarget: TypeAlias = psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any]
 Payload: TypeAlias = (
     bytes | bytearray | memoryview | Mapping[str, Any] | list[Any] | str | int | float | bool | None
 )
-
-
-class NotInTransaction(RelayError):
-    """An outbox write needs a transaction: use `with conn.transaction():` around it."""
-
-    def __init__(self, message: str | None = None) -> None:
-        super().__init__(
-            message
-            or "add_event needs a transaction: on an autocommit connection use "
-            "`with conn.transaction():` so that the event commits with the business rows"
-        )
 
 
 class RelaySettings(Protocol):

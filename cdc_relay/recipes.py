@@ -8,6 +8,7 @@ from importlib import resources
 
 RECIPES = (
     "add_event.sql",
+    "control.sql",
     "inbox.sql",
     "outbox_partitioned.sql",
     "roles.sql",

@@ -29,12 +29,17 @@ _TOPIC_PLACEHOLDERS = {"aggregate_type", "event_type", "table"}
 
 # librdkafka properties whose other values would break the delivery guarantee: acks from all
 # replicas, idempotence (order through retries), a delivery report per record (the slot only
-# advances on acks).
+# advances on acks), no gap in a partition's series after a failed batch (a later record of a
+# key must not land before an earlier one that is replayed), and no final timeout (which the
+# gapless guarantee does not cover: an outage is backpressure, never a reason to give up).
 _GUARANTEE_PROPERTIES = {
     "acks": {"all", "-1"},
     "request.required.acks": {"all", "-1"},
     "enable.idempotence": {"true"},
     "delivery.report.only.error": {"false"},
+    "enable.gapless.guarantee": {"true"},
+    "message.timeout.ms": {"0"},
+    "delivery.timeout.ms": {"0"},
 }
 # Key-ignoring partitioners would scatter an aggregate's events and lose per-key order.
 _KEY_IGNORING_PARTITIONERS = {"random"}
@@ -56,6 +61,12 @@ def relay_producer_defaults(bootstrap_servers: str) -> dict[str, Any]:
         "client.id": "cdc-relay",
         "enable.idempotence": True,
         "acks": "all",
+        # A failed batch stops the producer (a fatal error, then a new producer and a replay
+        # from the slot) instead of letting later batches of its partition land first.
+        "enable.gapless.guarantee": True,
+        # Never give up on a record: a broker outage holds the relay back (backpressure) until
+        # Kafka answers, and per-key order survives it (docs/reliability.md).
+        "message.timeout.ms": 0,
         # Java clients hash keys with murmur2: match them, so a key lands on the same partition
         # whichever producer wrote it.
         "partitioner": "murmur2_random",
@@ -262,9 +273,15 @@ class Settings(BaseSettings):
                     "or {table}"
                 )
         try:
-            value.format(aggregate_type="a", event_type="e", table="t")
+            sample = value.format(aggregate_type="order", event_type="OrderPlaced", table="outbox")
         except (ValueError, KeyError, IndexError, AttributeError) as exc:
             raise ValueError(f"is not a valid template ({exc})") from None
+        if not legal_topic(sample):
+            # Every event would be dead-lettered while the slot moves on: refuse it now.
+            raise ValueError(
+                f"gives the illegal topic name {sample!r} for aggregate type 'order': Kafka "
+                "allows 1-249 characters of [A-Za-z0-9._-]"
+            )
         return value
 
     @model_validator(mode="after")
@@ -324,6 +341,11 @@ class Settings(BaseSettings):
             "queue.buffering.max.messages": max(100_000, 2 * self.max_in_flight_events),
             **self.kafka_config,
         }
+
+    @property
+    def qualified_table(self) -> str:
+        """``schema.table`` of the outbox, the schema spelled out (as events name it)."""
+        return ".".join(split_table_name(self.outbox_table))
 
     @property
     def table_schema(self) -> str:

@@ -9,13 +9,9 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from cdc_relay.errors import RelayError
+from cdc_relay.errors import DatabaseUnavailable
 
 _CONNECT_TIMEOUT = 10
-
-
-class DatabaseUnavailable(RelayError):
-    """The database cannot be reached."""
 
 
 def describe_psycopg_error(exc: BaseException) -> str:

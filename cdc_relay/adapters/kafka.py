@@ -1,13 +1,11 @@
-"""The Kafka side: a confluent-kafka idempotent producer and the classification of its errors.
+"""The Kafka side: one confluent-kafka idempotent producer.
 
-Delivery reports are served by ``poll``; what a report means for the pipeline is decided by
-``classify_delivery_error``: a verdict about one record (dead-letter or halt), a pipeline
-failure (reset and replay from the slot), or the echo of our own purge (ignore).
+Delivery reports are served by ``poll``; what a report means is the pipeline's to decide
+(cdc_relay/core/verdicts.py). This module only wraps librdkafka's calls and errors.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -15,67 +13,20 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from cdc_relay.core.mapping import OutboxRecord
-from cdc_relay.errors import ConfigError, DeliveryError
+from cdc_relay.core.verdicts import is_size_error
+from cdc_relay.errors import ConfigError, DeliveryError, ProduceInterrupted, RecordRefused
 
 log = logging.getLogger(__name__)
 
 DeliveryCallback = Callable[[Any, Any], None]
 LIBRDKAFKA_LOGGER = "cdc_relay.librdkafka"
 
-# Errors that say "this record can never be accepted", whatever the retries.
-_RECORD_ERRORS = frozenset(
-    {
-        KafkaError.MSG_SIZE_TOO_LARGE,
-        KafkaError.TOPIC_EXCEPTION,
-        KafkaError.INVALID_RECORD,
-        KafkaError.RECORD_LIST_TOO_LARGE,
-        KafkaError.INVALID_MSG_SIZE,
-        KafkaError._INVALID_DIFFERENT_RECORD,
-    }
-)
 # Errors that produce() raises before any network for a record it will never take.
 _PRODUCE_RECORD_ERRORS = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError._INVALID_ARG})
-_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
-
-
-class Verdict(enum.Enum):
-    RECORD = "record"  # this record only: dead-letter it or halt
-    PIPELINE = "pipeline"  # reset the pipeline and replay from the slot
-    IGNORE = "ignore"  # our own purge during a reset
-
-
-_SIZE_ERRORS = frozenset(
-    {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_MSG_SIZE}
-)
-
-
-def is_size_error(code: int) -> bool:
-    """Kafka refused the record for its size: resending the value anywhere is pointless."""
-    return code in _SIZE_ERRORS
-
-
-def classify_delivery_error(code: int) -> Verdict:
-    if code in _PURGED:
-        return Verdict.IGNORE
-    if code in _RECORD_ERRORS:
-        return Verdict.RECORD
-    return Verdict.PIPELINE
-
-
-class ProduceInterrupted(Exception):
-    """Stop was requested while produce() waited for room in librdkafka's queue."""
-
-
-class RecordRefused(Exception):
-    """produce() refused a record outright (too large for the client, invalid)."""
-
-    def __init__(self, reason: str, *, too_large: bool) -> None:
-        super().__init__(reason)
-        self.too_large = too_large
 
 
 class Publisher:
-    """One producer; recreated by the relay after a pipeline failure."""
+    """One producer; recreated by the relay after a fatal error."""
 
     def __init__(self, config: dict[str, Any], *, on_error: Callable[[Any], None]) -> None:
         self.fatal_error: str | None = None
@@ -130,6 +81,18 @@ class Publisher:
         """Serve delivery reports and error callbacks."""
         return int(self._producer.poll(timeout))
 
+    def outstanding(self) -> int:
+        """Records queued or in flight, whose delivery report has not been served yet."""
+        return len(self._producer)
+
+    def purge_queue(self) -> None:
+        """Drop what librdkafka has not sent yet (its reports come back as purged). What is in
+        flight is left to be answered: purging it would leave records that may still land."""
+        try:
+            self._producer.purge(in_queue=True, in_flight=False, blocking=False)
+        except KafkaException:
+            log.debug("purge failed", exc_info=True)
+
     def flush(self, timeout: float) -> int:
         """Wait up to ``timeout`` for outstanding deliveries; returns how many remain."""
         return int(self._producer.flush(timeout))
@@ -142,7 +105,8 @@ class Publisher:
             raise DeliveryError(f"Kafka is unreachable: {exc.args[0].str()}") from None
 
     def discard(self) -> None:
-        """Drop everything queued or in flight (a reset replays it from the slot)."""
+        """Drop everything queued or in flight: only for a producer that is being replaced
+        after a fatal error (which fails every record anyway) or at exit."""
         try:
             self._producer.purge(in_queue=True, in_flight=True, blocking=False)
             self._producer.poll(0)

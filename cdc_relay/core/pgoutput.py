@@ -811,45 +811,49 @@ class Decoder:
         """Forget any open stream block (after a reconnect)."""
         self._in_stream = False
 
-    def decode(self, data: bytes | memoryview, lsn: Lsn | None = None) -> PgOutputMessage:
-        """Decode one message; ``lsn`` (the XLogData start) is only quoted in errors."""
+    def decode(
+        self, data: bytes | memoryview, lsn: Lsn | None = None, *, offset: int = 0
+    ) -> PgOutputMessage:
+        """Decode the message that fills ``data`` from ``offset`` on (a CopyData frame is read
+        in place at its payload's offset: no slice, no second copy). ``lsn`` (the XLogData
+        start) is only quoted in errors; error offsets count from the message's first byte."""
         buf = data if type(data) is bytes else bytes(data)
         try:
             # The relay's hot path: an Insert outside a stream block.
-            if buf and buf[0] == _INSERT and not self._in_stream:
-                return _read_insert(buf, 1, None, self._proto_version)
-            return self._decode_any(buf)
+            if len(buf) > offset and buf[offset] == _INSERT and not self._in_stream:
+                return _read_insert(buf, offset + 1, None, self._proto_version)
+            return self._decode_any(buf, offset)
         except _Malformed as exc:
-            raise DecodeError(exc.message, offset=exc.offset, lsn=lsn) from None
+            raise DecodeError(exc.message, offset=exc.offset - offset, lsn=lsn) from None
 
-    def _decode_any(self, buf: bytes) -> PgOutputMessage:
-        if not buf:
-            raise _Malformed("empty message", 0)
-        code = buf[0]
+    def _decode_any(self, buf: bytes, start: int) -> PgOutputMessage:
+        if len(buf) <= start:
+            raise _Malformed("empty message", start)
+        code = buf[start]
         kind = _KINDS.get(code)
         if kind is None:
-            raise _Malformed(f"unknown message type {bytes((code,))!r}", 0)
+            raise _Malformed(f"unknown message type {bytes((code,))!r}", start)
         if self._proto_version < kind.min_proto:
             raise _Malformed(
                 f"{kind.name} message needs protocol version {kind.min_proto}, "
                 f"decoding version {self._proto_version}",
-                0,
+                start,
             )
         xid: Xid | None = None
-        pos = 1
+        pos = start + 1
         if kind.stream_xid and self._in_stream:
-            if len(buf) < 5:
-                raise _Malformed(f"truncated {kind.name} message", 1)
-            xid = Xid(_U32(buf, 1)[0])
-            pos = 5
+            if len(buf) < pos + 4:
+                raise _Malformed(f"truncated {kind.name} message", pos)
+            xid = Xid(_U32(buf, pos)[0])
+            pos += 4
         msg = kind.read(buf, pos, xid, self._proto_version)
         if code == _STREAM_START:
             if self._in_stream:
-                raise _Malformed("Stream Start inside a stream block", 0)
+                raise _Malformed("Stream Start inside a stream block", start)
             self._in_stream = True
         elif code == _STREAM_STOP:
             if not self._in_stream:
-                raise _Malformed("Stream Stop outside a stream block", 0)
+                raise _Malformed("Stream Stop outside a stream block", start)
             self._in_stream = False
         return msg
 

@@ -66,8 +66,9 @@ class Histogram:
 
 @dataclass(slots=True)
 class RelayStats:
-    # Records handed to the producer for their own topic (a record Kafka then refuses for good
-    # moves to dead_lettered). Records replayed after a reset count again.
+    # Records handed to the producer for their own topic. Records replayed after a reset count
+    # again; a record Kafka then refuses for good counts in dead_lettered as well (a counter
+    # never goes down).
     published: int = 0
     published_by_topic: dict[str, int] = field(default_factory=dict)
     dead_lettered: int = 0
@@ -103,10 +104,9 @@ class RelayStats:
     def beat(self) -> None:
         self.heartbeat = time.monotonic()
 
-    def transaction_acknowledged(self, commit_time_us: int) -> None:
+    def transaction_acknowledged(self, commit_time_us: int, now: float) -> None:
         """The last record of a transaction (committed at ``commit_time_us``, µs since
-        2000-01-01) was acknowledged: one latency observation."""
-        now = time.time()
+        2000-01-01) was acknowledged at Unix time ``now``: one latency observation."""
         self.last_ack_unix = now
         self.latency.observe(max(0.0, now - unix_seconds(commit_time_us)))
 

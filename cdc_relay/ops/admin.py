@@ -12,6 +12,7 @@ from psycopg import sql
 from cdc_relay import recipes
 from cdc_relay.core.lsn import Lsn, parse_lsn
 from cdc_relay.errors import PrerequisiteError, RelayError
+from cdc_relay.ops import control
 from cdc_relay.settings import Settings
 
 Connection = psycopg.Connection[tuple[Any, ...]]
@@ -209,6 +210,17 @@ def setup(conn: Connection, settings: Settings, *, create_table: bool, say: Say)
     ):
         if optional and optional not in columns:
             say(f"note  table {table} has no column {optional!r} ({variable}); it is not used")
+
+    missing = control.missing_tables(conn, settings)
+    if missing:
+        conn.execute(control.create_sql(settings))
+        say(f"done  created control tables {', '.join(missing)}")
+        changed = True
+    else:
+        say(
+            f"ok    control tables {settings.table_schema}.{control.KEPT_TABLE}, "
+            f"{settings.table_schema}.{control.SKIPPED_TABLE} exist"
+        )
 
     publication = settings.publication_name
     tables = publication_tables(conn, publication)
@@ -427,6 +439,12 @@ def require_ready(conn: Connection, settings: Settings) -> SlotInfo:
     role may replicate (the walsender would refuse it, and retrying cannot fix that)."""
     _require_replication_right(conn)
     slot = require_slot(conn, settings)
+    missing = control.missing_tables(conn, settings)
+    if missing:
+        raise PrerequisiteError(
+            f"table {missing[0]} does not exist: run `cdc-relay setup` (it creates the relay's "
+            "control tables beside the outbox)"
+        )
     tables = publication_tables(conn, settings.publication_name)
     if tables is None:
         raise PrerequisiteError(

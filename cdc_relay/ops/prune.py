@@ -34,18 +34,14 @@ from datetime import datetime, timedelta
 from psycopg import sql
 
 from cdc_relay.core.lsn import Lsn, format_lsn, parse_lsn
-from cdc_relay.errors import ConfigError, PrerequisiteError, RelayError
-from cdc_relay.ops import admin
+from cdc_relay.errors import ConfigError, PrerequisiteError, PruneBlocked
+from cdc_relay.ops import admin, control
 from cdc_relay.ops.admin import Connection, Say
 from cdc_relay.settings import Settings
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _POLL_SECONDS = 0.25
-
-
-class PruneBlocked(RelayError):
-    """The slot has not confirmed the position prune started at: nothing was deleted."""
 
 
 def parse_duration(text: str) -> timedelta:
@@ -75,6 +71,16 @@ def _condition(alias: str, settings: Settings, with_age: bool) -> sql.Composed:
     xmin = sql.SQL("{}.xmin").format(sql.Identifier(alias))
     parts: list[sql.Composable] = [
         sql.SQL("{} < %(horizon)s").format(xid8_of(xmin)),
+        # Rows whose payload never reached Kafka (dead-lettered without it) are the only
+        # copy of their event: never deleted here (cdc_relay/sql/control.sql).
+        sql.SQL(
+            "NOT EXISTS (SELECT 1 FROM {kept} k WHERE k.source_table = %(table)s "
+            "AND k.event_id = {alias}.{id}::text)"
+        ).format(
+            kept=control.control_table(settings, control.KEPT_TABLE),
+            alias=sql.Identifier(alias),
+            id=sql.Identifier(settings.column_id),
+        ),
     ]
     if with_age:
         parts.append(
@@ -131,6 +137,12 @@ def prune(
     columns = admin.table_columns(conn, settings)
     if columns is None:
         raise PrerequisiteError(f"table {settings.outbox_table} does not exist")
+    missing = control.missing_tables(conn, settings)
+    if missing:
+        raise PrerequisiteError(
+            f"table {missing[0]} does not exist: run `cdc-relay setup` first (prune must know "
+            "which rows are the only copy of their event)"
+        )
     with_age = bool(settings.column_created_at) and settings.column_created_at in columns
     if not with_age and older_than > timedelta(0):
         raise ConfigError(
@@ -156,7 +168,12 @@ def prune(
             "up? see `cdc-relay status`)"
         )
 
-    params = {"horizon": horizon_xid, "cutoff": cutoff, "batch": batch_size}
+    params = {
+        "horizon": horizon_xid,
+        "cutoff": cutoff,
+        "batch": batch_size,
+        "table": settings.qualified_table,
+    }
     if dry_run:
         count_row = conn.execute(count_sql(settings, with_age=with_age), params).fetchone()
         would = int(count_row[0]) if count_row else 0

@@ -17,18 +17,15 @@ import psycopg
 from confluent_kafka import KafkaError
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from cdc_relay.adapters.database import (
-    DatabaseUnavailable,
-    check_connection,
-    describe_psycopg_error,
-    open_pool,
-)
+from cdc_relay.adapters.database import check_connection, describe_psycopg_error, open_pool
 from cdc_relay.adapters.kafka import Publisher
 from cdc_relay.adapters.lag import LagSampler
 from cdc_relay.adapters.replication import ReplicationStream
 from cdc_relay.core.lsn import Lsn, format_lsn
+from cdc_relay.core.pipeline import PROTO_VERSION, Keep, Memory, Pipeline, PipelineConfig
 from cdc_relay.core.stats import RelayStats
 from cdc_relay.errors import (
+    DatabaseUnavailable,
     DeliveryError,
     HaltedOnBadRow,
     PrerequisiteError,
@@ -36,11 +33,16 @@ from cdc_relay.errors import (
     SlotInUse,
     SlotLost,
 )
-from cdc_relay.ops import admin
-from cdc_relay.runtime.session import MAX_SILENCE, PROTO_VERSION, Session
+from cdc_relay.ops import admin, control, skip
+from cdc_relay.runtime.session import Session, settle_publisher
 from cdc_relay.settings import Settings, redact_kafka_config
 
 log = logging.getLogger(__name__)
+
+# The server drops a silent client after wal_sender_timeout (60 s by default): send a status
+# update at least this often whatever happens, including while Kafka is down and the socket is
+# left unread (then reply-requested keepalives go unseen). Shortened for a shorter timeout.
+MAX_SILENCE = 10.0
 
 # Connection failures that no amount of retrying fixes.
 _FATAL_CONNECT_SQLSTATES = {"28P01", "28000", "3D000"}
@@ -84,6 +86,9 @@ class Relay:
         self.stats = RelayStats()
         self._stop = stop_requested or threading.Event()
         self._mapping = settings.column_mapping()
+        # What the pipeline learnt about single events (refusals, isolation): kept across
+        # sessions, so that a replay does not try a refused record again.
+        self._memory = Memory()
         self._producer_config = settings.producer_config()
         self._failure_log = FailureLog()
         self._kafka_log = FailureLog()
@@ -142,9 +147,7 @@ class Relay:
                         f"(backoff up to {settings.reconnect_max_backoff_seconds:g} s)",
                         extra=slot_field,
                     )
-                    if isinstance(exc, DeliveryError):
-                        # Its queue holds records of a pipeline that is gone.
-                        self._reset_publisher()
+                    self._settle_publisher()
                     self._wait(backoff)
                     backoff = min(backoff * 2, settings.reconnect_max_backoff_seconds)
         finally:
@@ -199,9 +202,19 @@ class Relay:
                 raise
             log.warning("%s; will retry", exc)
 
+    def _settle_publisher(self) -> None:
+        """Before any replay: nothing the old session produced may land after the replayed
+        records (per-key order). Purge what was not sent, wait for what was; a producer in a
+        fatal state is replaced (a fatal error fails everything it holds)."""
+        publisher = self._publisher
+        if publisher is None:
+            return
+        if publisher.fatal_error:
+            self._reset_publisher()
+            return
+        settle_publisher(publisher, self._stop, self.stats.beat)
+
     def _reset_publisher(self) -> None:
-        # A fresh producer after a delivery failure: a fatal idempotence error would poison the
-        # old one for good.
         if self._publisher is not None:
             self._publisher.discard()
             self._publisher = None
@@ -253,6 +266,27 @@ class Relay:
 
     # ---------------------------------------------------------------- one session
 
+    def _pipeline_config(self, max_silence: float) -> PipelineConfig:
+        settings = self.settings
+        return PipelineConfig(
+            outbox_table=(settings.table_schema, settings.table_name),
+            mapping=self._mapping,
+            topic_template=settings.topic_template,
+            dead_letter_topic=settings.dead_letter_topic,
+            halt_on_bad_row=settings.dead_letter_policy == "halt",
+            max_in_flight_events=settings.max_in_flight_events,
+            max_in_flight_bytes=settings.max_in_flight_bytes,
+            status_interval=settings.status_interval_seconds,
+            max_silence=max_silence,
+            shutdown_timeout=settings.shutdown_timeout_seconds,
+            slot_name=settings.slot_name,
+        )
+
+    def _keep(self, pool: ConnectionPool, action: Keep) -> None:
+        """The pipeline's Keep: prune must never delete this row (its payload is nowhere else)."""
+        with pool.connection() as conn:
+            control.record_kept(conn, self.settings, action)
+
     def _session(self, pool: ConnectionPool) -> None:
         settings = self.settings
         publisher = self._ensure_publisher()
@@ -288,15 +322,22 @@ class Relay:
                 format_lsn(start),
                 extra={"slot": settings.slot_name, "lsn": format_lsn(start)},
             )
-            Session(
-                settings=settings,
-                mapping=self._mapping,
+            with pool.connection() as conn:
+                self._memory.skips = skip.pending(conn, settings, start)
+            pipeline = Pipeline(
+                self._pipeline_config(max_silence),
+                start=start,
+                memory=self._memory,
                 stats=self.stats,
-                stop=self._stop,
+                now=time.monotonic(),
+                wall_clock=time.time,
+            )
+            Session(
+                pipeline=pipeline,
                 stream=stream,
                 publisher=publisher,
-                start=start,
-                max_silence=max_silence,
+                stop=self._stop,
+                keeper=lambda action: self._keep(pool, action),
                 on_acks_flowing=self.kafka_flowing,
             ).run()
         finally:

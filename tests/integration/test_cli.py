@@ -185,6 +185,13 @@ def test_run_waits_for_an_unreachable_broker_and_logs_it_once(db: str, kafka: st
             {"CDC_RELAY_KAFKA_CONFIG": '{"no.such.property": 1}'},
             ["CDC_RELAY_KAFKA_CONFIG", "no.such.property"],
         ),
+        # Bug 5: an illegal topic name from the template passed, then every event was
+        # dead-lettered while the slot moved on.
+        (
+            {"CDC_RELAY_TOPIC_TEMPLATE": "outbox/{aggregate_type}"},
+            ["CDC_RELAY_TOPIC_TEMPLATE", "illegal topic name 'outbox/order'"],
+        ),
+        ({"CDC_RELAY_KAFKA_CONFIG": '{"message.timeout.ms": 30000}'}, ["message.timeout.ms=0"]),
     ],
 )
 def test_configuration_errors_exit_2_with_one_line(db: str, kafka: str, env, fragments):

@@ -130,3 +130,54 @@ def test_confirmed_never_passes_an_unacked_record(history):
     if len(acks) == sum(sizes):
         assert t.advance() == lsn
         assert t.idle
+
+
+def test_the_queue_holds_only_transactions_with_records_in_flight():
+    """Bug 3: every commit queued behind a pending transaction, even those with nothing in
+    flight, so a stuck partition (or a stream of empty transactions) grew memory without bound
+    and backpressure never engaged."""
+    t = AckTracker(Lsn(0))
+    stuck = t.begin(Lsn(10))
+    t.sent(stuck, 1)
+    t.commit(stuck, Lsn(20))
+    lsn = 100
+    for _ in range(10_000):
+        empty = t.begin(Lsn(lsn))
+        t.commit(empty, Lsn(lsn + 1))  # an empty transaction (PostgreSQL < 15 sends them)
+        acked = t.begin(Lsn(lsn + 2))
+        t.sent(acked, 1)
+        t.commit(acked, Lsn(lsn + 3))
+        t.acked(acked, 1)  # acknowledged at once, behind the stuck one
+        lsn += 10
+        assert t.queued <= 2
+    assert t.queued == 1 and t.confirmed == 0
+    t.acked(stuck, 1)
+    assert t.confirmed == lsn - 10 + 3 and t.queued == 0
+
+
+def test_a_transaction_completing_in_the_middle_hands_its_position_to_its_predecessor():
+    t = AckTracker(Lsn(0))
+    txns = []
+    for i in range(3):
+        txn = t.begin(Lsn(10 * i + 5))
+        t.sent(txn, 1)
+        t.commit(txn, Lsn(10 * i + 9))
+        txns.append(txn)
+    t.acked(txns[1], 1)
+    assert (t.queued, t.confirmed) == (2, 0)
+    t.acked(txns[0], 1)
+    assert (t.queued, t.confirmed) == (1, 19)
+    t.acked(txns[2], 1)
+    assert (t.queued, t.confirmed) == (0, 29)
+
+
+def test_an_abandoned_record_blocks_its_transaction_for_good():
+    t = AckTracker(Lsn(0))
+    txn = t.begin(Lsn(10))
+    t.sent(txn, 5)
+    t.abandon(txn, 5)
+    t.commit(txn, Lsn(20))
+    assert (t.in_flight_events, t.in_flight_bytes, t.confirmed) == (0, 0, 0)
+    later = t.begin(Lsn(30))
+    t.commit(later, Lsn(40))
+    assert t.confirmed == 0

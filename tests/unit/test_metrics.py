@@ -4,7 +4,6 @@ session's per-transaction latency observation; /healthz and /readyz."""
 from __future__ import annotations
 
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,11 +16,11 @@ from cdc_relay.adapters.http import HEARTBEAT_STALE_SECONDS, MetricsServer, heal
 from cdc_relay.adapters.metrics import METRIC_NAMES, registry_for
 from cdc_relay.core.copydata import pg_time_us
 from cdc_relay.core.lsn import Lsn
-from cdc_relay.core.mapping import ColumnMapping
+from cdc_relay.core.mapping import OutboxRecord
+from cdc_relay.core.pipeline import Pipeline, PipelineConfig
 from cdc_relay.core.stats import Histogram, RelayStats
 from cdc_relay.errors import RelayError
-from cdc_relay.runtime.session import Delivery, Session
-from cdc_relay.settings import Settings
+from tests import frames
 
 
 def samples(stats: RelayStats) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -112,28 +111,26 @@ class Ack:
 
 def test_latency_is_observed_once_per_transaction_at_its_last_ack():
     stats = RelayStats()
-    session = Session(
-        settings=Settings(database_url="postgresql://x@h/x"),  # type: ignore[arg-type]
-        mapping=ColumnMapping(),
-        stats=stats,
-        stop=threading.Event(),
-        stream=None,  # type: ignore[arg-type]
-        publisher=None,  # type: ignore[arg-type]
+    pipeline = Pipeline(
+        PipelineConfig(outbox_table=("public", "outbox")),
         start=Lsn(1),
+        stats=stats,
+        wall_clock=time.time,
     )
-    tracker = session.tracker
-    assert stats.tracker is tracker
-    txn = tracker.begin(Lsn(10))
-    delivery = Delivery(tracker, txn, [], stats, pg_time_us(time.time() - 2.0))
-    tracker.sent(txn, 2)
-    tracker.sent(txn, 2)
+    assert stats.tracker is pipeline.tracker
+    assert pipeline.feed(frames.relation()) is None
+    pipeline.feed(frames.begin(0x20, commit_time=pg_time_us(time.time() - 2.0)))
+    records = [pipeline.feed(frames.insert(frames.outbox_row(f"k{i}"), 0x10 + i)) for i in (0, 1)]
+    delivery = pipeline.delivery
+    assert delivery is not None and all(isinstance(r, OutboxRecord) for r in records)
     delivery(None, Ack())
-    tracker.commit(txn, Lsn(20))
+    pipeline.feed(frames.commit(0x20, 0x30))
     assert stats.latency.count == 0  # one record still in flight
     delivery(None, Ack())
     assert stats.latency.count == 1
     assert 1.5 < stats.latency.sum < 60
     assert stats.last_ack_unix > time.time() - 60
+    assert pipeline.confirmed == 0x30
 
 
 def test_health_goes_stale_and_readiness_needs_streaming_and_a_broker():

@@ -184,6 +184,25 @@ def test_fixture_decodes_the_same_from_bytes_and_from_a_view_into_a_larger_buffe
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_fixture_decodes_the_same_read_in_place_in_its_frame(name: str) -> None:
+    """Bug 10: the relay sliced each payload out of its frame and copied it, then copied every
+    column again. It now reads the message in place, after the XLogData header."""
+    decoder = Decoder(fixture(name)["proto_version"])
+    for raw, expected in zip(raw_messages(name), decoded(name), strict=True):
+        frame = b"w" + bytes(24) + raw
+        assert decoder.decode(frame, offset=25) == expected
+
+
+def test_an_error_in_place_counts_its_offset_from_the_message() -> None:
+    frame = b"w" + bytes(24) + b"I\x00\x00"
+    with pytest.raises(DecodeError) as in_place:
+        Decoder().decode(frame, offset=25)
+    with pytest.raises(DecodeError) as sliced:
+        Decoder().decode(frame[25:])
+    assert in_place.value.offset == sliced.value.offset == 1
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_fixture_positions_never_go_backwards(name: str) -> None:
     # A walsender sends 0/0 as the start of some Relation messages (see stream_abort).
     lsns = [lsn for lsn in row_lsns(name) if lsn != 0]

@@ -157,8 +157,22 @@ def test_malformed_topic_template_is_refused_at_start(monkeypatch, template):
 
 
 @pytest.mark.parametrize(
+    "template", ["outbox/{aggregate_type}", "outbox events.{event_type}", "{table}:{event_type}"]
+)
+def test_a_template_that_gives_an_illegal_topic_name_is_refused_at_start(monkeypatch, template):
+    """Bug 5: the template formatted to an illegal name (a '/', a space) passed validation,
+    and every event was then dead-lettered while the slot moved on."""
+    monkeypatch.setenv("CDC_RELAY_TOPIC_TEMPLATE", template)
+    with pytest.raises(ConfigError, match=r"^CDC_RELAY_TOPIC_TEMPLATE: gives the illegal topic"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
     ("raw", "fragment"),
     [
+        ('{"message.timeout.ms": 300000}', "message.timeout.ms=0"),
+        ('{"delivery.timeout.ms": 1000}', "delivery.timeout.ms=0"),
+        ('{"enable.gapless.guarantee": false}', "enable.gapless.guarantee=true"),
         ('{"partitioner": "random"}', "per-aggregate order"),
         ('{"delivery.report.only.error": true}', "weaken delivery"),
         ('{"error_cb": "x"}', "managed by the relay"),

@@ -1,0 +1,673 @@
+"""The relay's decisions as a state machine with no I/O: frames, delivery reports, clock ticks
+and a stop request go in; actions come out (produce these records, send this status update,
+record this row as kept, reset and replay, finish).
+
+Like psycopg's protocol generators, it is driven from outside (cdc_relay/runtime/session.py)
+and never touches a socket, so property tests can play whole histories against it
+(tests/unit/test_pipeline_properties.py). It owns the decoder, the relation cache, the mapping,
+the ack tracker and the in-flight accounting.
+
+The insert path is the hot path: ``feed`` returns the OutboxRecord itself (to be produced with
+``delivery``, the open transaction's callback) and counts it in flight; anything else comes
+back as an action object.
+
+How a refusal is judged (see verdicts.py): a broker refusal of a record that was not alone in
+flight sends its transaction to be replayed one record at a time (``Memory.isolate``); a record
+refused alone is refused for good (``Memory.poisoned``, by its own WAL position) and goes to the
+dead-letter topic (or halts the relay) on every later replay without being tried again.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from cdc_relay.core import verdicts
+from cdc_relay.core.acks import AckTracker, Transaction, record_size
+from cdc_relay.core.copydata import (
+    XLOG_DATA_HEADER_SIZE,
+    XLOG_DATA_TYPE,
+    Keepalive,
+    parse_copy_data,
+    xlog_data_start,
+)
+from cdc_relay.core.lsn import Lsn, format_lsn
+from cdc_relay.core.mapping import (
+    ColumnMapping,
+    Headers,
+    OutboxRecord,
+    Rejected,
+    TablePlan,
+    dead_letter_record,
+)
+from cdc_relay.core.pgoutput import (
+    Begin,
+    Commit,
+    Decoder,
+    Delete,
+    Insert,
+    LogicalMessage,
+    Origin,
+    Relation,
+    Truncate,
+    Type,
+    Update,
+)
+from cdc_relay.core.stats import RelayStats
+from cdc_relay.core.verdicts import Verdict
+from cdc_relay.errors import DecodeError, PrerequisiteError, RelayError, ReplicationError
+
+PROTO_VERSION: Final = 1
+_INSERT: Final = ord("I")
+# Outbox updates, deletes and truncates are ignored by design (cleaning the table never emits
+# events; the publication only sends inserts anyway), and so are origins, types and messages.
+_IGNORED: Final = (Update, Delete, Truncate, Origin, Type, LogicalMessage)
+# The dead-letter record of last resort keeps only what identifies the row.
+IDENTIFYING_HEADERS: Final = ("id", "error", "source_lsn", "source_table")
+# Dead-letter forms, from the fullest: with the value; without it; without the key and with
+# only the identifying headers (each cut to 1 KiB). A refused form is followed by the next.
+FULL, WITHOUT_VALUE, IDENTIFYING_ONLY = 0, 1, 2
+SKIPPED_BY_OPERATOR: Final = "skipped by the operator (cdc-relay skip)"
+WARNING, INFO = 30, 20  # logging levels, for Notice
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    """What the pipeline needs of the relay's settings (built by runtime from Settings)."""
+
+    outbox_table: tuple[str, str]
+    mapping: ColumnMapping = field(default_factory=ColumnMapping)
+    topic_template: str = "outbox.event.{aggregate_type}"
+    dead_letter_topic: str = "outbox.dead-letter"
+    halt_on_bad_row: bool = False
+    max_in_flight_events: int = 20_000
+    max_in_flight_bytes: int = 64 * 1024 * 1024
+    status_interval: float = 1.0
+    # A status update goes out at least this often, whatever happens (wal_sender_timeout).
+    max_silence: float = 10.0
+    shutdown_timeout: float = 30.0
+    slot_name: str = "cdc_relay"
+
+    @property
+    def table_name(self) -> str:
+        return ".".join(self.outbox_table)
+
+
+@dataclass(slots=True)
+class Memory:
+    """What the relay has learnt about single events, kept across sessions (resets, reconnects)
+    for as long as the process lives: nothing here is needed for correctness after a restart,
+    where a refusal is simply learnt again."""
+
+    # Event WAL position -> (its transaction's commit LSN, the broker's error, a size error).
+    poisoned: dict[int, tuple[int, str, bool]] = field(default_factory=dict)
+    # (transaction commit LSN, topic): replay that transaction's records for that topic alone.
+    isolate: set[tuple[int, str]] = field(default_factory=set)
+    # Event WAL position -> (its transaction's commit LSN, the smallest dead-letter form the
+    # broker took, or will take: see DeadLetterForm).
+    dead_letter_forms: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # Event WAL positions the operator told the relay to dead-letter (`cdc-relay skip`).
+    skips: frozenset[int] = frozenset()
+
+    def forget_confirmed(self, confirmed: int) -> None:
+        """Entries of transactions at or before the confirmed position are history."""
+        self.poisoned = {k: v for k, v in self.poisoned.items() if v[0] >= confirmed}
+        self.isolate = {entry for entry in self.isolate if entry[0] >= confirmed}
+        self.dead_letter_forms = {
+            k: v for k, v in self.dead_letter_forms.items() if v[0] >= confirmed
+        }
+
+
+# --------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True)
+class Produce:
+    """Produce ``record`` with ``delivery`` as its callback. ``alone``: with nothing else in
+    flight before or after it (wait for the producer to drain on both sides), so that the
+    broker's verdict on it is its own."""
+
+    record: OutboxRecord
+    delivery: Transaction
+    alone: bool = False
+    lsn: Lsn | None = None  # the event's WAL position, when it is known
+
+
+@dataclass(frozen=True, slots=True)
+class SendStatus:
+    """A standby status update confirming ``lsn``; ``moved``: it is past the last one sent."""
+
+    lsn: Lsn
+    moved: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Keep:
+    """Record that the outbox row of ``event_id`` is the only full copy of its event (its
+    dead-letter record carries no payload), so that prune keeps it; then call
+    ``Pipeline.kept(delivery)``: the transaction is not confirmed before."""
+
+    event_id: str
+    table: str
+    source_lsn: str
+    reason: str
+    delivery: Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """Stop producing, purge what the producer has not sent, wait until nothing is in flight
+    (``Pipeline.drained`` tells the driver), then end the session: the next one replays from
+    the slot's confirmed position."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """Shutdown is over: send a last status update confirming ``lsn`` and end. ``halt``: the
+    reason the relay stops (a row that cannot be delivered), with the event's WAL position."""
+
+    lsn: Lsn
+    unacknowledged: int
+    halt: str | None = None
+    halt_lsn: Lsn | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A line for the log (the pipeline logs nothing itself)."""
+
+    level: int
+    message: str
+    lsn: Lsn | None = None
+
+
+Action = Produce | SendStatus | Keep | Reset | Finish | Notice
+_NOTHING: Final[tuple[Action, ...]] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A delivery report with an error, as plain values."""
+
+    delivery: Transaction
+    code: int
+    reason: str
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+
+
+class State(enum.Enum):
+    STREAMING = "streaming"
+    DRAINING = "draining"  # a reset was decided: waiting for the producer to settle
+    STOPPING = "stopping"  # stop or halt: no more reading, waiting for acknowledgements
+    DONE = "done"
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+class Pipeline:
+    """One replication session's decisions, from the slot's confirmed position ``start``.
+
+    ``now`` and ``tick(now)`` take a monotonic clock in seconds; ``wall_clock`` gives Unix time
+    for the latency histogram (commit time to the last acknowledgement of a transaction).
+    """
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        *,
+        start: Lsn,
+        memory: Memory | None = None,
+        stats: RelayStats | None = None,
+        now: float = 0.0,
+        wall_clock: Callable[[], float] = lambda: 0.0,
+    ) -> None:
+        self.config = config
+        self.memory = memory if memory is not None else Memory()
+        self.memory.forget_confirmed(start)
+        self.stats = stats if stats is not None else RelayStats()
+        self.stats.confirmed_lsn = start
+        self._wall_clock = wall_clock
+        self.tracker = AckTracker(start, on_failure=self._on_failure, on_complete=self._completed)
+        self.stats.tracker = self.tracker
+        self.decoder = Decoder(PROTO_VERSION)
+        self.state = State.STREAMING
+        self.delivery: Transaction | None = None  # the open transaction: callback of its records
+        self.reset_reason: str | None = None
+        self._plans: dict[int, TablePlan] = {}
+        self._failures: list[Failure] = []
+        # Per transaction: whether inserts take the careful path (skips, refusals, isolation).
+        self._careful = False
+        self._isolated_topics: frozenset[str] = frozenset()
+        self._records_at_begin = 0
+        self._last_status_at = now
+        self._last_sent = start
+        self._deadline: float | None = None
+        self._halt: str | None = None
+        self._halt_lsn: Lsn | None = None
+
+    # ------------------------------------------------------------------ what the driver reads
+
+    @property
+    def reading(self) -> bool:
+        """Whether the driver may read frames: streaming, and within the in-flight bounds."""
+        tracker, config = self.tracker, self.config
+        return (
+            self.state is State.STREAMING
+            and tracker.in_flight_events < config.max_in_flight_events
+            and tracker.in_flight_bytes < config.max_in_flight_bytes
+        )
+
+    @property
+    def confirmed(self) -> Lsn:
+        return self.tracker.confirmed
+
+    # ------------------------------------------------------------------ frames
+
+    def feed(self, frame: bytes | memoryview) -> OutboxRecord | list[Action] | None:
+        """One CopyData frame of the replication stream. Returns an OutboxRecord to produce with
+        ``self.delivery`` (already counted in flight), a list of actions, or None."""
+        if frame[0] != XLOG_DATA_TYPE or len(frame) < XLOG_DATA_HEADER_SIZE:
+            return self._control(frame)
+        # One copy of the frame; the message is read in place after the XLogData header.
+        buf = frame if type(frame) is bytes else bytes(frame)
+        try:
+            message = self.decoder.decode(buf, offset=XLOG_DATA_HEADER_SIZE)
+        except DecodeError as exc:
+            # The frame's start position is unpacked only here, never per event.
+            raise DecodeError(exc.reason, offset=exc.offset, lsn=xlog_data_start(buf)) from None
+        if type(message) is Insert:
+            plan = self._plans.get(message.relid)
+            if plan is None:
+                return None
+            outcome = plan.map(message.new)
+            delivery = self.delivery
+            if delivery is None:
+                raise ReplicationError("Insert outside a transaction in the replication stream")
+            if self._careful or type(outcome) is not OutboxRecord:
+                return self._insert_carefully(outcome, delivery, plan, xlog_data_start(buf))
+            # tracker.sent() and the counters, inlined: this runs once per event.
+            key, value = outcome.key, outcome.value
+            tracker = self.tracker
+            tracker.in_flight_bytes += (len(key) if key else 0) + (len(value) if value else 0)
+            tracker.in_flight_events += 1
+            delivery.pending += 1
+            stats = self.stats
+            stats.published += 1
+            by_topic = stats.published_by_topic
+            by_topic[outcome.topic] = by_topic.get(outcome.topic, 0) + 1
+            return outcome
+        if type(message) is Begin:
+            self._begin(message)
+        elif type(message) is Commit:
+            self._commit(message)
+        elif type(message) is Relation:
+            self._relation(message)
+        elif not isinstance(message, _IGNORED):
+            raise ReplicationError(
+                f"unexpected {type(message).__name__} message for protocol version {PROTO_VERSION}"
+            )
+        return None
+
+    def _control(self, frame: bytes | memoryview) -> list[Action] | None:
+        message = parse_copy_data(frame)  # a keepalive: any other frame raises here
+        assert type(message) is Keepalive
+        self.tracker.observe_idle_position(message.wal_end)
+        if message.reply_requested:
+            return [self._status(self._last_status_at)]
+        return None
+
+    def _begin(self, begin: Begin) -> None:
+        self.delivery = self.tracker.begin(begin.final_lsn, begin.commit_time)
+        self._records_at_begin = self.stats.published + self.stats.dead_lettered
+        memory = self.memory
+        self._isolated_topics = frozenset(
+            topic for lsn, topic in memory.isolate if lsn == begin.final_lsn
+        )
+        self._careful = bool(self._isolated_topics or memory.poisoned or memory.skips)
+
+    def _commit(self, commit: Commit) -> None:
+        txn = self.delivery
+        if txn is None:
+            raise ReplicationError("Commit without Begin in the replication stream")
+        self.tracker.commit(txn, commit.end_lsn)
+        if txn.pending == 0 and (
+            self.stats.published + self.stats.dead_lettered != self._records_at_begin
+        ):
+            # Every record was acknowledged before the Commit message was read.
+            self.stats.transaction_acknowledged(txn.commit_time, self._wall_clock())
+        self.delivery = None
+
+    def _completed(self, txn: Transaction) -> None:
+        self.stats.transaction_acknowledged(txn.commit_time, self._wall_clock())
+
+    def _relation(self, relation: Relation) -> None:
+        if (relation.namespace, relation.name) != self.config.outbox_table:
+            plan = self._plans.pop(relation.relid, None)
+            if plan is not None:
+                # The outbox itself under a new name: skipping its rows would confirm past
+                # them, so stop before this transaction instead.
+                raise PrerequisiteError(
+                    f"outbox table {plan.table} was renamed to {relation.namespace}."
+                    f"{relation.name} while the relay ran; its new rows are not published. "
+                    "Rename it back, or point CDC_RELAY_OUTBOX_TABLE at it and run "
+                    "`cdc-relay setup`"
+                )
+            return
+        # A new Relation message follows every schema change: re-resolve the columns. A table
+        # that lost a mapped column cannot deliver anything, so that is fatal, not per row.
+        try:
+            self._plans[relation.relid] = TablePlan(
+                relation, self.config.mapping, self.config.topic_template
+            )
+        except RelayError as exc:
+            raise PrerequisiteError(str(exc)) from None
+
+    def _insert_carefully(
+        self, outcome: OutboxRecord | Rejected, txn: Transaction, plan: TablePlan, lsn: Lsn
+    ) -> list[Action]:
+        """An insert off the hot path: a row that cannot be mapped, an operator skip, an event
+        refused before, or a transaction replayed one record at a time."""
+        if isinstance(outcome, Rejected):
+            return self._dead_letter(outcome, txn, lsn, plan.table, include_value=True)
+        memory = self.memory
+        if lsn in memory.skips:
+            rejected = Rejected(SKIPPED_BY_OPERATOR, outcome.key, outcome.value, outcome.headers)
+            return self._dead_letter(
+                rejected, txn, lsn, plan.table, include_value=True, forced=True
+            )
+        poisoned = memory.poisoned.get(lsn)
+        if poisoned is not None:
+            _, error, size_error = poisoned
+            rejected = Rejected(error, outcome.key, outcome.value, outcome.headers)
+            return self._dead_letter(rejected, txn, lsn, plan.table, include_value=not size_error)
+        self.tracker.sent(txn, record_size(outcome.key, outcome.value))
+        self._count_published(outcome.topic)
+        return [Produce(outcome, txn, alone=outcome.topic in self._isolated_topics, lsn=lsn)]
+
+    def _count_published(self, topic: str) -> None:
+        stats = self.stats
+        stats.published += 1
+        stats.published_by_topic[topic] = stats.published_by_topic.get(topic, 0) + 1
+
+    # ------------------------------------------------------------------ dead letters
+
+    def _dead_letter(
+        self,
+        rejected: Rejected,
+        txn: Transaction,
+        event_lsn: Lsn | None,
+        table: str,
+        *,
+        include_value: bool,
+        replacing: int | None = None,
+        forced: bool = False,
+    ) -> list[Action]:
+        """A row that can never reach its topic: a dead-letter record, or a halt (per policy;
+        ``forced``: the operator asked for it, whatever the policy). ``replacing`` is the size
+        of the in-flight record it stands in for (it takes that record's place in ``txn``)."""
+        lsn = format_lsn(txn.final_lsn)
+        event = event_id(rejected.headers)
+        if self.config.halt_on_bad_row and not forced:
+            if replacing is not None:
+                self.tracker.abandon(txn, replacing)
+            return self._halt_on(
+                f"event {event} in transaction at {lsn} cannot be delivered: {rejected.error}; "
+                "policy is halt, so the slot stays before it",
+                event_lsn,
+            )
+        form = FULL if include_value else WITHOUT_VALUE
+        if event_lsn is not None:
+            known = self.memory.dead_letter_forms.get(event_lsn)
+            form = max(form, known[1]) if known is not None else form
+        record = dead_letter_form(
+            dead_letter_record(
+                rejected,
+                topic=self.config.dead_letter_topic,
+                source_lsn=lsn,
+                source_table=table,
+            ),
+            form,
+        )
+        size = record_size(record.key, record.value)
+        if replacing is None:
+            self.tracker.sent(txn, size)
+        else:
+            self.tracker.resize(replacing, size)
+        self.stats.dead_lettered += 1
+        actions: list[Action] = [
+            Notice(WARNING, f"dead-lettered event {event} from {table} at {lsn}: {rejected.error}"),
+            # Alone: the broker's verdict on a dead-letter record must be its own.
+            Produce(record, txn, alone=True, lsn=event_lsn),
+        ]
+        if record.value is None and rejected.value is not None:
+            # Its payload is not in Kafka: the outbox row stays the only full copy, and prune
+            # must know. The transaction waits for that record as for an acknowledgement.
+            self.tracker.sent(txn, 0)
+            actions.append(Keep(event, table, lsn, rejected.error, txn))
+        return actions
+
+    def _shrink_dead_letter(self, failure: Failure, event_lsn: Lsn | None) -> list[Action]:
+        """The dead-letter record itself was refused: try the next smaller form (remembered for
+        replays); halt when even the smallest is refused."""
+        txn, headers = failure.delivery, failure.headers
+        size = record_size(failure.key, failure.value)
+        smallest = failure.key is None and all(name in IDENTIFYING_HEADERS for name, _ in headers)
+        refused = (
+            FULL if failure.value is not None else IDENTIFYING_ONLY if smallest else WITHOUT_VALUE
+        )
+        if refused == IDENTIFYING_ONLY:
+            self.tracker.abandon(txn, size)
+            return self._halt_on(
+                f"event {event_id(headers)} in transaction at {format_lsn(txn.final_lsn)} cannot "
+                f"be delivered even to the dead-letter topic {failure.topic}: {failure.reason}",
+                event_lsn,
+            )
+        form = dead_letter_form(
+            OutboxRecord(failure.topic, failure.key, failure.value, headers, 0), refused + 1
+        )
+        if event_lsn is not None:
+            self.memory.dead_letter_forms[event_lsn] = (txn.final_lsn, refused + 1)
+        self.tracker.resize(size, record_size(form.key, form.value))
+        return [Produce(form, txn, alone=True, lsn=event_lsn)]
+
+    def _halt_on(self, message: str, event_lsn: Lsn | None) -> list[Action]:
+        """Stop before this row: wait for what was produced before it, confirm, then Finish."""
+        if event_lsn is not None:
+            message += f"; to skip it: cdc-relay skip --lsn {format_lsn(event_lsn)}"
+        self._halt, self._halt_lsn = message, event_lsn
+        self.state = State.STOPPING
+        return []
+
+    # ------------------------------------------------------------------ the producer's answers
+
+    def refused(
+        self,
+        record: OutboxRecord,
+        delivery: Transaction,
+        reason: str,
+        *,
+        too_large: bool,
+        frame: bytes | memoryview | None = None,
+        lsn: Lsn | None = None,
+    ) -> list[Action]:
+        """produce() refused ``record`` outright (too large for the client, invalid), before
+        any network: a verdict on this record alone. Its event's WAL position: ``lsn`` (of a
+        Produce action), or read from ``frame``, the CopyData frame it came from."""
+        self.stats.count_delivery_error("refused")
+        event_lsn = xlog_data_start(frame) if frame is not None else lsn
+        if record.topic == self.config.dead_letter_topic:
+            failure = Failure(
+                delivery, 0, reason, record.topic, record.key, record.value, record.headers
+            )
+            return self._shrink_dead_letter(failure, event_lsn)
+        rejected = Rejected(reason, record.key, record.value, record.headers)
+        return self._dead_letter(
+            rejected,
+            delivery,
+            event_lsn,
+            self.config.table_name,
+            include_value=not too_large,
+            replacing=record_size(record.key, record.value),
+        )
+
+    def not_produced(self, record: OutboxRecord, delivery: Transaction) -> None:
+        """produce() gave up on ``record`` (stop requested while the queue was full): it is not
+        in flight, and its transaction will not be confirmed."""
+        self.tracker.abandon(delivery, record_size(record.key, record.value))
+
+    def kept(self, delivery: Transaction) -> None:
+        """A Keep action was carried out."""
+        self.tracker.acked(delivery, 0)
+
+    def _on_failure(self, txn: Transaction, err: Any, msg: Any) -> None:
+        """A delivery callback with an error (from inside the producer's poll)."""
+        self._failures.append(
+            Failure(
+                txn,
+                err.code(),
+                err.str(),
+                msg.topic(),
+                msg.key(),
+                msg.value(),
+                list(msg.headers() or ()),
+            )
+        )
+
+    @property
+    def has_failures(self) -> bool:
+        return bool(self._failures)
+
+    def judge(self, alone: Produce | None = None) -> list[Action]:
+        """Verdicts on the failed deliveries reported since the last call. ``alone``: the
+        record the driver produced alone and waited for, whose verdict these reports are."""
+        failures, self._failures = self._failures, []
+        event_lsn = alone.lsn if alone is not None else None
+        actions: list[Action] = []
+        resets: list[str] = []
+        for failure in failures:
+            verdict = verdicts.judge(failure.code, alone=alone is not None)
+            if verdict is Verdict.IGNORE or self.state is State.DRAINING:
+                continue  # purge echoes; and after a reset nothing more is decided
+            self.stats.count_delivery_error(verdict.value)
+            if verdict is Verdict.REFUSED:
+                actions += self._refused_for_good(failure, event_lsn)
+            elif verdict is Verdict.ISOLATE:
+                self.memory.isolate.add((failure.delivery.final_lsn, failure.topic))
+                resets.append(
+                    f"topic {failure.topic} refused a batch ({failure.reason}); replaying the "
+                    f"transaction at {format_lsn(failure.delivery.final_lsn)} one record at a "
+                    "time to find the record it refuses"
+                )
+            else:
+                resets.append(_describe_reset(failure))
+        if resets:
+            if self.state is State.STREAMING:
+                self.state = State.DRAINING
+                self.reset_reason = resets[0]
+                actions.append(Reset(resets[0]))
+            elif self.state is State.STOPPING:
+                # Stopping anyway: what failed will not be acknowledged, so stop waiting.
+                self._deadline = float("-inf")
+                actions.append(Notice(WARNING, f"at shutdown: {resets[0]}"))
+        return actions
+
+    def _refused_for_good(self, failure: Failure, event_lsn: Lsn | None) -> list[Action]:
+        if failure.topic == self.config.dead_letter_topic:
+            return self._shrink_dead_letter(failure, event_lsn)
+        txn = failure.delivery
+        size_error = verdicts.is_size_error(failure.code)
+        error = f"topic {failure.topic} refused it: {failure.reason}"
+        if event_lsn is not None:
+            self.memory.poisoned[event_lsn] = (txn.final_lsn, error, size_error)
+        rejected = Rejected(error, failure.key, failure.value, failure.headers)
+        return self._dead_letter(
+            rejected,
+            txn,
+            event_lsn,
+            self.config.table_name,
+            include_value=not size_error,
+            replacing=record_size(failure.key, failure.value),
+        )
+
+    # ------------------------------------------------------------------ time and stopping
+
+    def tick(self, now: float) -> list[Action]:
+        """The clock moved: status updates, and the end of a shutdown or halt."""
+        if self.state is State.STOPPING:
+            return self._stopping(now)
+        if self.state is State.DONE:
+            return []
+        since = now - self._last_status_at
+        config = self.config
+        if since >= config.max_silence or (
+            since >= config.status_interval and self.tracker.confirmed > self._last_sent
+        ):
+            return [self._status(now)]
+        return []
+
+    def _status(self, now: float) -> SendStatus:
+        confirmed = self.tracker.confirmed
+        moved = confirmed > self._last_sent
+        self._last_status_at = now
+        self._last_sent = confirmed
+        self.stats.confirmed_lsn = confirmed
+        return SendStatus(confirmed, moved)
+
+    def stop(self) -> None:
+        """Stop reading; finish once every record in flight is acknowledged (or the shutdown
+        timeout has passed)."""
+        if self.state is State.STREAMING:
+            self.state = State.STOPPING
+
+    def _stopping(self, now: float) -> list[Action]:
+        if self._deadline is None:
+            self._deadline = now + self.config.shutdown_timeout
+        unacked = self.tracker.in_flight_events
+        if unacked > 0 and now < self._deadline:
+            since = now - self._last_status_at
+            if since >= self.config.max_silence or (
+                since >= self.config.status_interval and self.tracker.confirmed > self._last_sent
+            ):
+                return [self._status(now)]
+            return []
+        self.state = State.DONE
+        status = self._status(now)
+        return [Finish(status.lsn, unacked, self._halt, self._halt_lsn)]
+
+
+def dead_letter_form(record: OutboxRecord, form: int) -> OutboxRecord:
+    """``record`` (a dead-letter record) in the given form (FULL, WITHOUT_VALUE,
+    IDENTIFYING_ONLY)."""
+    if form == FULL:
+        return record
+    if form == WITHOUT_VALUE:
+        return OutboxRecord(record.topic, record.key, None, record.headers, 0)
+    kept = [(k, v[:1024]) for k, v in record.headers if k in IDENTIFYING_HEADERS]
+    return OutboxRecord(record.topic, None, None, kept, 0)
+
+
+def event_id(headers: Headers) -> str:
+    for name, value in headers:
+        if name == "id":
+            return value.decode("utf-8", "replace")
+    return "(no id)"
+
+
+def _describe_reset(failure: Failure) -> str:
+    if failure.code in verdicts.MISSING_TOPIC:
+        return (
+            f"topic {failure.topic} does not exist ({failure.reason}); create it or enable "
+            "auto-creation: nothing past it is confirmed, and the relay retries"
+        )
+    return f"delivery to topic {failure.topic} failed: {failure.reason}"

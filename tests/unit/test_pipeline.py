@@ -1,0 +1,372 @@
+"""The pipeline's decisions, one behaviour per test: frames in, actions out, no I/O.
+
+Delivery reports are played through the transactions' callbacks with small fakes of
+confluent-kafka's Message and KafkaError; the codes are librdkafka's.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from cdc_relay.core import verdicts
+from cdc_relay.core.lsn import Lsn
+from cdc_relay.core.mapping import OutboxRecord
+from cdc_relay.core.pipeline import (
+    SKIPPED_BY_OPERATOR,
+    Finish,
+    Keep,
+    Memory,
+    Notice,
+    Pipeline,
+    PipelineConfig,
+    Produce,
+    Reset,
+    SendStatus,
+    State,
+)
+from cdc_relay.core.verdicts import Verdict
+from cdc_relay.errors import DecodeError
+from tests import frames
+
+DLQ = "outbox.dead-letter"
+
+
+class Msg:
+    def __init__(self, record: OutboxRecord) -> None:
+        self.record = record
+
+    def topic(self) -> str:
+        return self.record.topic
+
+    def key(self) -> bytes | None:
+        return self.record.key
+
+    def value(self) -> bytes | None:
+        return self.record.value
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return self.record.headers
+
+
+class Err:
+    def __init__(self, code: int, text: str = "refused") -> None:
+        self._code, self._text = code, text
+
+    def code(self) -> int:
+        return self._code
+
+    def str(self) -> str:
+        return self._text
+
+
+def pipeline(
+    policy: str = "dead-letter", memory: Memory | None = None, **config: object
+) -> Pipeline:
+    p = Pipeline(
+        PipelineConfig(
+            outbox_table=("public", "outbox"),
+            dead_letter_topic=DLQ,
+            halt_on_bad_row=policy == "halt",
+            **config,  # type: ignore[arg-type]
+        ),
+        start=Lsn(0x100),
+        memory=memory,
+    )
+    assert p.feed(frames.relation()) is None
+    return p
+
+
+def one_event_txn(p: Pipeline, *, key: str = "k-1", payload: bytes = b'{"a":1}', lsn: int = 0x201):
+    """Begin, one insert, Commit: returns (record, transaction)."""
+    p.feed(frames.begin(0x2F0))
+    record = p.feed(frames.insert(frames.outbox_row(key, payload, event_id="e-1"), lsn))
+    txn = p.delivery
+    p.feed(frames.commit(0x2F0, 0x300))
+    assert isinstance(record, OutboxRecord) and txn is not None
+    return record, txn
+
+
+def produced(actions: list) -> list[Produce]:
+    return [a for a in actions if type(a) is Produce]
+
+
+# --------------------------------------------------------------------------- the hot path
+
+
+def test_an_insert_comes_back_as_a_record_counted_in_flight_and_confirmed_after_its_ack():
+    p = pipeline()
+    record, txn = one_event_txn(p)
+    assert record.topic == "outbox.event.order" and record.key == b"k-1"
+    assert (p.tracker.in_flight_events, p.confirmed) == (1, 0x100)
+    txn(None, Msg(record))
+    assert (p.tracker.in_flight_events, p.tracker.in_flight_bytes, p.confirmed) == (0, 0, 0x300)
+    assert p.stats.published == 1 and p.stats.published_by_topic == {record.topic: 1}
+
+
+def test_reading_stops_at_the_in_flight_bounds():
+    p = pipeline(max_in_flight_events=2)
+    p.feed(frames.begin(0x2F0))
+    assert p.reading
+    p.feed(frames.insert(frames.outbox_row("a"), 0x201))
+    assert p.reading
+    p.feed(frames.insert(frames.outbox_row("b"), 0x202))
+    assert not p.reading
+
+
+def test_decode_errors_name_the_frame_position_and_the_offset_in_the_message():
+    p = pipeline()
+    with pytest.raises(DecodeError) as caught:
+        p.feed(b"w" + struct.pack(">QQq", 0x1234, 0x1234, 0) + b"I\x00")
+    assert caught.value.lsn == Lsn(0x1234)
+    assert caught.value.offset is not None and caught.value.offset < 3
+    with pytest.raises(DecodeError, match="unknown CopyData message type"):
+        p.feed(b"x" + bytes(40))
+
+
+def test_a_keepalive_advances_an_idle_slot_and_a_reply_request_is_answered_at_once():
+    p = pipeline()
+    assert p.feed(frames.keepalive(0x500)) is None
+    assert p.confirmed == 0x500
+    assert p.feed(frames.keepalive(0x600, reply=True)) == [SendStatus(Lsn(0x600), moved=True)]
+
+
+def test_status_updates_go_out_when_the_position_moved_and_at_least_every_max_silence():
+    p = pipeline(status_interval=1.0, max_silence=10.0)
+    assert p.tick(0.5) == []
+    record, txn = one_event_txn(p)
+    txn(None, Msg(record))
+    assert p.tick(0.9) == []  # moved, but within the interval
+    assert p.tick(1.2) == [SendStatus(Lsn(0x300), moved=True)]
+    assert p.tick(5.0) == []
+    assert p.tick(11.3) == [SendStatus(Lsn(0x300), moved=False)]  # silence is never longer
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        verdicts.MSG_SIZE_TOO_LARGE,
+        verdicts.INVALID_RECORD,
+        verdicts.INVALID_DIFFERENT_RECORD,
+        verdicts.RECORD_LIST_TOO_LARGE,
+        verdicts.TOPIC_EXCEPTION,
+    ],
+)
+def test_a_refusal_of_a_record_that_was_not_alone_is_never_a_verdict_on_it(code):
+    """Bug 1: _INVALID_DIFFERENT_RECORD (and any batch-wide refusal) reached the records of a
+    batch in which another record was invalid, and the relay dead-lettered them."""
+    p = pipeline()
+    record, txn = one_event_txn(p)
+    txn(Err(code), Msg(record))
+    actions = p.judge()
+    assert [type(a) for a in actions] == [Reset]
+    assert p.stats.dead_lettered == 0 and produced(actions) == []
+    assert p.memory.isolate == {(0x2F0, "outbox.event.order")}
+    assert p.state is State.DRAINING and p.confirmed == 0x100
+
+
+def test_innocent_batch_mates_are_never_dead_lettered_even_alone():
+    assert verdicts.judge(verdicts.INVALID_DIFFERENT_RECORD, alone=True) is Verdict.RESET
+    assert verdicts.judge(verdicts.INVALID_DIFFERENT_RECORD, alone=False) is Verdict.ISOLATE
+
+
+def test_the_replay_of_an_isolated_transaction_produces_its_records_alone():
+    memory = Memory(isolate={(0x2F0, "outbox.event.order")})
+    p = pipeline(memory=memory)
+    p.feed(frames.begin(0x2F0))
+    (action,) = p.feed(frames.insert(frames.outbox_row("k"), 0x201))  # type: ignore[misc]
+    assert type(action) is Produce and action.alone and action.lsn == 0x201
+    p.feed(frames.commit(0x2F0, 0x300))
+    p.feed(frames.begin(0x3F0))  # another transaction: the hot path again
+    assert isinstance(p.feed(frames.insert(frames.outbox_row("k"), 0x301)), OutboxRecord)
+
+
+def test_a_record_refused_alone_is_dead_lettered_remembered_and_never_tried_again():
+    memory = Memory(isolate={(0x2F0, "outbox.event.order")})
+    p = pipeline(memory=memory)
+    p.feed(frames.begin(0x2F0))
+    (alone,) = p.feed(frames.insert(frames.outbox_row("k", b"x" * 5000, event_id="e-1"), 0x201))
+    p.feed(frames.commit(0x2F0, 0x300))
+    alone.delivery(Err(verdicts.MSG_SIZE_TOO_LARGE, "too large"), Msg(alone.record))
+    actions = p.judge(alone=alone)
+    (dead,) = produced(actions)
+    assert dead.record.topic == DLQ and dead.alone
+    assert dead.record.value is None  # too large for Kafka: too large for the dead letters too
+    headers = dict(dead.record.headers)
+    assert headers["id"] == b"e-1" and headers["source_lsn"] == b"0/2F0"
+    assert b"refused it: too large" in headers["error"]
+    (keep,) = [a for a in actions if type(a) is Keep]
+    assert keep.event_id == "e-1" and keep.table == "public.outbox"  # prune keeps the row
+    assert memory.poisoned[0x201][0] == 0x2F0
+    # The transaction is confirmed once the dead-letter record is acknowledged and the row kept.
+    dead.delivery(None, Msg(dead.record))
+    assert p.confirmed == 0x100
+    p.kept(keep.delivery)
+    assert p.confirmed == 0x300
+
+    # A replay (after the reset the refusal caused) dead-letters it without trying its topic.
+    again = pipeline(memory=memory)
+    again.feed(frames.begin(0x2F0))
+    actions = again.feed(frames.insert(frames.outbox_row("k", b"x" * 5000, event_id="e-1"), 0x201))
+    assert [a.record.topic for a in produced(actions)] == [DLQ]  # type: ignore[arg-type]
+
+
+def test_a_refused_dead_letter_record_shrinks_step_by_step_then_halts():
+    p = pipeline()
+    p.feed(frames.begin(0x2F0))
+    row = frames.outbox_row("k", b"{}", event_id="e-1")
+    row[1] = None  # a NULL aggregate type: rejected by the mapping, straight to dead letters
+    actions = p.feed(frames.insert(row, 0x201))
+    (dead,) = produced(actions)  # type: ignore[arg-type]
+    assert dead.record.value == b"{}" and dead.alone and dead.lsn == 0x201
+    dead.delivery(Err(verdicts.MSG_SIZE_TOO_LARGE), Msg(dead.record))
+    (smaller,) = produced(p.judge(alone=dead))
+    assert (smaller.record.key, smaller.record.value) == (b"k", None)
+    smaller.delivery(Err(verdicts.MSG_SIZE_TOO_LARGE), Msg(smaller.record))
+    (smallest,) = produced(p.judge(alone=smaller))
+    assert smallest.record.key is None
+    assert [name for name, _ in smallest.record.headers] == [
+        "id",
+        "error",
+        "source_lsn",
+        "source_table",
+    ]
+    assert p.memory.dead_letter_forms[0x201][1] == 2  # a replay starts from the smallest form
+    smallest.delivery(Err(verdicts.TOPIC_EXCEPTION), Msg(smallest.record))
+    assert produced(p.judge(alone=smallest)) == []
+    (finish,) = p.tick(1.0)
+    assert type(finish) is Finish and "even to the dead-letter topic" in (finish.halt or "")
+    assert finish.lsn == 0x100  # the slot stays before the row
+
+
+def test_a_record_produce_refuses_goes_to_the_dead_letter_topic_without_its_value():
+    p = pipeline()
+    p.feed(frames.begin(0x2F0))
+    frame = frames.insert(frames.outbox_row("k", b"y" * 5000, event_id="e-7"), 0x201)
+    record = p.feed(frame)
+    assert isinstance(record, OutboxRecord)
+    actions = p.refused(record, p.delivery, "Message size too large", too_large=True, frame=frame)  # type: ignore[arg-type]
+    (dead,) = produced(actions)
+    assert dead.record.value is None and dead.lsn == 0x201
+    assert any(type(a) is Keep for a in actions)
+    assert p.tracker.in_flight_events == 2  # the dead-letter record and the kept row
+    assert p.stats.delivery_errors == {"refused": 1}
+
+
+def test_counters_never_go_down_when_a_delivered_record_is_replaced():
+    """Bug 4: cdc_relay_events_published_total went down when a refused record was replaced
+    by its dead-letter record."""
+    memory = Memory(isolate={(0x2F0, "outbox.event.order")})
+    p = pipeline(memory=memory)
+    p.feed(frames.begin(0x2F0))
+    (alone,) = p.feed(frames.insert(frames.outbox_row("k"), 0x201))  # type: ignore[misc]
+    assert p.stats.published == 1
+    alone.delivery(Err(verdicts.TOPIC_EXCEPTION), Msg(alone.record))
+    p.judge(alone=alone)
+    assert (p.stats.published, p.stats.dead_lettered) == (1, 1)
+    assert p.stats.published_by_topic == {"outbox.event.order": 1}
+
+
+@pytest.mark.parametrize(
+    "code",
+    [verdicts.MSG_TIMED_OUT, verdicts.TRANSPORT, verdicts.NOT_ENOUGH_REPLICAS, verdicts.FATAL],
+)
+def test_other_failures_reset_the_pipeline(code):
+    p = pipeline()
+    record, txn = one_event_txn(p)
+    txn(Err(code, "it failed"), Msg(record))
+    (reset,) = p.judge()
+    assert type(reset) is Reset
+    assert reset.reason == "delivery to topic outbox.event.order failed: it failed"
+    assert not p.reading
+
+
+def test_a_missing_topic_is_named_and_retried():
+    p = pipeline()
+    record, txn = one_event_txn(p)
+    txn(Err(verdicts.UNKNOWN_TOPIC_OR_PART, "Unknown topic"), Msg(record))
+    (reset,) = p.judge()
+    assert type(reset) is Reset and "topic outbox.event.order does not exist" in reset.reason
+
+
+def test_purge_echoes_are_ignored():
+    p = pipeline()
+    record, txn = one_event_txn(p)
+    txn(Err(verdicts.PURGE_QUEUE), Msg(record))
+    assert p.judge() == [] and p.state is State.STREAMING
+
+
+# --------------------------------------------------------------------------- halts and skips
+
+
+def test_halt_policy_stops_before_the_row_and_says_how_to_skip_it():
+    p = pipeline("halt")
+    p.feed(frames.begin(0x2F0))
+    first = p.feed(frames.insert(frames.outbox_row("a", event_id="e-0"), 0x201))
+    row = frames.outbox_row("k", event_id="e-1")
+    row[2] = None  # a NULL aggregate id
+    assert p.feed(frames.insert(row, 0x2A0)) == []
+    assert p.state is State.STOPPING and not p.reading
+    # The Commit is never read: the driver stops at the halt. Even when acks come in:
+    p.delivery(None, Msg(first))  # type: ignore[arg-type, misc]
+    (finish,) = p.tick(1.0)
+    assert type(finish) is Finish and finish.lsn == 0x100 and finish.halt_lsn == 0x2A0
+    assert finish.halt is not None
+    assert "event e-1 in transaction at 0/2F0 cannot be delivered" in finish.halt
+    assert finish.halt.endswith("to skip it: cdc-relay skip --lsn 0/2A0")
+
+
+def test_a_halting_transaction_is_never_confirmed_even_if_its_commit_is_read():
+    """Found by the property tests: a record refused by produce() under the halt policy was
+    abandoned, and reading the transaction's Commit made it confirmable."""
+    p = pipeline("halt")
+    p.feed(frames.begin(0x2F0))
+    frame = frames.insert(frames.outbox_row("k", b"z" * 10), 0x201)
+    record = p.feed(frame)
+    p.refused(record, p.delivery, "too large", too_large=True, frame=frame)  # type: ignore[arg-type]
+    p.feed(frames.commit(0x2F0, 0x300))
+    (finish,) = p.tick(1.0)
+    assert type(finish) is Finish and finish.lsn == 0x100
+
+
+def test_an_operator_skip_dead_letters_exactly_that_event_whatever_the_policy():
+    p = pipeline("halt", memory=Memory(skips=frozenset({0x202})))
+    p.feed(frames.begin(0x2F0))
+    before = p.feed(frames.insert(frames.outbox_row("a"), 0x201))
+    actions = p.feed(frames.insert(frames.outbox_row("b", event_id="e-2"), 0x202))
+    after = p.feed(frames.insert(frames.outbox_row("c"), 0x203))
+    assert produced(before) and produced(after)  # type: ignore[arg-type]
+    assert [p.record.topic for p in produced(before + after)] == ["outbox.event.order"] * 2  # type: ignore[operator]
+    (dead,) = produced(actions)  # type: ignore[arg-type]
+    assert dead.record.topic == DLQ and dead.record.value is not None
+    assert dict(dead.record.headers)["error"] == SKIPPED_BY_OPERATOR.encode()
+    assert any(type(a) is Notice for a in actions)  # type: ignore[union-attr]
+    assert p.state is State.STREAMING
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+def test_stop_waits_for_acks_then_finishes_with_the_confirmed_position():
+    p = pipeline(shutdown_timeout=30.0)
+    record, txn = one_event_txn(p)
+    p.stop()
+    assert not p.reading
+    assert p.tick(1.0) == []
+    txn(None, Msg(record))
+    (status, *_) = p.tick(2.0) or [None]
+    finish = status if type(status) is Finish else p.tick(3.0)[0]
+    assert type(finish) is Finish and finish.lsn == 0x300 and finish.unacknowledged == 0
+
+
+def test_stop_gives_up_waiting_after_the_shutdown_timeout():
+    p = pipeline(shutdown_timeout=5.0)
+    one_event_txn(p)
+    p.stop()
+    assert p.tick(1.0) == []
+    (finish,) = p.tick(6.5)
+    assert type(finish) is Finish and finish.unacknowledged == 1 and finish.lsn == 0x100
