@@ -99,6 +99,7 @@ class Settings(BaseSettings):
         description="JSON object of extra librdkafka producer properties (SASL, TLS, compression, "
         "…) merged over the relay's safe defaults. Properties that would weaken delivery or order "
         "are refused: `acks` other than `all`, `enable.idempotence=false`, "
+        "`enable.gapless.guarantee=false`, `message.timeout.ms` other than 0 (unlimited), "
         "`delivery.report.only.error=true`, `partitioner=random`, queue limits below the "
         "in-flight bounds.",
     )

@@ -378,14 +378,14 @@ class Pipeline:
     ) -> list[Action]:
         """An insert off the hot path: a row that cannot be mapped, an operator skip, an event
         refused before, or a transaction replayed one record at a time."""
-        if isinstance(outcome, Rejected):
-            return self._dead_letter(outcome, txn, lsn, plan.table, include_value=True)
         memory = self.memory
         if lsn in memory.skips:
             rejected = Rejected(SKIPPED_BY_OPERATOR, outcome.key, outcome.value, outcome.headers)
             return self._dead_letter(
                 rejected, txn, lsn, plan.table, include_value=True, forced=True
             )
+        if isinstance(outcome, Rejected):
+            return self._dead_letter(outcome, txn, lsn, plan.table, include_value=True)
         poisoned = memory.poisoned.get(lsn)
         if poisoned is not None:
             _, error, size_error = poisoned

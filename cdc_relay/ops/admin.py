@@ -442,7 +442,7 @@ def require_ready(conn: Connection, settings: Settings) -> SlotInfo:
     missing = control.missing_tables(conn, settings)
     if missing:
         raise PrerequisiteError(
-            f"table {missing[0]} does not exist: run `cdc-relay setup` (it creates the relay's "
+            f"{missing[0]} does not exist: run `cdc-relay setup` (it creates the relay's "
             "control tables beside the outbox)"
         )
     tables = publication_tables(conn, settings.publication_name)

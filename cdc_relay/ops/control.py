@@ -28,25 +28,32 @@ def create_sql(settings: Settings) -> sql.Composed:
     return sql.SQL(body).format(schema=sql.Identifier(settings.table_schema))
 
 
+KEEP_FUNCTION = "cdc_relay_keep"
+
+
 def missing_tables(conn: Connection, settings: Settings) -> list[str]:
-    """The control tables that do not exist (schema-qualified names)."""
+    """The control tables (and the keep function) that do not exist, schema-qualified."""
+    schema = settings.table_schema
     missing = []
     for name in (KEPT_TABLE, SKIPPED_TABLE):
-        qualified = f"{settings.table_schema}.{name}"
         row = conn.execute(
-            "SELECT to_regclass(%s)", (sql.Identifier(settings.table_schema, name).as_string(conn),)
+            "SELECT to_regclass(%s)", (sql.Identifier(schema, name).as_string(conn),)
         ).fetchone()
         if row is None or row[0] is None:
-            missing.append(qualified)
+            missing.append(f"{schema}.{name}")
+    signature = f"{sql.Identifier(schema, KEEP_FUNCTION).as_string(conn)}(text,text,pg_lsn,text)"
+    row = conn.execute("SELECT to_regprocedure(%s)", (signature,)).fetchone()
+    if row is None or row[0] is None:
+        missing.append(f"{schema}.{KEEP_FUNCTION}()")
     return missing
 
 
 def record_kept(conn: Connection, settings: Settings, action: Keep) -> None:
-    """Note that the outbox row of ``action.event_id`` must be kept (idempotent)."""
+    """Note that the outbox row of ``action.event_id`` must be kept (idempotent), through the
+    SECURITY DEFINER function, so that the run role needs no privilege on the table."""
     conn.execute(
-        sql.SQL(
-            "INSERT INTO {} (source_table, event_id, source_lsn, reason) VALUES (%s, %s, %s, %s) "
-            "ON CONFLICT DO NOTHING"
-        ).format(control_table(settings, KEPT_TABLE)),
+        sql.SQL("SELECT {}(%s, %s, %s, %s)").format(
+            sql.Identifier(settings.table_schema, KEEP_FUNCTION)
+        ),
         (action.table, action.event_id, action.source_lsn, action.reason[:2000]),
     )

@@ -140,7 +140,7 @@ def prune(
     missing = control.missing_tables(conn, settings)
     if missing:
         raise PrerequisiteError(
-            f"table {missing[0]} does not exist: run `cdc-relay setup` first (prune must know "
+            f"{missing[0]} does not exist: run `cdc-relay setup` first (prune must know "
             "which rows are the only copy of their event)"
         )
     with_age = bool(settings.column_created_at) and settings.column_created_at in columns

@@ -21,6 +21,7 @@ class Sizes:
     slow_broker_latency_ms: float
     pg_restart_events: int
     walsender_cuts: int
+    large_txn_rows: int  # one transaction, the relay killed half-way through it
 
 
 SIZES = {
@@ -34,6 +35,7 @@ SIZES = {
         slow_broker_latency_ms=200,
         pg_restart_events=3_000,
         walsender_cuts=3,
+        large_txn_rows=50_000,
     ),
     "full": Sizes(
         crash_loop_events=100_000,
@@ -45,6 +47,7 @@ SIZES = {
         slow_broker_latency_ms=200,
         pg_restart_events=30_000,
         walsender_cuts=10,
+        large_txn_rows=1_000_000,
     ),
 }
 

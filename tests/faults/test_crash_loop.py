@@ -30,8 +30,9 @@ from tests.integration.relay_process import (
     slot_active,
     wait_confirmed_past,
 )
-from tests.kafka_helpers import by_partition
-from tests.servers import wait_until
+from tests.integration.test_observe import scrape
+from tests.kafka_helpers import by_partition, consume_all
+from tests.servers import free_port, wait_until
 
 AGGREGATES = 200
 PER_TXN = 10  # events (distinct aggregates) per transaction
@@ -189,3 +190,49 @@ def test_crash_loop_loses_nothing_and_keeps_aggregate_order(db: str, kafka: str)
     assert all(len(parts) == 1 for parts in keys_per_partition.values())
     assert not out_of_order, f"seed {seed}: {out_of_order[:3]}"
     assert duplicates <= resendable, f"seed {seed}: {duplicates} > {resendable}"
+
+
+def test_a_crash_inside_a_large_transaction_resends_what_of_it_was_acknowledged(
+    db: str, kafka: str
+):
+    """Bug 9: the README's duplicate bound ("what was in flight plus one status interval") is
+    wrong for large transactions. Only whole transactions are confirmed, so a crash in the
+    middle of one sends again every event of it that Kafka had already acknowledged: up to the
+    whole transaction. Measured here: the duplicates equal what had landed before the kill."""
+    rows = sizes().large_txn_rows
+    box = make_outbox(db, kafka, max_in_flight_events=MAX_IN_FLIGHT)
+    port = free_port()
+    env = {**box.env, "CDC_RELAY_HTTP_PORT": str(port)}
+    execute(
+        db,
+        "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) "
+        "SELECT gen_random_uuid(), 'order', 'a-' || (n % 1000), 'Tested', "
+        f"jsonb_build_object('seq', n) FROM generate_series(0, {rows - 1}) AS n",
+    )
+    end = current_lsn(db)
+    with RelayProcess(env) as relay:
+
+        def acknowledged() -> float:
+            metrics = scrape(port)
+            topic = (("topic", box.topic()),)
+            return metrics.get(("cdc_relay_events_published_total", topic), 0) - metrics.get(
+                ("cdc_relay_in_flight_events", ()), 0
+            )
+
+        wait_until(lambda: acknowledged() >= rows // 2, 300, interval=0.01)
+        relay.kill()
+        assert confirmed_lsn(db) < end  # nothing of the transaction was confirmed
+        landed = len(consume_all(kafka, [box.topic()], timeout=60, idle=2))
+        relay.start()
+        wait_confirmed_past(db, end, timeout=600)
+        assert relay.stop() == 0
+    delivered = measure_delivery(db, kafka, box.topic(), timeout=600)
+    results.record(
+        "crash inside one large transaction",
+        **delivered.figures,
+        faults=f"SIGKILL after {landed:,} of its {rows:,} events had landed",
+        recovery_s=None,
+        notes="duplicates = what of the transaction had landed before the kill",
+    )
+    assert delivered.lost == 0
+    assert landed < rows and delivered.duplicates == landed

@@ -7,9 +7,11 @@ import uuid
 
 import pytest
 
+from cdc_relay.core.lsn import format_lsn, parse_lsn
 from tests.integration.conftest import make_outbox
 from tests.integration.relay_process import (
     RelayProcess,
+    cli,
     confirmed_lsn,
     current_lsn,
     execute,
@@ -120,3 +122,48 @@ def test_halt_error_is_one_clear_line(db: str, kafka: str):
     assert str(bad_id) in lines[0] and "halt" in lines[0]
     assert "Traceback" not in output
     assert confirmed_lsn(db) < before
+
+
+def test_skip_gets_the_relay_past_exactly_the_row_that_halted_it(db: str, kafka: str):
+    """Bug 6: a halt had no way out. The bad row is in the WAL, so every restart halted again
+    while WAL piled up. `cdc-relay skip --lsn` dead-letters that one event and nothing else."""
+    execute(db, NULLABLE_OUTBOX)
+    box = make_outbox(db, kafka, create_table=False, dead_letter_policy="halt")
+    bad = [uuid.uuid4(), uuid.uuid4()]
+    insert_events(db, count=5, per_txn=5)
+    add_bad = (
+        "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) "
+        "VALUES (%s, 'order', NULL, 'Bad', '{}')"
+    )
+    execute(db, add_bad, (bad[0],))
+    insert_events(db, count=5, per_txn=5, start=5)
+    execute(db, add_bad, (bad[1],))
+
+    def halt_line() -> str:
+        with RelayProcess(box.env) as relay:
+            assert relay.wait(60) == 1
+            lines = [x for x in relay.log().splitlines() if x.startswith("cdc-relay: error:")]
+        assert len(lines) == 1
+        return lines[0]
+
+    first = halt_line()
+    assert str(bad[0]) in first
+    position = first.rsplit("cdc-relay skip --lsn ", 1)[1].strip()
+
+    gone = cli(box.env, "skip", "--lsn", "0/10")
+    assert gone.returncode == 1 and "before the slot's restart position" in gone.stderr
+    beside = format_lsn(parse_lsn(position) + 1)
+    wrong = cli(box.env, "skip", "--lsn", beside)
+    assert wrong.returncode == 1 and f"no insert into public.outbox at {beside}" in wrong.stderr
+    done = cli(box.env, "skip", "--lsn", position)
+    assert done.returncode == 0, done.stderr
+    assert f"event {bad[0]} at {position} will be dead-lettered" in done.stdout
+
+    second = halt_line()  # past the skipped row, the relay halts on the next bad one
+    assert str(bad[1]) in second and position not in second
+
+    good = consume_all(kafka, [box.topic("order")], timeout=30, idle=2)
+    assert sorted(json.loads(r.value)["seq"] for r in good if r.value) == list(range(10))
+    (dead,) = consume_all(kafka, [box.dead_letter_topic], expected=1, timeout=30, linger=1)
+    assert dead.header("id") == str(bad[0]).encode()
+    assert dead.header("error") == b"skipped by the operator (cdc-relay skip)"

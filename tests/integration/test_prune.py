@@ -144,3 +144,27 @@ def test_deleting_and_reinserting_rows_republishes_them_with_the_same_ids(
     ids = sorted((r.header("id") or b"").decode() for r in first)
     assert sorted((r.header("id") or b"").decode() for r in both) == sorted(ids * 2)
     assert count(outbox.url) == 3
+
+
+def test_prune_keeps_a_row_whose_payload_never_reached_kafka(outbox: Outbox, kafka: str):
+    """Bug 7: a row too large for Kafka goes to the dead-letter topic without its payload, so
+    the outbox row is the only copy; prune deleted it."""
+    insert_events(outbox.url, count=5, per_txn=5)
+    big_id = query(
+        outbox.url,
+        "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) "
+        "VALUES (gen_random_uuid(), 'order', 'k-big', 'Big', "
+        "jsonb_build_object('blob', repeat('x', 2 * 1024 * 1024))) RETURNING id::text",
+    )[0][0]
+    insert_events(outbox.url, count=5, per_txn=5, start=5)
+    with RelayProcess(outbox.env) as relay:
+        wait_confirmed_past(outbox.url, current_lsn(outbox.url))
+        dead = consume_all(kafka, [outbox.dead_letter_topic], expected=1, timeout=30)
+        assert [r.header("id") for r in dead] == [big_id.encode()] and dead[0].value is None
+        kept = query(outbox.url, "SELECT event_id, source_table FROM cdc_relay_kept")
+        assert kept == [(big_id, "public.outbox")]
+        done = cli(outbox.env, "prune", "--older-than", "0s")
+        assert done.returncode == 0, done.stderr
+        assert "deleted 10 confirmed rows" in done.stdout
+        assert query(outbox.url, "SELECT id::text FROM outbox") == [(big_id,)]
+        assert relay.stop() == 0

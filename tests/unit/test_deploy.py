@@ -92,8 +92,10 @@ def test_the_k8s_sidecar_probes_and_secrets_match_the_relay():
     env = {e["name"]: e.get("value") for e in relay["env"]}
     port = int(env.get("CDC_RELAY_HTTP_PORT") or DEFAULT_PORT)
     assert relay["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert relay["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    for probe in (relay["livenessProbe"], relay["readinessProbe"]):
+    probes = [
+        relay[name] for name in ("livenessProbe", "readinessProbe", "startupProbe") if name in relay
+    ]
+    for probe in probes:
         assert ports[probe["httpGet"]["port"]] == port
     assert relay["args"] == ["run"]
     pod = deployment["spec"]["template"]["spec"]
@@ -114,6 +116,43 @@ def test_the_k8s_sidecar_probes_and_secrets_match_the_relay():
                     assert ref["key"] in secrets[ref["name"]], ref
                 assert not (item["name"].endswith("DATABASE_URL") and "value" in item)
     assert refs >= 3
+
+
+def rollout_blockers(doc: dict[str, Any]) -> list[str]:
+    """Why a workload running the relay could never finish a rollout: a rolling update starts
+    the new pod while the old one holds the slot, and /readyz answers 503 for a hot standby."""
+    if doc.get("kind") not in ("Deployment", "StatefulSet"):
+        return []
+    strategy = doc["spec"].get("strategy", doc["spec"].get("updateStrategy", {}))
+    rolling = strategy.get("type", "RollingUpdate") == "RollingUpdate"
+    blockers = []
+    for container in containers(doc):
+        runs_relay = "cdc-relay" in container.get("image", "") and "run" in container.get(
+            "args", ["run"]
+        )
+        probe = container.get("readinessProbe", {}).get("httpGet", {})
+        if runs_relay and rolling and probe.get("path") == "/readyz":
+            blockers.append(
+                f"{doc['metadata']['name']}/{container['name']}: readiness on /readyz with a "
+                "rolling update: the new pod's relay is a hot standby until the old one stops, "
+                "so it never becomes ready and the rollout hangs"
+            )
+    return blockers
+
+
+def test_the_k8s_workloads_can_roll_out():
+    """Bug 8: the example Deployment could never roll out (readiness on /readyz, 503 for the
+    new pod's hot-standby relay, while the old pod held the slot)."""
+    docs = k8s_documents()
+    assert [b for doc in docs for b in rollout_blockers(doc)] == []
+    # The check itself catches the broken form.
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    broken = json.loads(json.dumps(deployment))
+    relay = next(c for c in containers(broken) if c["name"] == "cdc-relay")
+    relay["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "relay-metrics"}}
+    assert rollout_blockers(broken)
+    del broken["spec"]["strategy"]  # RollingUpdate is also the default
+    assert rollout_blockers(broken)
 
 
 def test_compose_file_matches_the_compose_spec_and_the_relay():

@@ -333,6 +333,19 @@ def test_a_halting_transaction_is_never_confirmed_even_if_its_commit_is_read():
     assert type(finish) is Finish and finish.lsn == 0x100
 
 
+def test_a_skip_also_gets_past_a_row_the_mapping_rejects():
+    """The skip is checked first: the row that halted the relay is usually one the mapping
+    rejects (a NULL key), which the policy would halt on again."""
+    p = pipeline("halt", memory=Memory(skips=frozenset({0x202})))
+    p.feed(frames.begin(0x2F0))
+    row = frames.outbox_row("k", event_id="e-2")
+    row[2] = None
+    (_, dead) = p.feed(frames.insert(row, 0x202))  # type: ignore[misc]
+    assert type(dead) is Produce and dead.record.topic == DLQ
+    assert dict(dead.record.headers)["error"] == SKIPPED_BY_OPERATOR.encode()
+    assert p.state is State.STREAMING
+
+
 def test_an_operator_skip_dead_letters_exactly_that_event_whatever_the_policy():
     p = pipeline("halt", memory=Memory(skips=frozenset({0x202})))
     p.feed(frames.begin(0x2F0))
