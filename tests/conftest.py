@@ -139,7 +139,7 @@ def started(what: str) -> None:
     STARTED_BROKERS.append(what)
 
 
-def _require_kafka_jars() -> None:
+def require_kafka_jars() -> None:
     """A test that needs a broker the harness cannot start fails; it does not skip."""
     try:
         kafka_servers.find_kafka_jars()
@@ -155,7 +155,7 @@ def kafka_broker() -> Iterator[KafkaBroker | None]:
     if os.environ.get(KAFKA_ENV):
         yield None
         return
-    _require_kafka_jars()
+    require_kafka_jars()
     with KafkaBroker() as broker:
         started(f"Apache Kafka {broker.version} (1 node, KRaft) for the session")
         yield broker
@@ -181,7 +181,7 @@ class ProxiedKafka:
 
 @pytest.fixture(scope="session")
 def _proxied_kafka_session() -> Iterator[ProxiedKafka]:
-    _require_kafka_jars()
+    require_kafka_jars()
     with proxied_kafka_broker() as (broker, proxy):
         started(f"Apache Kafka {broker.version} (1 node behind a TCP proxy)")
         yield ProxiedKafka(broker=broker, proxy=proxy)
