@@ -44,6 +44,7 @@ class Writers:
     errors: list[BaseException] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     _threads: list[threading.Thread] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
 
     @staticmethod
     def prepare(url: str) -> None:
@@ -61,6 +62,10 @@ class Writers:
 
     def alive(self) -> bool:
         return any(t.is_alive() for t in self._threads)
+
+    def stop(self) -> None:
+        """Finish early: each writer stops after its current transaction."""
+        self._stop.set()
 
     def join(self, timeout: float = 60) -> None:
         for t in self._threads:
@@ -80,7 +85,7 @@ class Writers:
         done = 0
         try:
             with psycopg.connect(self.url) as conn:
-                while done < share:
+                while done < share and not self._stop.is_set():
                     n = min(PER_TXN, share - done)
                     aggregates = rng.sample(range(AGGREGATES), n)
                     try:
@@ -105,7 +110,7 @@ class Writers:
                     done += n
                     ahead = started + pace * (done / PER_TXN) - time.monotonic()
                     if ahead > 0:
-                        time.sleep(ahead)
+                        self._stop.wait(ahead)
         except BaseException as exc:
             self.errors.append(exc)
 
@@ -136,6 +141,13 @@ def order_violations(
                 out.append((key, seqs[:20]))
     out += [(key, []) for key, where in partitions_of.items() if len(where) > 1]
     return out
+
+
+def set_wal_sender_timeout(url: str, seconds: float) -> None:
+    """A short wal_sender_timeout for the walsenders of this database: while Kafka is down the
+    relay leaves the socket unread, and only its own status updates keep the connection."""
+    dbname = url.rsplit("/", 1)[1]
+    execute(url, f"ALTER DATABASE \"{dbname}\" SET wal_sender_timeout = '{seconds:g}s'")
 
 
 def reply_time(url: str) -> Any:

@@ -21,6 +21,12 @@ class Sizes:
     slow_broker_latency_ms: float
     pg_restart_events: int
     walsender_cuts: int
+    # the three-broker cluster (tests/faults/test_cluster.py)
+    cluster_write_rate: int  # events/s of the writers while brokers fail
+    leader_kills: int  # SIGKILLs of the busiest partition's leader, each restarted
+    all_down_seconds: float  # all three brokers dead
+    two_down_seconds: float  # two brokers dead: min.insync.replicas cannot be met
+    two_down_backlog: int  # events written while the two are down
 
 
 SIZES = {
@@ -34,6 +40,11 @@ SIZES = {
         slow_broker_latency_ms=200,
         pg_restart_events=3_000,
         walsender_cuts=3,
+        cluster_write_rate=200,
+        leader_kills=3,
+        all_down_seconds=8,
+        two_down_seconds=10,
+        two_down_backlog=20_000,
     ),
     "full": Sizes(
         crash_loop_events=100_000,
@@ -45,6 +56,11 @@ SIZES = {
         slow_broker_latency_ms=200,
         pg_restart_events=30_000,
         walsender_cuts=10,
+        cluster_write_rate=500,
+        leader_kills=6,
+        all_down_seconds=20,
+        two_down_seconds=30,
+        two_down_backlog=200_000,
     ),
 }
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import time
 
 from tests.faults import results
-from tests.faults.helpers import measure_delivery, reply_time
+from tests.faults.helpers import measure_delivery, reply_time, set_wal_sender_timeout
 from tests.faults.scale import sizes
 from tests.integration.conftest import make_outbox
 from tests.integration.relay_process import (
     RelayProcess,
     confirmed_lsn,
-    execute,
     insert_events,
     query,
     wait_confirmed_past,
@@ -35,8 +34,7 @@ def walsender() -> str:
 
 def test_broker_outage_holds_the_slot_stays_idle_and_recovers(db: str, cluster: KafkaCluster):
     size = sizes()
-    dbname = db.rsplit("/", 1)[1]
-    execute(db, f"ALTER DATABASE \"{dbname}\" SET wal_sender_timeout = '{WAL_SENDER_TIMEOUT_S}s'")
+    set_wal_sender_timeout(db, WAL_SENDER_TIMEOUT_S)
     box = make_outbox(db, cluster.bootstrap, max_in_flight_events=500)
     with RelayProcess(box.env) as relay:
         first_end = insert_events(db, count=1_000, per_txn=10)
