@@ -808,8 +808,13 @@ class KafkaCluster(_ManagedMixin):
             fmt.result()
         self.controller.spawn()
         controller = self.controller
+
+        def listening() -> bool:
+            controller.check_alive()
+            return _port_accepts(HOST, controller_port)
+
         wait_until(
-            lambda: controller.check_alive() or _port_accepts(HOST, controller_port),
+            listening,
             90,
             interval=0.1,
             message=lambda: f"the Kafka controller is not listening:\n{controller.log_tail()}",
