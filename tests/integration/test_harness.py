@@ -231,7 +231,7 @@ def test_a_killed_kafka_broker_starts_again_with_its_data(topic_name: str) -> No
 
 def test_a_kafka_broker_that_cannot_start_says_why() -> None:
     broker = KafkaBroker(properties={"num.partitions": "many"})
-    with pytest.raises(RuntimeError, match="num.partitions"):
+    with pytest.raises(RuntimeError, match=r"num\.partitions"):
         broker.start()
     broker.close()
 
