@@ -25,6 +25,7 @@ from tests.faults.helpers import (
     Writers,
     measure_delivery,
     order_violations,
+    relay_warnings,
     reply_time,
     set_wal_sender_timeout,
 )
@@ -129,7 +130,8 @@ def test_leader_of_the_busiest_partition_killed_and_restarted(db: str, cluster: 
         notes="recovery: kill until everything committed before it is confirmed (median "
         f"{median(recoveries):.1f} s; new leader elected after median "
         f"{median([r['failover_s'] for r in rounds]):.1f} s); brokers killed "
-        f"{[r['broker'] for r in rounds]}; the relay was never restarted",
+        f"{[r['broker'] for r in rounds]}; the relay was never restarted; relay warnings: "
+        f"{relay_warnings(log) or 'none'}",
         rounds=rounds,
         seed=seed_,
     )
@@ -193,7 +195,8 @@ def test_all_three_brokers_killed_mid_stream_and_started_again(db: str, cluster:
         notes=f"recovery: brokers started until all confirmed (brokers registered after "
         f"{registered_s:.1f} s, first confirmation after {first_ack_s:.1f} s); "
         f"{len(replies) - 1} distinct status replies during the outage; walsender kept: "
-        f"{same_sender}; {written_during} events committed by then",
+        f"{same_sender}; {written_during} events committed by then; relay warnings: "
+        f"{relay_warnings(log) or 'none'}",
         seed=seed_,
     )
     assert "Traceback" not in log, log
@@ -294,7 +297,7 @@ def test_two_brokers_down_holds_back_on_not_enough_replicas_and_resumes(
         notes=f"a probe record (acks=all, no retries) got {probes[-1]}; ISR during the "
         f"outage {isr}; first confirmation {first_ack_s:.1f} s after broker {down[0]} "
         f"was started (registered after {registered_s:.1f} s); {len(replies) - 1} distinct "
-        f"status replies; peak RSS {peak:.0f} MB",
+        f"status replies; peak RSS {peak:.0f} MB; relay warnings: {relay_warnings(log) or 'none'}",
         peak_rss_mb=peak,
     )
     assert "Traceback" not in log, log
