@@ -17,7 +17,8 @@ import random
 import time
 from typing import Any
 
-from confluent_kafka import KafkaError, Producer
+import pytest
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from tests.faults import results
 from tests.faults.conftest import SCRAM_USER
@@ -319,6 +320,14 @@ def test_sasl_ssl_scram_delivers_and_no_password_is_ever_shown(db: str, cluster:
         "sasl.password": password,
         "ssl.ca.location": str(cluster.tls.ca_pem),
     }
+    # The listener really is TLS with the test CA: trusting only the system's CAs, the same
+    # client cannot even fetch metadata.
+    untrusting = Producer(
+        {**{k: v for k, v in config.items() if k != "ssl.ca.location"}, "log_level": 0}
+        | {"bootstrap.servers": cluster.sasl_bootstrap}
+    )
+    with pytest.raises(KafkaException):
+        untrusting.list_topics(timeout=5)
     box = make_outbox(db, cluster.sasl_bootstrap, kafka_config=json.dumps(config))
     events = 1_000
     outputs: dict[str, str] = {}
