@@ -4,11 +4,18 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install postgres test test-unit test-faults lint format demo bench clean up down docs-config
+.PHONY: help install postgres kafka java test test-unit test-faults lint format demo bench clean up down docs-config
+
+# Apache Kafka for the tests and the benchmark: the broker jars pinned by tests/kafka/pom.xml,
+# copied once from Maven Central into $(KAFKA_JARS) (tests/kafka_servers.py finds them there).
+KAFKA_VERSION := $(shell sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' tests/kafka/pom.xml)
+KAFKA_JARS    := .cache/kafka-$(KAFKA_VERSION)
+KAFKA_STAMP   := $(KAFKA_JARS)/.complete
 
 help:
 	@echo "make demo       start a local PostgreSQL and broker, stream sample events, stop everything"
 	@echo "make test       install what is needed and run the whole suite"
+	@echo "make kafka      Java and Maven if missing, then the Apache Kafka jars (once, into .cache/)"
 	@echo "make test-unit  only the tests that need no servers"
 	@echo "make test-faults the fault-injection suite at full size (docs/reliability.md)"
 	@echo "make lint       ruff and mypy"
@@ -30,6 +37,30 @@ postgres:
 		echo "PostgreSQL server binaries not found: run 'sudo apt-get install postgresql'" >&2; exit 1; \
 	fi
 
+# Java 17+ and Maven, for the Apache Kafka broker of the tests.
+java:
+	@if java -version 2>&1 | grep -Eq 'version "(1[7-9]|[2-9][0-9])'  && command -v mvn >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing Java 17 and Maven (apt-get)"; \
+		apt-get update -qq && { \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null 2>&1 || \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless maven >/dev/null; }; \
+	else \
+		echo "Java 17+ and Maven not found: run 'sudo apt-get install openjdk-17-jre-headless maven'" >&2; exit 1; \
+	fi
+
+kafka: java $(KAFKA_STAMP)
+
+$(KAFKA_STAMP): tests/kafka/pom.xml
+	@$(MAKE) --no-print-directory java
+	@echo "fetching Apache Kafka $(KAFKA_VERSION) from Maven Central into $(KAFKA_JARS)"
+	@rm -rf $(KAFKA_JARS) $(KAFKA_JARS).tmp
+	mvn -q -B -Dstyle.color=never -f tests/kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime \
+		-DoutputDirectory=$(CURDIR)/$(KAFKA_JARS).tmp
+	@mv $(KAFKA_JARS).tmp $(KAFKA_JARS)
+	@touch $(KAFKA_STAMP)
+
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "cdc-relay needs Python >= 3.11: run make PYTHON=python3.11 ...")'
 	@# Debian splits venv out of python3: install it when we can.
@@ -45,14 +76,14 @@ $(STAMP): pyproject.toml
 
 install: postgres $(STAMP)
 
-test: install
+test: install kafka
 	$(PY) -m pytest -q
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
 # `make test` runs the same suite at CI size (CDC_RELAY_FAULTS_SCALE=ci, the default).
-test-faults: install
+test-faults: install kafka
 	CDC_RELAY_FAULTS_SCALE=full $(PY) -m pytest -q -m faults tests/faults
 	$(PY) -m tests.faults.results
 
@@ -78,8 +109,8 @@ down:
 docs-config: $(STAMP)
 	$(PY) -m cdc_relay.settings_doc --write README.md
 
-bench: install
+bench: install kafka
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info build dist
+	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info build dist

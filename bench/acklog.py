@@ -2,8 +2,9 @@
 
 Both relays note the time their delivery callback saw each acknowledgement and write
 ``<seq> <unix time>`` lines to a file when they exit; the bench subtracts the commit time.
-Tansu ignores ``message.timestamp.type=LogAppendTime`` and a consumer adds 20-50 ms of fetch
-path on it, so the acknowledgement seen by the producer is the honest end of the interval.
+The acknowledgement seen by the producer is the honest end of the interval: a consumer would add
+its own fetch path (20-50 ms on Tansu, the first broker of the bench), and log-append timestamps
+are the broker's clock, not the relay's.
 """
 
 from __future__ import annotations

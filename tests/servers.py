@@ -1,4 +1,6 @@
-"""Local servers for the integration tests: PostgreSQL, the Tansu broker and a TCP proxy.
+"""Local servers for the integration tests: PostgreSQL, the Tansu demo broker and a TCP proxy.
+
+Apache Kafka, the suite's broker, is in tests/kafka_servers.py (it reuses the helpers here).
 
 Every process started here is stopped by its own PID (or by ``pg_ctl`` for its own data
 directory), from a context manager, a fixture finalizer, or as a last resort ``atexit``.
@@ -27,7 +29,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -1219,15 +1221,3 @@ class TcpProxy(_ManagedMixin):
             f"TcpProxy({self.address} -> {self.target[0]}:{self.target[1]}, "
             f"mode={self._mode}, links={len(self._links)})"
         )
-
-
-@contextlib.contextmanager
-def proxied_tansu() -> Iterator[tuple[TansuBroker, TcpProxy]]:
-    """A Tansu broker that advertises a TcpProxy in front of it: every client connection
-    (bootstrap and broker) goes through the proxy. Yields ``(broker, proxy)``."""
-    broker_port = free_port()
-    with (
-        TcpProxy("127.0.0.1", broker_port) as proxy,
-        TansuBroker(port=broker_port, advertised_port=proxy.port) as broker,
-    ):
-        yield broker, proxy

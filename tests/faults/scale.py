@@ -22,6 +22,12 @@ class Sizes:
     pg_restart_events: int
     walsender_cuts: int
     large_txn_rows: int  # one transaction, the relay killed half-way through it
+    # the three-broker cluster (tests/faults/test_cluster.py)
+    cluster_write_rate: int  # events/s of the writers while brokers fail
+    leader_kills: int  # SIGKILLs of the busiest partition's leader, each restarted
+    all_down_seconds: float  # all three brokers dead
+    two_down_seconds: float  # two brokers dead: min.insync.replicas cannot be met
+    two_down_backlog: int  # events written while the two are down
 
 
 SIZES = {
@@ -36,6 +42,11 @@ SIZES = {
         pg_restart_events=3_000,
         walsender_cuts=3,
         large_txn_rows=50_000,
+        cluster_write_rate=200,
+        leader_kills=3,
+        all_down_seconds=8,
+        two_down_seconds=10,
+        two_down_backlog=20_000,
     ),
     "full": Sizes(
         crash_loop_events=100_000,
@@ -48,6 +59,11 @@ SIZES = {
         pg_restart_events=30_000,
         walsender_cuts=10,
         large_txn_rows=1_000_000,
+        cluster_write_rate=500,
+        leader_kills=6,
+        all_down_seconds=20,
+        two_down_seconds=30,
+        two_down_backlog=200_000,
     ),
 }
 

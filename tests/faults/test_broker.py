@@ -1,21 +1,26 @@
-"""The broker link fails: cut for a while (outage), or slowed down (latency) under a backlog."""
+"""The broker link fails: cut for a while (outage), or slowed down (latency) under a backlog.
+
+Both run on the three-broker cluster (replication factor 3, min.insync.replicas 2, acks=all),
+with every broker's client link behind its own proxy: the whole cluster is partitioned from
+the relay, or every link is slow, while the brokers still replicate among themselves.
+"""
 
 from __future__ import annotations
 
 import time
 
 from tests.faults import results
-from tests.faults.helpers import measure_delivery
+from tests.faults.helpers import measure_delivery, reply_time, set_wal_sender_timeout
 from tests.faults.scale import sizes
 from tests.integration.conftest import make_outbox
 from tests.integration.relay_process import (
     RelayProcess,
     confirmed_lsn,
-    execute,
     insert_events,
     query,
     wait_confirmed_past,
 )
+from tests.kafka_servers import KafkaCluster
 from tests.servers import cpu_seconds, wait_until
 
 # While Kafka is down the relay stops reading the socket; only its own status updates keep the
@@ -27,24 +32,16 @@ def walsender() -> str:
     return "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'cdc_relay'"
 
 
-def reply_time(url: str):
-    rows = query(
-        url, "SELECT reply_time FROM pg_stat_replication WHERE application_name = 'cdc-relay'"
-    )
-    return rows[0][0] if rows else None
-
-
-def test_broker_outage_holds_the_slot_stays_idle_and_recovers(db: str, proxied_kafka):
+def test_broker_outage_holds_the_slot_stays_idle_and_recovers(db: str, cluster: KafkaCluster):
     size = sizes()
-    dbname = db.rsplit("/", 1)[1]
-    execute(db, f"ALTER DATABASE \"{dbname}\" SET wal_sender_timeout = '{WAL_SENDER_TIMEOUT_S}s'")
-    box = make_outbox(db, proxied_kafka.bootstrap, max_in_flight_events=500)
+    set_wal_sender_timeout(db, WAL_SENDER_TIMEOUT_S)
+    box = make_outbox(db, cluster.bootstrap, max_in_flight_events=500)
     with RelayProcess(box.env) as relay:
         first_end = insert_events(db, count=1_000, per_txn=10)
         wait_confirmed_past(db, first_end)
         sender = query(db, walsender())[0][0]
 
-        proxied_kafka.proxy.cut()
+        cluster.cut()
         cut_at = time.monotonic()
         first_undelivered_end = insert_events(db, count=10, per_txn=10, start=1_000)
         last_end = insert_events(db, count=2_990, per_txn=10, start=1_010)
@@ -62,7 +59,7 @@ def test_broker_outage_holds_the_slot_stays_idle_and_recovers(db: str, proxied_k
         cpu_share = (cpu_seconds(relay.pid) - cpu_from) / (time.monotonic() - cpu_at)
         same_sender = query(db, walsender())[0][0] == sender
 
-        proxied_kafka.proxy.restore()
+        cluster.restore()
         restored_at = time.monotonic()
         wait_until(lambda: confirmed_lsn(db) >= first_undelivered_end, 120)
         first_ack_s = time.monotonic() - restored_at
@@ -72,11 +69,11 @@ def test_broker_outage_holds_the_slot_stays_idle_and_recovers(db: str, proxied_k
         assert relay.stop() == 0
         log = relay.log()
 
-    delivered = measure_delivery(db, proxied_kafka.bootstrap, box.topic())
+    delivered = measure_delivery(db, cluster.bootstrap, box.topic())
     results.record(
         "broker outage",
         **delivered.figures,
-        faults=f"broker link cut for {size.outage_seconds:.0f} s",
+        faults=f"links to all 3 brokers cut for {size.outage_seconds:.0f} s",
         recovery_s=all_delivered_s,
         notes=f"first confirmation {first_ack_s:.1f} s after restore; relay CPU during the "
         f"outage {100 * cpu_share:.1f}% of a core; {len(replies) - 1} distinct status replies; "
@@ -91,14 +88,14 @@ def test_broker_outage_holds_the_slot_stays_idle_and_recovers(db: str, proxied_k
     assert delivered.seqs() == set(range(4_000))
 
 
-def test_slow_broker_drains_a_backlog_within_the_memory_bounds(db: str, proxied_kafka):
+def test_slow_broker_drains_a_backlog_within_the_memory_bounds(db: str, cluster: KafkaCluster):
     size = sizes()
     max_bytes = 16 * 1024 * 1024
     box = make_outbox(
-        db, proxied_kafka.bootstrap, max_in_flight_events=20_000, max_in_flight_bytes=max_bytes
+        db, cluster.bootstrap, max_in_flight_events=20_000, max_in_flight_bytes=max_bytes
     )
     end = insert_events(db, count=size.slow_broker_backlog, per_txn=1_000, aggregates=1_000)
-    proxied_kafka.proxy.latency_ms = size.slow_broker_latency_ms
+    cluster.set_latency(size.slow_broker_latency_ms)
     peak = 0.0
     started = time.monotonic()
     with RelayProcess(box.env) as relay:
@@ -113,13 +110,13 @@ def test_slow_broker_drains_a_backlog_within_the_memory_bounds(db: str, proxied_
         peak = max(peak, relay.peak_rss_mb())
         assert relay.stop() == 0
         log = relay.log()
-    proxied_kafka.proxy.latency_ms = 0
-    delivered = measure_delivery(db, proxied_kafka.bootstrap, box.topic(), timeout=600)
+    cluster.set_latency(0)
+    delivered = measure_delivery(db, cluster.bootstrap, box.topic(), timeout=600)
     events = len(delivered.inserted)
     results.record(
         "slow broker",
         **delivered.figures,
-        faults=f"+{size.slow_broker_latency_ms:.0f} ms each way on the broker link",
+        faults=f"+{size.slow_broker_latency_ms:.0f} ms each way on the links to all 3 brokers",
         recovery_s=None,
         notes=f"backlog drained in {drain_s:.0f} s ({events / drain_s:.0f} events/s); "
         f"peak RSS {peak:.0f} MB with max_in_flight_bytes {max_bytes // 2**20} MB",

@@ -11,7 +11,8 @@ import pytest
 from confluent_kafka import Producer
 
 from tests.conftest import ProxiedKafka
-from tests.kafka_helpers import by_partition, consume_all, create_topic, list_topics
+from tests.kafka_helpers import by_partition, consume_all, count_records, create_topic, list_topics
+from tests.kafka_servers import KafkaBroker
 from tests.servers import PgClientMixin, PostgresServer, TcpProxy, free_port, wait_until
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -208,6 +209,31 @@ def test_proxy_cut_stalls_deliveries_and_restore_completes_them(
     assert values == [f"before-{i}".encode() for i in range(10)] + [
         f"during-{i}".encode() for i in range(10)
     ]
+
+
+def test_a_killed_kafka_broker_starts_again_with_its_data(topic_name: str) -> None:
+    with KafkaBroker() as broker:
+        p = _producer(broker.bootstrap)
+        for i in range(100):
+            p.produce(topic_name, key=f"k-{i % 7}".encode(), value=str(i).encode())
+        assert p.flush(30) == 0
+        assert count_records(broker.bootstrap, topic_name) == 100  # true high watermarks
+        pid = broker.pid
+        broker.kill()
+        assert broker.pid is None
+        broker.start()
+        assert broker.pid not in (None, pid)
+        records = consume_all(broker.bootstrap, [topic_name], timeout=60)
+        assert sorted(int(r.value or b"") for r in records) == list(range(100))
+        root = broker.root
+    assert root is not None and not root.exists(), "close() removes the broker's folder"
+
+
+def test_a_kafka_broker_that_cannot_start_says_why() -> None:
+    broker = KafkaBroker(properties={"num.partitions": "many"})
+    with pytest.raises(RuntimeError, match=r"num\.partitions"):
+        broker.start()
+    broker.close()
 
 
 # --------------------------------------------------------------------------- proxy
