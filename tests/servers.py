@@ -15,7 +15,6 @@ import glob
 import importlib.util
 import os
 import pwd
-import re
 import selectors
 import shlex
 import shutil
@@ -35,6 +34,8 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
+
+from tests import pg_versions
 
 KEEP_LOGS_ENV = "CDC_RELAY_TEST_KEEP_LOGS"
 
@@ -192,33 +193,9 @@ class _Watchdog:
 
 
 def find_pg_bindir() -> Path:
-    """The PostgreSQL server binaries: $CDC_RELAY_TEST_PG_BINDIR, pg_config, or the newest
-    /usr/lib/postgresql/*/bin that has initdb."""
-    env = os.environ.get("CDC_RELAY_TEST_PG_BINDIR")
-    if env:
-        if (Path(env) / "initdb").exists():
-            return Path(env)
-        raise FileNotFoundError(f"CDC_RELAY_TEST_PG_BINDIR={env} has no initdb")
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(
-                [pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True
-            ).stdout.strip()
-            if out and (Path(out) / "initdb").exists():
-                return Path(out)
-
-    def version(p: str) -> tuple[int, ...]:
-        m = re.search(r"/postgresql/([\d.]+)/bin$", p)
-        return tuple(int(x) for x in m.group(1).split(".")) if m else (0,)
-
-    found = sorted(
-        (p for p in glob.glob("/usr/lib/postgresql/*/bin") if os.path.exists(f"{p}/initdb")),
-        key=version,
-    )
-    if found:
-        return Path(found[-1])
-    raise FileNotFoundError("no PostgreSQL server binaries found (initdb)")
+    """The PostgreSQL server binaries: $CDC_RELAY_TEST_PG_BINDIR, else the version that
+    $CDC_RELAY_TEST_PG names (default 18; tests/pg_versions.py says where each comes from)."""
+    return pg_versions.find_bindir()
 
 
 def _with_url_parts(
@@ -270,6 +247,11 @@ class PgClientMixin:
         kwargs.setdefault("autocommit", True)
         kwargs.setdefault("connect_timeout", 10)
         return psycopg.connect(self.url(user=user, password=password, dbname=dbname), **kwargs)
+
+    def major_version(self) -> int:
+        """The server's major version (15, 16, ...)."""
+        with self.connect() as conn:
+            return int(conn.info.server_version) // 10000
 
     def execute(self, query: Any, params: Any = None, *, dbname: str | None = None) -> None:
         with self.connect(dbname=dbname) as conn:
