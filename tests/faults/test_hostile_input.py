@@ -223,6 +223,7 @@ def test_non_json_payload_column_types_are_published_verbatim(
     assert got == {f"k-{i}".encode(): v for i, v in enumerate(values)}
 
 
+@pytest.mark.compat
 def test_add_column_mid_stream_keeps_streaming(db: str, kafka: str):
     box = make_outbox(db, kafka)
     with RelayProcess(box.env) as relay:
