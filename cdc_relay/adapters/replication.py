@@ -90,10 +90,7 @@ class ReplicationStream:
         view = json.loads(bytes(raw))
         if view.get("wal_status") != "lost":
             return None
-        reason = view.get("invalidation_reason")
-        if reason is None and "invalidation_reason" not in view and not view.get("conflicting"):
-            reason = "wal_removed"  # before 17, the only reason on a primary
-        return SlotInvalidated(slot, reason)
+        return SlotInvalidated(slot, slot_invalidation_reason(view))
 
     def read(self) -> memoryview | bytes | None:
         """The next CopyData frame if one is buffered, else None (never blocks)."""
@@ -158,6 +155,22 @@ class ReplicationStream:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def slot_invalidation_reason(view: dict[str, object]) -> str | None:
+    """Why the server invalidated a slot, from its pg_replication_slots row (as JSON); None
+    when it is valid or the reason cannot be told.
+
+    17+ says it (invalidation_reason). Before, a slot whose WAL was removed lost its
+    restart_lsn (16's ``conflicting`` is true for every invalidation, so it cannot tell), and a
+    recovery conflict on a 16 standby kept it.
+    """
+    if "invalidation_reason" in view:
+        reason = view["invalidation_reason"]
+        return str(reason) if reason else None
+    if view.get("wal_status") == "lost" and view.get("restart_lsn") is None:
+        return "wal_removed"
+    return None
 
 
 def open_replication_connection(

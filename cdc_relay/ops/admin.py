@@ -10,7 +10,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_relay import recipes
-from cdc_relay.adapters.replication import alter_slot_failover
+from cdc_relay.adapters.replication import alter_slot_failover, slot_invalidation_reason
 from cdc_relay.core.lsn import Lsn, parse_lsn
 from cdc_relay.errors import PrerequisiteError, RelayError, SlotInvalidated, UnsupportedServer
 from cdc_relay.ops import failover
@@ -95,12 +95,6 @@ def fetch_slot(conn: Connection, slot_name: str) -> SlotInfo | None:
 
 def slot_from_row(view: dict[str, Any], lag_bytes: int | None) -> SlotInfo:
     """A SlotInfo out of one pg_replication_slots row (as JSON) of any supported version."""
-    reason = view.get("invalidation_reason")
-    before_17 = "invalidation_reason" not in view
-    if before_17 and view.get("wal_status") == "lost" and not view.get("conflicting"):
-        # Before 17 a slot on a primary is invalidated for one reason only: its WAL was removed
-        # (16's other reasons are recovery conflicts on a standby, flagged as conflicting).
-        reason = "wal_removed"
     return SlotInfo(
         slot_name=view["slot_name"],
         plugin=view.get("plugin"),
@@ -111,7 +105,7 @@ def slot_from_row(view: dict[str, Any], lag_bytes: int | None) -> SlotInfo:
         restart_lsn=view.get("restart_lsn"),
         wal_status=view.get("wal_status"),
         lag_bytes=lag_bytes,
-        invalidation_reason=reason,
+        invalidation_reason=slot_invalidation_reason(view),
         failover=view.get("failover"),
         synced=view.get("synced"),
         temporary=bool(view.get("temporary")),
