@@ -464,6 +464,9 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append("slot          missing (run `cdc-relay setup`)")
     else:
         active = f"yes (pid {slot['active_pid']})" if slot["active"] else "no"
+        if slot["active"] and slot.get("synced") and server and server["in_recovery"]:
+            # On a standby the slot synchronisation worker holds a synced slot while it copies.
+            active = f"yes (pid {slot['active_pid']}, slot synchronisation)"
         lines += [
             f"slot          {slot['slot_name']} ({slot['plugin']}, database {slot['database']})",
             f"  active      {active}",

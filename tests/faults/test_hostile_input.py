@@ -322,6 +322,7 @@ def test_outbox_dropped_while_running_halts_at_the_next_connection(db: str, kafk
     )
 
 
+@pytest.mark.compat
 def test_publication_dropped_while_running_halts(db: str, kafka: str):
     box = make_outbox(db, kafka, reconnect_max_backoff_seconds=1)
     with RelayProcess(box.env) as relay:
