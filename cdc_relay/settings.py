@@ -107,6 +107,13 @@ class Settings(BaseSettings):
         default="public.outbox", description="The outbox table, schema-qualified."
     )
     slot_name: str = Field(default="cdc_relay", description="Logical replication slot name.")
+    slot_failover: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Whether `setup` makes the slot a failover slot, synchronised to standbys "
+        "that run `sync_replication_slots = on` (PostgreSQL 17+): `auto` where the server "
+        "supports it, `on` (refused before 17), `off`. `setup` also turns it on or off for an "
+        "existing slot (with the relay stopped).",
+    )
     publication_name: str = Field(default="cdc_relay", description="Publication name.")
     topic_template: str = Field(
         default="outbox.event.{aggregate_type}",

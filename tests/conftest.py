@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests import kafka_servers
+from tests import kafka_servers, pg_versions
 from tests.kafka_servers import KafkaBroker, proxied_kafka_broker
 from tests.servers import (
     ExternalPostgres,
@@ -40,6 +40,14 @@ _INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "pg_restart: restarts/crashes PostgreSQL; skipped on an external server"
+    )
+    config.addinivalue_line(
+        "markers",
+        "compat: the compatibility subset that `make test` runs on every other PostgreSQL "
+        "version (CDC_RELAY_TEST_PG)",
+    )
+    config.addinivalue_line(
+        "markers", "min_pg(major): needs PostgreSQL `major` or later; skipped on older servers"
     )
     # A plain SIGTERM would end the run without finalizers or atexit: turn it into a
     # KeyboardInterrupt so fixtures stop the servers they started.
@@ -62,6 +70,25 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip(
             f"restarts PostgreSQL; not possible on the external server ({DATABASE_URL_ENV})"
         )
+    min_pg = item.get_closest_marker("min_pg")
+    if min_pg is not None:
+        major = item.session.config.stash.get(_PG_MAJOR, None)
+        if major is None:
+            major = item.session.config.stash[_PG_MAJOR] = _session_pg_major()
+        if major < min_pg.args[0]:
+            pytest.skip(f"needs PostgreSQL {min_pg.args[0]}+; this run is on {major}")
+
+
+_PG_MAJOR = pytest.StashKey[int]()
+
+
+def _session_pg_major() -> int:
+    """The major version of the session's server, without starting it: the binaries' (or the
+    external server's)."""
+    url = os.environ.get(DATABASE_URL_ENV)
+    if url:
+        return ExternalPostgres(url).major_version()
+    return int(pg_versions.major_version(find_pg_bindir()))
 
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -77,13 +104,20 @@ def pg() -> Iterator[PgClientMixin]:
     try:
         find_pg_bindir()
     except FileNotFoundError as exc:
-        pytest.skip(f"no PostgreSQL server binaries: {exc}")
+        # A run that asked for a version it cannot start has tested nothing: fail, never skip.
+        pytest.fail(f"no PostgreSQL server binaries: {exc}", pytrace=False)
     server = PostgresServer(wal_level="logical")
     try:
         server.start()
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def pg_major(pg: PgClientMixin) -> int:
+    """The session server's major version (15, 16, ...)."""
+    return pg.major_version()
 
 
 @pytest.fixture

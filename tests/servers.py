@@ -17,7 +17,6 @@ import glob
 import importlib.util
 import os
 import pwd
-import re
 import selectors
 import shlex
 import shutil
@@ -37,6 +36,8 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
+
+from tests import pg_versions
 
 KEEP_LOGS_ENV = "CDC_RELAY_TEST_KEEP_LOGS"
 
@@ -194,33 +195,9 @@ class _Watchdog:
 
 
 def find_pg_bindir() -> Path:
-    """The PostgreSQL server binaries: $CDC_RELAY_TEST_PG_BINDIR, pg_config, or the newest
-    /usr/lib/postgresql/*/bin that has initdb."""
-    env = os.environ.get("CDC_RELAY_TEST_PG_BINDIR")
-    if env:
-        if (Path(env) / "initdb").exists():
-            return Path(env)
-        raise FileNotFoundError(f"CDC_RELAY_TEST_PG_BINDIR={env} has no initdb")
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(
-                [pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True
-            ).stdout.strip()
-            if out and (Path(out) / "initdb").exists():
-                return Path(out)
-
-    def version(p: str) -> tuple[int, ...]:
-        m = re.search(r"/postgresql/([\d.]+)/bin$", p)
-        return tuple(int(x) for x in m.group(1).split(".")) if m else (0,)
-
-    found = sorted(
-        (p for p in glob.glob("/usr/lib/postgresql/*/bin") if os.path.exists(f"{p}/initdb")),
-        key=version,
-    )
-    if found:
-        return Path(found[-1])
-    raise FileNotFoundError("no PostgreSQL server binaries found (initdb)")
+    """The PostgreSQL server binaries: $CDC_RELAY_TEST_PG_BINDIR, else the version that
+    $CDC_RELAY_TEST_PG names (default 18; tests/pg_versions.py says where each comes from)."""
+    return pg_versions.find_bindir()
 
 
 def _with_url_parts(
@@ -272,6 +249,11 @@ class PgClientMixin:
         kwargs.setdefault("autocommit", True)
         kwargs.setdefault("connect_timeout", 10)
         return psycopg.connect(self.url(user=user, password=password, dbname=dbname), **kwargs)
+
+    def major_version(self) -> int:
+        """The server's major version (15, 16, ...)."""
+        with self.connect() as conn:
+            return int(conn.info.server_version) // 10000
 
     def execute(self, query: Any, params: Any = None, *, dbname: str | None = None) -> None:
         with self.connect(dbname=dbname) as conn:
@@ -467,6 +449,16 @@ class PostgresServer(PgClientMixin, _ManagedMixin):
         if res.returncode != 0:
             raise RuntimeError(f"initdb failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
         self._initialized = True
+        self._arm_watchdog()
+
+    def _make_root(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="cdc-relay-pg-", dir="/tmp"))
+        if self._as_root():
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.root, pw.pw_uid, pw.pw_gid)
+
+    def _arm_watchdog(self) -> None:
+        """Stop this data directory's server (and remove its folder) if the tests die."""
         pg_ctl = [str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate"]
         if self._as_root():
             pg_ctl = ["runuser", "-u", "postgres", "--", *pg_ctl]
@@ -615,6 +607,124 @@ class PostgresServer(PgClientMixin, _ManagedMixin):
 
     def __repr__(self) -> str:
         return f"PostgresServer({self.host}:{self.port}, root={self.root})"
+
+
+class StandbyServer(PostgresServer):
+    """A physical streaming standby of a running ``primary`` (PostgreSQL 17+ for slot sync).
+
+    Made with ``pg_basebackup -R`` through the primary's Unix socket (trusted), streaming
+    through its own physical slot on the primary; ``-R`` writes ``primary_conninfo`` (with the
+    ``dbname`` that slot synchronisation needs) and ``primary_slot_name``. It runs
+    ``hot_standby_feedback`` and ``sync_replication_slots`` (17+), so the primary's failover
+    slots are copied to it. Stopped and removed like any PostgresServer; ``promote()`` makes it
+    a primary.
+    """
+
+    def __init__(
+        self,
+        primary: PostgresServer,
+        *,
+        name: str = "standby1",
+        slot_name: str | None = None,
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        self.primary = primary
+        self.name = name
+        self.slot_name = slot_name or name
+        standby_settings = {"hot_standby_feedback": "on", "cluster_name": name}
+        if primary.major_version() >= 17:
+            standby_settings["sync_replication_slots"] = "on"
+        standby_settings.update(settings or {})
+        super().__init__(
+            settings={**primary.settings, **standby_settings},
+            superuser_password=primary.superuser_password,
+            bindir=primary.bindir,
+        )
+        # Not the primary's: they would follow it into recovery on this server.
+        for key in ("synchronous_standby_names", "synchronized_standby_slots"):
+            self.settings.pop(key, None)
+
+    def _initdb(self) -> None:
+        primary = self.primary
+        with primary.connect() as conn:
+            exists = conn.execute(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (self.slot_name,)
+            ).fetchone()
+            if not exists:
+                conn.execute("SELECT pg_create_physical_replication_slot(%s)", (self.slot_name,))
+        self._make_root()
+        conninfo = (
+            f"host={primary.socket_dir} port={primary.port} user={primary.superuser} "
+            "dbname=postgres"
+        )
+        res = self._run(
+            "pg_basebackup",
+            "-D",
+            str(self.datadir),
+            "-d",
+            conninfo,
+            "-R",
+            "-S",
+            self.slot_name,
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "--no-sync",
+            timeout=120,
+        )
+        if res.returncode != 0:
+            raise RuntimeError(
+                f"pg_basebackup failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+            )
+        # The primary's server files came along: not this server's.
+        for stale in ("postmaster.pid", "postmaster.opts"):
+            (self.datadir / stale).unlink(missing_ok=True)
+        self._initialized = True
+        self._arm_watchdog()
+
+    def start(self) -> Self:
+        super().start()
+        wait_until(
+            self.streaming,
+            60,
+            message=lambda: f"standby {self.name} does not stream from the primary",
+        )
+        return self
+
+    def _accepts(self) -> bool:
+        with self.connect(connect_timeout=2) as conn:
+            conn.execute("SELECT 1")  # a hot standby takes read-only connections
+        return True
+
+    def streaming(self) -> bool:
+        """Whether the primary shows this standby's walsender streaming."""
+        rows = self.primary.query(
+            "SELECT state FROM pg_stat_replication WHERE application_name = %s", (self.name,)
+        )
+        return bool(rows) and rows[0][0] == "streaming"
+
+    def in_recovery(self) -> bool:
+        return bool(self.query("SELECT pg_is_in_recovery()")[0][0])
+
+    def promote(self, timeout: float = 60) -> None:
+        """``pg_ctl promote``, then wait until it accepts writes."""
+        res = self._run("pg_ctl", "-D", str(self.datadir), "-w", "-t", str(int(timeout)), "promote")
+        if res.returncode != 0:
+            raise RuntimeError(
+                f"pg_ctl promote failed ({res.returncode}):\n{res.stdout}\n{res.stderr}\n"
+                f"--- log tail ---\n{self.log_text()[-4000:]}"
+            )
+
+        def writable() -> bool:
+            with self.connect(connect_timeout=2) as conn:
+                conn.execute("CREATE TEMP TABLE promoted_probe (x int)")
+            return True
+
+        wait_until(writable, timeout, message=f"standby {self.name} does not accept writes")
+
+    def __repr__(self) -> str:
+        return f"StandbyServer({self.name}, {self.host}:{self.port}, of {self.primary!r})"
 
 
 # --------------------------------------------------------------------------- Tansu

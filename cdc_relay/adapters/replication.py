@@ -8,7 +8,9 @@ non-blocking, waiting on the socket with select.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import select
 import time
 from typing import Final
@@ -16,9 +18,10 @@ from typing import Final
 import psycopg
 from psycopg import pq
 
+from cdc_relay.adapters.database import with_tcp_keepalives
 from cdc_relay.core.copydata import encode_standby_status, pg_time_us
 from cdc_relay.core.lsn import Lsn, format_lsn
-from cdc_relay.errors import ReplicationError, SlotInUse, SlotLost
+from cdc_relay.errors import ReplicationError, SlotInUse, SlotInvalidated
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,8 @@ _SESSION_OPTIONS: Final = "-c DateStyle=ISO,MDY -c TimeZone=UTC -c bytea_output=
 
 SQLSTATE_OBJECT_IN_USE = "55006"
 SQLSTATE_PREREQUISITE_STATE = "55000"
+# 18.6 reports a skipped publication as 55000; 42704 (undefined_object) is its natural code.
+_SKIPPED_PUBLICATION_SQLSTATES = frozenset({SQLSTATE_PREREQUISITE_STATE, "42704"})
 
 
 class ReplicationStream:
@@ -37,26 +42,31 @@ class ReplicationStream:
         self._conn = conn
         self._pg = conn.pgconn
         self._fileno = self._pg.socket
+        # PostgreSQL 18's pgoutput no longer fails when a publication is missing at a point of
+        # the WAL: it warns ('skipped loading publication "p"', SQLSTATE 55000 on 18.6) and
+        # sends the changes of none of its tables, so the relay would confirm past rows it never
+        # saw. libpq hands the warning to the notice handler, in stream order, while it parses
+        # the frames that follow it; read() stops before returning any of them. Any such
+        # warning stops the session: a needless reconnect is cheap, a skipped row is not.
+        self._skipped_publication: str | None = None
+        conn.add_notice_handler(self._on_notice)
+
+    def _on_notice(self, diag: psycopg.errors.Diagnostic) -> None:
+        if (
+            diag.severity_nonlocalized == "WARNING"
+            and diag.sqlstate in _SKIPPED_PUBLICATION_SQLSTATES
+            and self._skipped_publication is None
+        ):
+            text = (diag.message_primary or "").strip()
+            if diag.message_detail:
+                text += f" ({diag.message_detail.strip()})"
+            self._skipped_publication = f"{text or 'a warning'} [SQLSTATE {diag.sqlstate}]"
 
     @classmethod
     def connect(
         cls, database_url: str, *, application_name: str = "cdc-relay"
     ) -> ReplicationStream:
-        try:
-            conn = psycopg.connect(
-                database_url,
-                autocommit=True,
-                replication="database",
-                application_name=application_name,
-                client_encoding="UTF8",
-                options=_SESSION_OPTIONS,
-                connect_timeout=10,
-            )
-        except psycopg.Error as exc:
-            raise ReplicationError(
-                f"cannot open the replication connection: {_one_line(exc)}"
-            ) from exc
-        return cls(conn)
+        return cls(open_replication_connection(database_url, application_name=application_name))
 
     def start(self, *, slot: str, publication: str, start_lsn: Lsn, proto_version: int = 1) -> None:
         """Issue START_REPLICATION; the server resumes from the slot's confirmed position."""
@@ -70,19 +80,54 @@ class ReplicationStream:
         pg.send_query(command.encode())
         result = pg.get_result()
         if result is None or result.status != pq.ExecStatus.COPY_BOTH:
-            raise _result_error(result, f"START_REPLICATION on slot {slot!r} failed")
+            error = _result_error(result, f"START_REPLICATION on slot {slot!r} failed", pg)
+            while pg.get_result() is not None:  # drain, so the connection can query again
+                pass
+            if _sqlstate(result) == SQLSTATE_PREREQUISITE_STATE:
+                # One SQLSTATE for many states (wal_level, wrong database, invalidated slot)
+                # and message texts that change between versions: ask the slot itself.
+                lost = self._invalidated(slot)
+                if lost is not None:
+                    raise lost from error
+            raise error
         pg.nonblocking = 1
+
+    def _invalidated(self, slot: str) -> SlotInvalidated | None:
+        """SlotInvalidated if the server has invalidated ``slot``; None if not, or if that
+        cannot be told. A logical replication connection runs simple queries (no parameters:
+        ``slot`` is a validated identifier)."""
+        try:
+            res = self._pg.exec_(
+                b"SELECT to_jsonb(s)::text FROM pg_replication_slots s "
+                b"WHERE s.slot_name = '" + slot.encode() + b"'"
+            )
+        except psycopg.Error:
+            return None
+        if res.status != pq.ExecStatus.TUPLES_OK or res.ntuples != 1:
+            return None
+        raw = res.get_value(0, 0)
+        if raw is None:
+            return None
+        view = json.loads(bytes(raw))
+        if view.get("wal_status") != "lost":
+            return None
+        return SlotInvalidated(slot, slot_invalidation_reason(view))
 
     def read(self) -> memoryview | bytes | None:
         """The next CopyData frame if one is buffered, else None (never blocks)."""
         nbytes, data = self._pg.get_copy_data(1)
+        if self._skipped_publication is not None:
+            raise ReplicationError(
+                f"the server skipped the publication: {self._skipped_publication}; stopping "
+                "before the changes it left out"
+            )
         if nbytes > 0:
             return data
         if nbytes == 0:
             return None
         if nbytes == -1:
             # The server ended the COPY: the reason is in the following result.
-            raise _result_error(self._pg.get_result(), "the server ended replication")
+            raise _result_error(self._pg.get_result(), "the server ended replication", self._pg)
         raise ReplicationError(f"replication connection failed: {self._error_message()}")
 
     def wait(self, timeout: float) -> None:
@@ -138,15 +183,121 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _result_error(result: pq.abc.PGresult | None, context: str) -> ReplicationError:
+def slot_invalidation_reason(view: dict[str, object]) -> str | None:
+    """Why the server invalidated a slot, from its pg_replication_slots row (as JSON); None
+    when it is valid or the reason cannot be told.
+
+    17+ says it (invalidation_reason). Before, a slot whose WAL was removed lost its
+    restart_lsn (16's ``conflicting`` is true for every invalidation, so it cannot tell), and a
+    recovery conflict on a 16 standby kept it.
+    """
+    if "invalidation_reason" in view:
+        reason = view["invalidation_reason"]
+        return str(reason) if reason else None
+    if view.get("wal_status") == "lost" and view.get("restart_lsn") is None:
+        return "wal_removed"
+    return None
+
+
+def open_replication_connection(
+    database_url: str, *, application_name: str = "cdc-relay"
+) -> psycopg.Connection[tuple[object, ...]]:
+    """A logical replication connection (``replication=database``), with TCP keepalives unless
+    the URL sets its own."""
+    try:
+        return psycopg.connect(
+            with_tcp_keepalives(database_url),
+            autocommit=True,
+            replication="database",
+            application_name=application_name,
+            client_encoding="UTF8",
+            options=_SESSION_OPTIONS,
+            connect_timeout=10,
+        )
+    except psycopg.Error as exc:
+        raise ReplicationError(f"cannot open the replication connection: {_one_line(exc)}") from exc
+
+
+def alter_slot_failover(database_url: str, slot: str, *, failover: bool) -> None:
+    """``ALTER_REPLICATION_SLOT slot (FAILOVER …)`` (PostgreSQL 17+; a replication command, so
+    over a replication connection). The slot must not be in use."""
+    conn = open_replication_connection(database_url, application_name="cdc-relay-admin")
+    try:
+        value = b"true" if failover else b"false"
+        res = conn.pgconn.exec_(
+            b"ALTER_REPLICATION_SLOT " + slot.encode() + b" (FAILOVER " + value + b")"
+        )
+        if res.status != pq.ExecStatus.COMMAND_OK:
+            raise _result_error(
+                res, f"cannot change failover of replication slot {slot}", conn.pgconn
+            )
+    finally:
+        conn.close()
+
+
+def _sqlstate(result: pq.abc.PGresult | None) -> str:
+    raw = result.error_field(pq.DiagnosticField.SQLSTATE) if result is not None else None
+    return raw.decode() if raw else ""
+
+
+def _field(result: pq.abc.PGresult, field: pq.DiagnosticField) -> str:
+    raw = result.error_field(field)
+    return raw.decode("utf-8", "replace").strip() if raw else ""
+
+
+# Invalid-slot texts: "can no longer get changes from replication slot" (15-17), "can no longer
+# access replication slot" (18); the detail names the cause on 18 ('invalidated due to
+# "idle_timeout"') and describes it before.
+_LOST_TEXTS = ("can no longer get changes", "can no longer access replication slot")
+_DETAIL_REASONS = (
+    (re.compile(r'invalidated due to "([a-z_]+)"'), None),
+    (re.compile(r"exceeded the maximum reserved size"), "wal_removed"),
+)
+
+
+def _result_error(
+    result: pq.abc.PGresult | None, context: str, pgconn: pq.abc.PGconn | None = None
+) -> ReplicationError:
+    """The error a failed or ended replication command stands for, with what is known: the
+    server's message, its detail and SQLSTATE, or libpq's own message for a lost connection."""
     if result is None:
-        return ReplicationError(f"{context}: connection closed")
-    raw_state = result.error_field(pq.DiagnosticField.SQLSTATE)
-    sqlstate = raw_state.decode() if raw_state else ""
-    raw_message = result.error_field(pq.DiagnosticField.MESSAGE_PRIMARY)
-    message = raw_message.decode("utf-8", "replace") if raw_message else "no detail"
+        why = _libpq_message(pgconn) or "no result from the server"
+        return ReplicationError(f"{context}: connection closed: {why}")
+    sqlstate = _sqlstate(result)
+    message = _field(result, pq.DiagnosticField.MESSAGE_PRIMARY)
+    detail = _field(result, pq.DiagnosticField.MESSAGE_DETAIL)
     if sqlstate == SQLSTATE_OBJECT_IN_USE:
-        return SlotInUse(message)
-    if sqlstate == SQLSTATE_PREREQUISITE_STATE and "can no longer get changes" in message:
-        return SlotLost(message)
-    return ReplicationError(f"{context}: {message}")
+        return SlotInUse(message or None)
+    if sqlstate == SQLSTATE_PREREQUISITE_STATE and any(t in message for t in _LOST_TEXTS):
+        slot = re.search(r'replication slot "([^"]+)"', message)
+        reason = None
+        for pattern, fixed in _DETAIL_REASONS:
+            found = pattern.search(detail)
+            if found:
+                reason = fixed or found.group(1)
+                break
+        return SlotInvalidated(
+            slot.group(1) if slot else "?", reason, detail=f"{message}. {detail}".strip(". ")
+        )
+    if not message:
+        # No error fields: a normal end of the COPY (COMMAND_OK), or an error libpq made up
+        # itself (the connection broke), whose text is the result's or the connection's.
+        raw = result.error_message
+        message = " ".join(raw.decode("utf-8", "replace").split()) if raw else ""
+        message = message or _libpq_message(pgconn)
+        if not message:
+            message = f"no error reported (result status {pq.ExecStatus(result.status).name})"
+    text = f"{context}: {message}"
+    if detail:
+        text += f" ({detail})"
+    if sqlstate:
+        text += f" [SQLSTATE {sqlstate}]"
+    return ReplicationError(text)
+
+
+def _libpq_message(pgconn: pq.abc.PGconn | None) -> str:
+    if pgconn is None:
+        return ""
+    raw = pgconn.error_message
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw or "")
+    return " ".join(text.split())

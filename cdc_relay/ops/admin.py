@@ -10,15 +10,43 @@ import psycopg
 from psycopg import sql
 
 from cdc_relay import recipes
+from cdc_relay.adapters.replication import alter_slot_failover, slot_invalidation_reason
 from cdc_relay.core.lsn import Lsn, parse_lsn
-from cdc_relay.errors import PrerequisiteError, RelayError
-from cdc_relay.ops import control
+from cdc_relay.errors import PrerequisiteError, RelayError, SlotInvalidated, UnsupportedServer
+from cdc_relay.ops import control, failover
 from cdc_relay.settings import Settings
 
 Connection = psycopg.Connection[tuple[Any, ...]]
 Say = Callable[[str], None]
 
 PAYLOAD_TYPES = {"jsonb", "json", "text", "bytea", "character varying"}
+
+# The PostgreSQL major versions the relay is tested on (`make test-matrix`): 15 brought the
+# publication features the checks read (FOR TABLES IN SCHEMA, row filters), 17 failover slots.
+SUPPORTED_MAJOR = (15, 18)
+
+
+def server_version(conn: Connection) -> int:
+    """The server's version as server_version_num (180006 for 18.6), as the server reported it
+    at connection start."""
+    return int(conn.info.server_version)
+
+
+def format_version(version_num: int) -> str:
+    major, minor = divmod(version_num, 10000)
+    return f"{major}.{minor}" if major >= 10 else f"{major}.{minor // 100}.{minor % 100}"
+
+
+def require_supported_version(conn: Connection) -> int:
+    """server_version_num; UnsupportedServer outside PostgreSQL 15 to 18."""
+    version = server_version(conn)
+    low, high = SUPPORTED_MAJOR
+    if not low <= version // 10000 <= high:
+        raise UnsupportedServer(
+            f"PostgreSQL {format_version(version)} is not supported: cdc-relay supports "
+            f"PostgreSQL {low} to {high}"
+        )
+    return version
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,26 +60,56 @@ class SlotInfo:
     restart_lsn: str | None
     wal_status: str | None
     lag_bytes: int | None
+    # Why the server invalidated the slot: invalidation_reason on 17+; inferred before that.
+    invalidation_reason: str | None = None
+    # Failover slots (17+; None before): synchronised to standbys / a standby's synced copy.
+    failover: bool | None = None
+    synced: bool | None = None
+    temporary: bool = False
 
     @property
     def confirmed(self) -> Lsn | None:
         return parse_lsn(self.confirmed_flush_lsn) if self.confirmed_flush_lsn else None
 
+    @property
+    def lost(self) -> bool:
+        return self.wal_status == "lost"
+
 
 def fetch_slot(conn: Connection, slot_name: str) -> SlotInfo | None:
+    # to_jsonb(row): the view's columns differ between versions (conflicting in 16,
+    # invalidation_reason, failover and synced in 17), so take whichever this server has.
     row = conn.execute(
         """
-        SELECT slot_name::text, plugin::text, database::text, active, active_pid,
-               confirmed_flush_lsn::text, restart_lsn::text, wal_status,
+        SELECT to_jsonb(s),
                pg_wal_lsn_diff(
                    CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
                         ELSE pg_current_wal_lsn() END,
-                   confirmed_flush_lsn)::bigint
-        FROM pg_replication_slots WHERE slot_name = %s
+                   s.confirmed_flush_lsn)::bigint
+        FROM pg_replication_slots s WHERE s.slot_name = %s
         """,
         (slot_name,),
     ).fetchone()
-    return SlotInfo(*row) if row else None
+    return slot_from_row(row[0], row[1]) if row else None
+
+
+def slot_from_row(view: dict[str, Any], lag_bytes: int | None) -> SlotInfo:
+    """A SlotInfo out of one pg_replication_slots row (as JSON) of any supported version."""
+    return SlotInfo(
+        slot_name=view["slot_name"],
+        plugin=view.get("plugin"),
+        database=view.get("database"),
+        active=bool(view.get("active")),
+        active_pid=view.get("active_pid"),
+        confirmed_flush_lsn=view.get("confirmed_flush_lsn"),
+        restart_lsn=view.get("restart_lsn"),
+        wal_status=view.get("wal_status"),
+        lag_bytes=lag_bytes,
+        invalidation_reason=slot_invalidation_reason(view),
+        failover=view.get("failover"),
+        synced=view.get("synced"),
+        temporary=bool(view.get("temporary")),
+    )
 
 
 def publication_tables(conn: Connection, publication: str) -> list[str] | None:
@@ -79,14 +137,30 @@ def _publication_covers(conn: Connection, publication: str, settings: Settings) 
         WHERE p.pubname = %s AND n.nspname = %s AND c.relname = %s
         UNION ALL
         SELECT 1 FROM pg_publication WHERE pubname = %s AND puballtables
+        UNION ALL
+        -- FOR TABLES IN SCHEMA (15+): every table of the schema, present and future.
+        SELECT 1 FROM pg_publication p
+        JOIN pg_publication_namespace pn ON pn.pnpubid = p.oid
+        JOIN pg_namespace n ON n.oid = pn.pnnspid
+        WHERE p.pubname = %s AND n.nspname = %s
         """,
-        (publication, settings.table_schema, settings.table_name, publication),
+        (
+            publication,
+            settings.table_schema,
+            settings.table_name,
+            publication,
+            publication,
+            settings.table_schema,
+        ),
     ).fetchone()
     return row is not None
 
 
 def check_prerequisites(conn: Connection, settings: Settings, say: Say) -> None:
-    """wal_level, free slots and WAL senders, and the role's REPLICATION right."""
+    """The server's version, wal_level, free slots and WAL senders, and the role's
+    REPLICATION right."""
+    version = require_supported_version(conn)
+    say(f"ok    PostgreSQL {format_version(version)}")
     wal_level = conn.execute("SHOW wal_level").fetchone()
     if not wal_level or wal_level[0] != "logical":
         current = wal_level[0] if wal_level else "unknown"
@@ -184,6 +258,18 @@ def verify_table(columns: dict[str, str], settings: Settings) -> list[str]:
 def setup(conn: Connection, settings: Settings, *, create_table: bool, say: Say) -> bool:
     """Make the database ready; returns whether anything changed. Idempotent."""
     check_prerequisites(conn, settings, say)
+    facts = failover.gather(conn)
+    if facts.in_recovery:
+        raise PrerequisiteError(
+            "this server is a standby (in recovery): run `cdc-relay setup` on the primary; "
+            "`cdc-relay status` here shows whether the slot is synchronised to it"
+        )
+    if settings.slot_failover == "on" and not facts.has_failover_slots:
+        raise PrerequisiteError(
+            f"CDC_RELAY_SLOT_FAILOVER=on needs failover slots, which PostgreSQL "
+            f"{format_version(facts.version_num)} does not have (17+): set it to auto or off"
+        )
+    want_failover = failover.wants_failover(settings.slot_failover, facts.version_num)
     changed = False
     table = settings.outbox_table
 
@@ -246,24 +332,72 @@ def setup(conn: Connection, settings: Settings, *, create_table: bool, say: Say)
         _require_via_root(conn, settings)
         say(f"ok    publication {publication} includes {table}")
 
-    slot = fetch_slot(conn, settings.slot_name)
+    name = settings.slot_name
+    slot = fetch_slot(conn, name)
     if slot is None:
-        conn.execute(
-            "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (settings.slot_name,)
-        )
-        say(f"done  created logical replication slot {settings.slot_name} (pgoutput)")
+        if want_failover:
+            conn.execute(
+                "SELECT pg_create_logical_replication_slot(%s, 'pgoutput', failover => true)",
+                (name,),
+            )
+            say(f"done  created logical replication slot {name} (pgoutput, failover)")
+        else:
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
+            say(f"done  created logical replication slot {name} (pgoutput)")
         changed = True
     else:
         usable_slot(conn, settings, slot)
-        say(f"ok    replication slot {settings.slot_name} exists")
+        say(f"ok    replication slot {name} exists")
+        if facts.has_failover_slots and bool(slot.failover) != want_failover:
+            _set_slot_failover(settings, slot, want_failover)
+            say(f"done  turned failover {'on' if want_failover else 'off'} for slot {name}")
+            changed = True
+    if facts.has_failover_slots or settings.slot_failover != "off":
+        slot = fetch_slot(conn, name)
+        for finding in failover.explain(
+            facts,
+            slot_name=name,
+            slot_failover=slot.failover if slot else None,
+            mode=settings.slot_failover,
+            slot_confirmed=slot.confirmed_flush_lsn if slot else None,
+        ):
+            say(finding.line())
 
     say("setup complete" if changed else "nothing to change: already set up")
     return changed
 
 
+def _set_slot_failover(settings: Settings, slot: SlotInfo, enabled: bool) -> None:
+    """ALTER_REPLICATION_SLOT … (FAILOVER …): only while no relay streams from the slot."""
+    if slot.active:
+        raise PrerequisiteError(
+            f"replication slot {slot.slot_name} is in use by pid {slot.active_pid}, so its "
+            f"failover flag cannot change: stop the relay, then run `cdc-relay setup` again "
+            f"(or set CDC_RELAY_SLOT_FAILOVER={'on' if slot.failover else 'off'})"
+        )
+    alter_slot_failover(settings.database_url.get_secret_value(), slot.slot_name, failover=enabled)
+
+
 def status(conn: Connection, settings: Settings) -> dict[str, Any]:
     slot = fetch_slot(conn, settings.slot_name)
-    return {
+    facts = failover.gather(conn)
+    findings = failover.explain(
+        facts,
+        slot_name=settings.slot_name,
+        slot_exists=slot is not None,
+        slot_failover=slot.failover if slot else None,
+        slot_synced=slot.synced if slot else None,
+        slot_temporary=slot.temporary if slot else False,
+        mode=settings.slot_failover,
+        slot_confirmed=slot.confirmed_flush_lsn if slot else None,
+    )
+    low, high = SUPPORTED_MAJOR
+    report = {
+        "server": {
+            "version": format_version(facts.version_num),
+            "supported": low <= facts.major <= high,
+            "in_recovery": facts.in_recovery,
+        },
         "slot": asdict(slot) if slot else None,
         "publication": {
             "name": settings.publication_name,
@@ -271,7 +405,21 @@ def status(conn: Connection, settings: Settings) -> dict[str, Any]:
         },
         "outbox_table": settings.outbox_table,
         "oldest_unconfirmed": oldest_unconfirmed(conn, settings, slot),
+        "failover": failover.report(facts, findings),
     }
+    report["health"] = health(report)
+    return report
+
+
+def health(report: dict[str, Any]) -> str:
+    """``ok``, ``not_set_up`` (no slot or no publication here) or ``lost`` (the slot was
+    invalidated): what `status` says in its exit code."""
+    slot = report["slot"]
+    if slot is None or report["publication"]["tables"] is None:
+        return "not_set_up"
+    if slot.get("wal_status") == "lost":
+        return "lost"
+    return "ok"
 
 
 def oldest_unconfirmed(
@@ -317,11 +465,19 @@ def oldest_unconfirmed(
 
 def format_status(report: dict[str, Any]) -> str:
     lines = []
+    server = report.get("server")
+    if server:
+        role = "standby, in recovery" if server["in_recovery"] else "primary"
+        supported = "" if server["supported"] else ", not supported: 15 to 18 are"
+        lines.append(f"server        PostgreSQL {server['version']} ({role}{supported})")
     slot = report["slot"]
     if slot is None:
         lines.append("slot          missing (run `cdc-relay setup`)")
     else:
         active = f"yes (pid {slot['active_pid']})" if slot["active"] else "no"
+        if slot["active"] and slot.get("synced") and server and server["in_recovery"]:
+            # On a standby the slot synchronisation worker holds a synced slot while it copies.
+            active = f"yes (pid {slot['active_pid']}, slot synchronisation)"
         lines += [
             f"slot          {slot['slot_name']} ({slot['plugin']}, database {slot['database']})",
             f"  active      {active}",
@@ -329,6 +485,18 @@ def format_status(report: dict[str, Any]) -> str:
             f"  lag         {_human_bytes(slot['lag_bytes'])}",
             f"  wal_status  {slot['wal_status']}",
         ]
+        if slot.get("wal_status") == "lost":
+            reason = slot.get("invalidation_reason")
+            why = SlotInvalidated.REASONS.get(reason or "", "reason unknown")
+            lines.append(f"  invalid     {reason or 'yes'}: {why}")
+        if slot.get("failover") is not None:
+            synced = slot.get("synced")
+            flags = ["yes" if slot["failover"] else "no"]
+            if server and server["in_recovery"]:
+                flags.append(f"synced {'yes' if synced else 'no'}")
+                if synced and slot.get("temporary"):
+                    flags.append("not yet persistent")
+            lines.append(f"  failover    {', '.join(flags)}")
         oldest = report.get("oldest_unconfirmed")
         if oldest is None:
             pending = "unknown"
@@ -344,6 +512,10 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append(f"publication   {publication['name']} missing (run `cdc-relay setup`)")
     else:
         lines.append(f"publication   {publication['name']}: {', '.join(tables) or 'no tables'}")
+    fo = report.get("failover")
+    if fo and fo["findings"]:
+        lines.append("failover")
+        lines += [f"  {f['level']:<5} {f['text']}" for f in fo["findings"]]
     return "\n".join(lines)
 
 
@@ -425,18 +597,16 @@ def usable_slot(conn: Connection, settings: Settings, slot: SlotInfo | None) -> 
             f"replication slot {name} exists but is not a pgoutput slot of this database: "
             "drop it or choose another CDC_RELAY_SLOT_NAME"
         )
-    if slot.wal_status == "lost":
-        raise PrerequisiteError(
-            f"replication slot {name} is lost (wal_status = lost): the server removed WAL it "
-            "still needed, so events may be missing; the relay will not recreate it. Drop it, "
-            "run `cdc-relay setup`, and reconcile the gap from the outbox table"
-        )
+    if slot.lost:
+        raise SlotInvalidated(name, slot.invalidation_reason)
     return slot
 
 
 def require_ready(conn: Connection, settings: Settings) -> SlotInfo:
     """What `run` checks before it streams: slot and publication exist, slot usable, and the
-    role may replicate (the walsender would refuse it, and retrying cannot fix that)."""
+    role may replicate (the walsender would refuse it, and retrying cannot fix that), on a
+    server version the relay supports."""
+    require_supported_version(conn)
     _require_replication_right(conn)
     slot = require_slot(conn, settings)
     missing = control.missing_tables(conn, settings)

@@ -223,6 +223,7 @@ def test_non_json_payload_column_types_are_published_verbatim(
     assert got == {f"k-{i}".encode(): v for i, v in enumerate(values)}
 
 
+@pytest.mark.compat
 def test_add_column_mid_stream_keeps_streaming(db: str, kafka: str):
     box = make_outbox(db, kafka)
     with RelayProcess(box.env) as relay:
@@ -321,6 +322,7 @@ def test_outbox_dropped_while_running_halts_at_the_next_connection(db: str, kafk
     )
 
 
+@pytest.mark.compat
 def test_publication_dropped_while_running_halts(db: str, kafka: str):
     box = make_outbox(db, kafka, reconnect_max_backoff_seconds=1)
     with RelayProcess(box.env) as relay:

@@ -33,6 +33,7 @@ def assert_one_line_error(done, code: int, *fragments: str) -> None:
     assert PASSWORD not in done.stderr + done.stdout
 
 
+@pytest.mark.compat
 def test_setup_is_idempotent(db: str, kafka: str):
     env = relay_env(db, kafka)
     first = cli(env, "setup", "--create-table")

@@ -39,7 +39,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("policy", ["dead-letter", "halt"])
+@pytest.mark.parametrize("policy", [pytest.param("dead-letter", marks=pytest.mark.compat), "halt"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_undeliverable_row(db: str, kafka: str, case: str, policy: str):
     execute(db, NULLABLE_OUTBOX)

@@ -7,6 +7,8 @@ import time
 import uuid
 from collections import defaultdict
 
+import pytest
+
 from tests.integration.conftest import Outbox
 from tests.integration.relay_process import (
     RelayProcess,
@@ -31,6 +33,7 @@ def seqs_by_key(records: list[ConsumedRecord]) -> dict[bytes, list[int]]:
     return by_key
 
 
+@pytest.mark.compat
 def test_events_arrive_byte_exact_with_topic_key_headers_and_timestamp(outbox: Outbox, kafka: str):
     # Payloads whose text form must survive untouched: jsonb normalises on input, and the
     # relay must send exactly what PostgreSQL outputs, not a re-encoding.
@@ -132,6 +135,7 @@ def test_updates_deletes_and_truncates_of_the_outbox_emit_nothing(outbox: Outbox
     assert {r.header("event_type") for r in records} == {b"Tested"}
 
 
+@pytest.mark.compat
 def test_idle_advance_moves_the_slot_while_the_outbox_is_quiet(outbox: Outbox):
     execute(outbox.url, "CREATE TABLE busy (n int, pad text)")
     with RelayProcess(outbox.env) as relay:
@@ -148,6 +152,7 @@ def test_idle_advance_moves_the_slot_while_the_outbox_is_quiet(outbox: Outbox):
         assert relay.stop() == 0
 
 
+@pytest.mark.compat
 def test_kill_9_mid_stream_then_restart_loses_nothing(outbox: Outbox, kafka: str):
     total = 40_000
     end = insert_events(outbox.url, count=total, per_txn=50, aggregates=500)
@@ -203,6 +208,7 @@ def test_single_200k_row_transaction_with_bounded_memory(outbox: Outbox, kafka: 
     assert len({r.header("id") for r in records}) == rows
 
 
+@pytest.mark.compat
 def test_status_json_reports_the_slot(outbox: Outbox):
     end = insert_events(outbox.url, count=10)
     done = cli(outbox.env, "status", "--json")
