@@ -4,7 +4,7 @@ By default both are started locally (tests/servers.py, tests/kafka_servers.py: A
 in KRaft mode from the jars `make kafka` fetches). Set
 ``CDC_RELAY_TEST_DATABASE_URL`` (a superuser postgresql:// URL on a server with
 wal_level=logical) and/or ``CDC_RELAY_TEST_KAFKA_BOOTSTRAP_SERVERS`` to use external ones;
-tests that restart PostgreSQL then skip (``pg.can_restart`` is False; mark them
+tests that restart PostgreSQL are then deselected (``pg.can_restart`` is False; mark them
 ``@pytest.mark.pg_restart`` or request the ``restartable_pg`` fixture).
 """
 
@@ -39,7 +39,7 @@ _INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "pg_restart: restarts/crashes PostgreSQL; skipped on an external server"
+        "markers", "pg_restart: restarts/crashes PostgreSQL; deselected on an external server"
     )
     config.addinivalue_line(
         "markers",
@@ -47,7 +47,10 @@ def pytest_configure(config: pytest.Config) -> None:
         "version (CDC_RELAY_TEST_PG)",
     )
     config.addinivalue_line(
-        "markers", "min_pg(major): needs PostgreSQL `major` or later; skipped on older servers"
+        "markers", "min_pg(major): needs PostgreSQL `major` or later; deselected on older servers"
+    )
+    config.addinivalue_line(
+        "markers", "local_pg: makes servers of its own from the session's binaries (a standby)"
     )
     # A plain SIGTERM would end the run without finalizers or atexit: turn it into a
     # KeyboardInterrupt so fixtures stop the servers they started.
@@ -63,20 +66,40 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _INTEGRATION_DIR in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.integration)
+    # Tests that cannot apply to this run are deselected at collection, with the reason in the
+    # summary, never skipped while they run: a feature the server's version lacks (min_pg), or
+    # a server the tests must stop or copy when they were pointed at one they did not start.
+    external = bool(os.environ.get(DATABASE_URL_ENV))
+    kept, dropped, reasons = [], [], set()
+    major: int | None = None
+    for item in items:
+        min_pg = item.get_closest_marker("min_pg")
+        if external and (
+            item.get_closest_marker("pg_restart")
+            or item.get_closest_marker("local_pg")
+            or "restartable_pg" in getattr(item, "fixturenames", ())
+        ):
+            dropped.append(item)
+            reasons.add(f"need servers the tests start ({DATABASE_URL_ENV} is set)")
+            continue
+        if min_pg is not None:
+            major = major if major is not None else _session_pg_major()
+            if major < min_pg.args[0]:
+                dropped.append(item)
+                reasons.add(f"need PostgreSQL {min_pg.args[0]}+ (this run: {major})")
+                continue
+        kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+        config.stash[_DESELECTED] = f"{len(dropped)} deselected: " + "; ".join(sorted(reasons))
 
 
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("pg_restart") and os.environ.get(DATABASE_URL_ENV):
-        pytest.skip(
-            f"restarts PostgreSQL; not possible on the external server ({DATABASE_URL_ENV})"
-        )
-    min_pg = item.get_closest_marker("min_pg")
-    if min_pg is not None:
-        major = item.session.config.stash.get(_PG_MAJOR, None)
-        if major is None:
-            major = item.session.config.stash[_PG_MAJOR] = _session_pg_major()
-        if major < min_pg.args[0]:
-            pytest.skip(f"needs PostgreSQL {min_pg.args[0]}+; this run is on {major}")
+_DESELECTED = pytest.StashKey[str]()
+
+
+def pytest_report_collectionfinish(config: pytest.Config) -> str | None:
+    return config.stash.get(_DESELECTED, None)
 
 
 _PG_MAJOR = pytest.StashKey[int]()
@@ -122,11 +145,9 @@ def pg_major(pg: PgClientMixin) -> int:
 
 @pytest.fixture
 def restartable_pg(pg: PgClientMixin) -> PostgresServer:
-    """The session server, for tests that stop, crash or restart it (skips on external)."""
-    if not pg.can_restart or not isinstance(pg, PostgresServer):
-        pytest.skip(
-            f"restarts PostgreSQL; not possible on the external server ({DATABASE_URL_ENV})"
-        )
+    """The session server, for tests that stop, crash or restart it (deselected when the tests
+    were pointed at an external server)."""
+    assert isinstance(pg, PostgresServer) and pg.can_restart
     if not pg.running:  # an earlier test left it down
         pg.start()
     return pg

@@ -29,7 +29,7 @@ from tests.integration.relay_process import (
 from tests.kafka_helpers import consume_all
 from tests.servers import PgClientMixin, PostgresServer, StandbyServer, wait_until
 
-pytestmark = [pytest.mark.min_pg(17), pytest.mark.compat]
+pytestmark = [pytest.mark.min_pg(17), pytest.mark.compat, pytest.mark.local_pg]
 
 
 @dataclass
@@ -39,8 +39,7 @@ class Pair:
 
 
 def _start_pair(pg: PgClientMixin, *, synchronous: bool = False) -> Pair:
-    if not isinstance(pg, PostgresServer):
-        pytest.skip("needs local servers: a standby is made with pg_basebackup")
+    assert isinstance(pg, PostgresServer)  # a standby is made with pg_basebackup (local_pg)
     primary = PostgresServer(bindir=pg.bindir).start()
     try:
         standby = StandbyServer(primary).start()
