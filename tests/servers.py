@@ -977,7 +977,7 @@ class TcpProxy(_ManagedMixin):
         self.bytes_down = 0  # target -> client
         self.connections_accepted = 0
         self.connections_held = 0
-        self._mode = "forward"  # forward | blackhole | refuse
+        self._mode = "forward"  # forward | blackhole | refuse | stalled
         self._sel: selectors.DefaultSelector | None = None
         self._listener: socket.socket | None = None
         self._links: set[_Link] = set()
@@ -1023,6 +1023,11 @@ class TcpProxy(_ManagedMixin):
     def cut(self, *, refuse: bool = False) -> None:
         """Partition: close live connections; then hold new ones (or refuse them)."""
         self._call(lambda: self._do_cut(refuse))
+
+    def stall(self) -> None:
+        """A half-open partition: live connections stay open but nothing moves either way
+        (neither side learns anything from TCP); new ones are held. ``restore()`` closes them."""
+        self._call(self._do_stall)
 
     def restore(self) -> None:
         """Heal the partition: forward new connections again."""
@@ -1090,7 +1095,15 @@ class TcpProxy(_ManagedMixin):
             if self._listener is None:
                 self._open_listener(self.listen_port)
 
+    def _do_stall(self) -> None:
+        self._mode = "stalled"
+        for link in self._links:
+            self._set_mask(link.client, 0, link)
+            self._set_mask(link.upstream, 0, link)
+
     def _do_restore(self) -> None:
+        if self._mode == "stalled":
+            self._close_all_links()
         self._close_held()
         if self._listener is None:
             self._open_listener(self.listen_port)
@@ -1236,6 +1249,8 @@ class TcpProxy(_ManagedMixin):
         pipe.queued += len(data)
 
     def _pump_all(self) -> None:
+        if self._mode == "stalled":
+            return
         now = time.monotonic()
         for link in list(self._links):
             if link.connecting:

@@ -6,6 +6,7 @@ registered in its own CollectorRegistry (not the process-global one), served by 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from prometheus_client.core import (
@@ -48,6 +49,7 @@ METRIC_NAMES = frozenset(
         "cdc_relay_last_ack_timestamp_seconds",
         "cdc_relay_streaming",
         "cdc_relay_broker_reachable",
+        "cdc_relay_delivery_stalled_seconds",
     }
 )
 
@@ -167,6 +169,13 @@ class RelayCollector(Collector):
             "cdc_relay_streaming",
             "1 while a replication session streams (0 while waiting, e.g. as a hot standby).",
             value=1 if stats.streaming else 0,
+        )
+        stalled = stats.stalled_since
+        yield GaugeMetricFamily(
+            "cdc_relay_delivery_stalled_seconds",
+            "Seconds since Kafka last acknowledged anything while records are in flight (0 "
+            "while acknowledgements flow or nothing is in flight).",
+            value=max(0.0, time.monotonic() - stalled) if stalled is not None else 0.0,
         )
         yield GaugeMetricFamily(
             "cdc_relay_broker_reachable",

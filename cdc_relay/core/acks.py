@@ -128,6 +128,13 @@ class AckTracker:
         return self._open
 
     @property
+    def oldest(self) -> Lsn | None:
+        """The commit position of the oldest transaction with records in flight, if any."""
+        if self._head is not None:
+            return self._head.final_lsn
+        return self._open.final_lsn if self._open is not None and self._open.pending else None
+
+    @property
     def idle(self) -> bool:
         """Nothing open, nothing in flight: the stream position itself may be confirmed."""
         return self._open is None and self._head is None

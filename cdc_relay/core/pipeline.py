@@ -92,6 +92,13 @@ class PipelineConfig:
     max_silence: float = 10.0
     shutdown_timeout: float = 30.0
     slot_name: str = "cdc_relay"
+    # Kafka acknowledged nothing for this long with records in flight: say so (once).
+    stall_warning: float = 30.0
+    # Nothing from the server for this long while reading: ask it for a reply (a status update
+    # with reply requested); no answer within reply_timeout: the connection is dead, even if
+    # TCP does not know it (a half-open connection through a proxy or a NAT that dropped it).
+    probe_after: float = 10.0
+    reply_timeout: float = 10.0
 
     @property
     def table_name(self) -> str:
@@ -140,10 +147,20 @@ class Produce:
 
 @dataclass(frozen=True, slots=True)
 class SendStatus:
-    """A standby status update confirming ``lsn``; ``moved``: it is past the last one sent."""
+    """A standby status update confirming ``lsn``; ``moved``: it is past the last one sent;
+    ``reply_requested``: ask the server to answer at once (a liveness probe)."""
 
     lsn: Lsn
     moved: bool = False
+    reply_requested: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """The replication connection is dead (the server stopped answering): end the session
+    without waiting for anything; the next one starts from the slot's confirmed position."""
+
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +205,7 @@ class Notice:
     lsn: Lsn | None = None
 
 
-Action = Produce | SendStatus | Keep | Reset | Finish | Notice
+Action = Produce | SendStatus | Keep | Reset | Reconnect | Finish | Notice
 _NOTHING: Final[tuple[Action, ...]] = ()
 
 
@@ -255,6 +272,13 @@ class Pipeline:
         self._deadline: float | None = None
         self._halt: str | None = None
         self._halt_lsn: Lsn | None = None
+        # Liveness of the two sides: when the server last sent anything (while reading), and
+        # whether Kafka acknowledges (progress = records handed over minus those in flight).
+        self._last_received = now
+        self._probe_sent_at: float | None = None
+        self._progress = 0
+        self._progress_at = now
+        self._stall_reported = False
 
     # ------------------------------------------------------------------ what the driver reads
 
@@ -602,27 +626,83 @@ class Pipeline:
 
     # ------------------------------------------------------------------ time and stopping
 
+    def received(self, now: float) -> None:
+        """The driver read at least one frame (called once per batch, not per frame)."""
+        self._last_received = now
+        self._probe_sent_at = None
+
     def tick(self, now: float) -> list[Action]:
-        """The clock moved: status updates, and the end of a shutdown or halt."""
-        if self.state is State.STOPPING:
-            return self._stopping(now)
+        """The clock moved: status updates, liveness of the server and of Kafka, and the end
+        of a shutdown or halt."""
         if self.state is State.DONE:
             return []
+        actions = self._kafka_liveness(now)
+        if self.state is State.STOPPING:
+            return actions + self._stopping(now)
+        probe = self._server_liveness(now)
+        if probe is not None:
+            return [*actions, probe]
         since = now - self._last_status_at
         config = self.config
         if since >= config.max_silence or (
             since >= config.status_interval and self.tracker.confirmed > self._last_sent
         ):
-            return [self._status(now)]
-        return []
+            actions.append(self._status(now))
+        return actions
 
-    def _status(self, now: float) -> SendStatus:
+    def _server_liveness(self, now: float) -> Action | None:
+        if not self.reading:
+            # The socket is left unread (backpressure, a reset): silence tells nothing.
+            self._last_received = now
+            self._probe_sent_at = None
+            return None
+        config = self.config
+        if self._probe_sent_at is not None:
+            if now - self._probe_sent_at >= config.reply_timeout:
+                return Reconnect(
+                    f"the server has not answered for {now - self._last_received:.0f} s, not "
+                    f"even to a request for a reply: the replication connection is presumed dead"
+                )
+            return None
+        if now - self._last_received >= config.probe_after:
+            self._probe_sent_at = now
+            return self._status(now, reply_requested=True)
+        return None
+
+    def _kafka_liveness(self, now: float) -> list[Action]:
+        stats, tracker = self.stats, self.tracker
+        progress = stats.published + stats.dead_lettered - tracker.in_flight_events
+        if progress != self._progress or tracker.in_flight_events == 0:
+            self._progress, self._progress_at = progress, now
+            stats.stalled_since = None
+            if self._stall_reported:
+                self._stall_reported = False
+                return [Notice(INFO, "recovered: Kafka acknowledges deliveries again")]
+            return []
+        stats.stalled_since = self._progress_at
+        stalled = now - self._progress_at
+        if stalled < self.config.stall_warning or self._stall_reported:
+            return []
+        self._stall_reported = True
+        head = tracker.oldest
+        where = f" (the oldest in the transaction at {format_lsn(head)})" if head else ""
+        return [
+            Notice(
+                WARNING,
+                f"Kafka has acknowledged nothing for {stalled:.0f} s with "
+                f"{tracker.in_flight_events} events in flight{where}: holding back, nothing "
+                "past them is confirmed (brokers down, min.insync.replicas not met, a topic "
+                "missing? see the Kafka lines above and cdc_relay_delivery_stalled_seconds)",
+            )
+        ]
+
+    def _status(self, now: float, *, reply_requested: bool = False) -> SendStatus:
         confirmed = self.tracker.confirmed
         moved = confirmed > self._last_sent
         self._last_status_at = now
         self._last_sent = confirmed
         self.stats.confirmed_lsn = confirmed
-        return SendStatus(confirmed, moved)
+        return SendStatus(confirmed, moved, reply_requested)
 
     def stop(self) -> None:
         """Stop reading; finish once every record in flight is acknowledged (or the shutdown

@@ -89,6 +89,9 @@ class RelayStats:
     streaming: bool = False
     broker_reachable: bool = False
     tracker: InFlight | None = None
+    # Monotonic time since when Kafka has acknowledged nothing with records in flight (None
+    # while acknowledgements flow): the pipeline's liveness check of the Kafka side.
+    stalled_since: float | None = None
     # Written by the lag sampler thread.
     slot_lag_bytes: int | None = None
     slot_wal_status: str | None = None

@@ -25,6 +25,7 @@ from cdc_relay.core.lsn import Lsn, format_lsn
 from cdc_relay.core.pipeline import PROTO_VERSION, Keep, Memory, Pipeline, PipelineConfig
 from cdc_relay.core.stats import RelayStats
 from cdc_relay.errors import (
+    ConfigError,
     DatabaseUnavailable,
     DeliveryError,
     HaltedOnBadRow,
@@ -55,6 +56,14 @@ _FATAL_CONNECT_TEXTS = (
     "failed to resolve host",
 )
 BROKER_WAIT_TIMEOUT = 5.0
+# librdkafka errors that say the broker refuses this client: its credentials or its TLS setup.
+# At start they are configuration errors (exit 2); later (rotated credentials) they are waited
+# out like an outage, and named in the log.
+_REFUSED_CLIENT = {
+    KafkaError._AUTHENTICATION: "Kafka refused the relay's credentials",
+    KafkaError.SASL_AUTHENTICATION_FAILED: "Kafka refused the relay's credentials",
+    KafkaError._SSL: "the TLS handshake with Kafka failed",
+}
 
 
 class FailureLog:
@@ -97,6 +106,7 @@ class Relay:
         self._kafka_errors_logged: set[int] = set()
         self._waiting_for_broker = False
         self._publisher: Publisher | None = None
+        self._last_kafka_error: tuple[int, str] | None = None
 
     def stop(self) -> None:
         """Ask the loop to finish: stop reading, drain acks (bounded), confirm, return."""
@@ -223,6 +233,7 @@ class Relay:
     def _on_kafka_error(self, error: Any) -> None:
         # librdkafka reports transient broker trouble here and keeps retrying on its own.
         code = error.code()
+        self._last_kafka_error = (code, error.str())
         if code == KafkaError._ALL_BROKERS_DOWN:
             self.stats.broker_reachable = False
         if self._waiting_for_broker or code in self._kafka_errors_logged:
@@ -258,11 +269,23 @@ class Relay:
                 break
             except DeliveryError as exc:
                 log.debug("Kafka still unreachable: %s", exc)
-                self._kafka_log.failed(
-                    f"Kafka at {self.settings.kafka_bootstrap_servers} is unreachable; waiting "
-                    "for it before taking the slot"
-                )
+                publisher.poll(0)  # error callbacks: why it is unreachable
+                self._kafka_log.failed(self._unreachable())
         return publisher
+
+    def _unreachable(self) -> str:
+        """What to say while Kafka does not answer; raise ConfigError if, at start, it refuses
+        this client (credentials, TLS): waiting cannot fix that."""
+        servers = self.settings.kafka_bootstrap_servers
+        code, text = self._last_kafka_error or (0, "")
+        refused = _REFUSED_CLIENT.get(code)
+        if refused is not None:
+            hint = "check security.protocol, sasl.* and ssl.* in CDC_RELAY_KAFKA_CONFIG"
+            if self.stats.sessions == 0:
+                raise ConfigError(f"{refused} at {servers}: {text} ({hint})")
+            return f"{refused} at {servers}: {text}; waiting before taking the slot ({hint})"
+        why = f" ({text})" if text else ""
+        return f"Kafka at {servers} is unreachable{why}; waiting for it before taking the slot"
 
     # ---------------------------------------------------------------- one session
 

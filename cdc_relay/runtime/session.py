@@ -25,11 +25,18 @@ from cdc_relay.core.pipeline import (
     Notice,
     Pipeline,
     Produce,
+    Reconnect,
     Reset,
     SendStatus,
     State,
 )
-from cdc_relay.errors import DeliveryError, HaltedOnBadRow, ProduceInterrupted, RecordRefused
+from cdc_relay.errors import (
+    DeliveryError,
+    HaltedOnBadRow,
+    ProduceInterrupted,
+    RecordRefused,
+    ReplicationError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,10 @@ class Producer(Protocol):
 
 class StopFlag(Protocol):
     def is_set(self) -> bool: ...
+
+
+# The cause of a ReplicationError for a connection the pipeline presumed dead.
+_PRESUMED_DEAD = ConnectionAbortedError("no answer from the server")
 
 
 def _no_keeper(action: Keep) -> None:
@@ -100,6 +111,12 @@ class Session:
             while self.step():
                 pass
         except (HaltedOnBadRow, DeliveryError):
+            raise
+        except ReplicationError as exc:
+            if exc.__cause__ is _PRESUMED_DEAD:
+                raise  # nobody listens: no last status update
+            with contextlib.suppress(Exception):
+                self.stream.send_status(flushed=self.pipeline.confirmed)
             raise
         except Exception:
             # Keep what was acknowledged (fewer duplicates on replay), if the server still
@@ -176,6 +193,8 @@ class Session:
                 return
         if processed == 0:
             stream.wait(0.005 if tracker.in_flight_events else 0.1)
+        else:
+            pipeline.received(self.clock())
 
     def while_queue_full(self) -> bool:
         """Called while produce() waits for room (and while settling): keep the server
@@ -227,6 +246,8 @@ class Session:
             self.publisher.purge_queue()
         elif type(action) is Finish:
             self._finish(action)
+        elif type(action) is Reconnect:
+            raise ReplicationError(action.reason) from _PRESUMED_DEAD
         else:  # pragma: no cover - the union is exhaustive
             raise TypeError(f"unknown action {action!r}")
 
@@ -291,7 +312,7 @@ class Session:
         return True
 
     def _send_status(self, action: SendStatus) -> None:
-        self.stream.send_status(flushed=action.lsn)
+        self.stream.send_status(flushed=action.lsn, reply_requested=action.reply_requested)
         if action.moved:
             lsn = format_lsn(action.lsn)
             log.debug("confirmed slot=%s lsn=%s", self._slot, lsn, extra=self._fields(lsn))

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.faults import results
-from tests.faults.helpers import measure_delivery
+from tests.faults.helpers import measure_delivery, order_violations
 from tests.faults.scale import sizes
 from tests.integration.conftest import make_outbox
 from tests.integration.relay_process import (
@@ -19,7 +19,8 @@ from tests.integration.relay_process import (
     slot_active,
     wait_confirmed_past,
 )
-from tests.servers import wait_until
+from tests.integration.test_observe import get
+from tests.servers import TcpProxy, free_port, wait_until
 
 ACTIVE_PID = "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'cdc_relay'"
 
@@ -119,3 +120,51 @@ def test_hot_standby_takes_over_within_the_retry_interval(db: str, kafka: str):
     assert log.count("hot standby") == 1  # logged once, not per retry
     assert takeover_s <= 10, f"the standby took {takeover_s:.1f} s to take over"
     assert delivered.lost == 0
+
+
+def test_a_half_open_replication_connection_is_noticed_and_replaced(pg, db: str, kafka: str):
+    """Issue 11: a silent network drop (here a proxy that stops forwarding without closing
+    anything) went unnoticed: TCP keepalives and tcp_user_timeout see nothing wrong with a
+    proxy that still acknowledges. The relay asks the server for a reply after 10 s of silence
+    and gives the connection up 10 s later; /readyz says 503 until it streams again."""
+    box = make_outbox(db, kafka)
+    with TcpProxy(pg.host, pg.port) as proxy:
+        proxied = db.replace(f"@{pg.host}:{pg.port}/", f"@127.0.0.1:{proxy.port}/")
+        assert proxied != db
+        port = free_port()
+        env = {
+            **box.env,
+            "CDC_RELAY_DATABASE_URL": proxied,
+            "CDC_RELAY_HTTP_PORT": str(port),
+            "CDC_RELAY_RECONNECT_MAX_BACKOFF_SECONDS": "1",
+        }
+        with RelayProcess(env) as relay:
+            wait_until(lambda: get(port, "/readyz")[0] == 200, 60, message=relay.log)
+            first = insert_events(db, count=200, per_txn=10)
+            wait_confirmed_past(db, first)
+            proxy.stall()
+            stalled = time.monotonic()
+            insert_events(db, count=300, per_txn=10, start=200)  # written during the partition
+            wait_until(lambda: get(port, "/readyz")[0] == 503, 60, message=relay.log)
+            noticed_s = time.monotonic() - stalled
+            proxy.restore()
+            restored = time.monotonic()
+            end = insert_events(db, count=200, per_txn=10, start=500)
+            wait_confirmed_past(db, end, timeout=120)
+            recovered_s = time.monotonic() - restored
+            wait_until(lambda: get(port, "/readyz")[0] == 200, 60, message=relay.log)
+            assert relay.stop() == 0
+            log = relay.log()
+    delivered = measure_delivery(db, kafka, box.topic())
+    violations = order_violations(delivered.records, consecutive=False)
+    results.record(
+        "replication connection half-open",
+        **delivered.figures,
+        faults="a proxy in front of PostgreSQL stops forwarding without closing",
+        recovery_s=recovered_s,
+        notes=f"noticed after {noticed_s:.1f} s (bound: 10 s without a frame, then 10 s "
+        "without a reply); /readyz 503 meanwhile",
+    )
+    assert "presumed dead" in log and "Traceback" not in log
+    assert noticed_s <= 30, f"noticed only after {noticed_s:.0f} s"
+    assert delivered.lost == 0 and not violations, violations[:3]

@@ -22,6 +22,7 @@ from cdc_relay.core.pipeline import (
     Pipeline,
     PipelineConfig,
     Produce,
+    Reconnect,
     Reset,
     SendStatus,
     State,
@@ -133,7 +134,7 @@ def test_a_keepalive_advances_an_idle_slot_and_a_reply_request_is_answered_at_on
 
 
 def test_status_updates_go_out_when_the_position_moved_and_at_least_every_max_silence():
-    p = pipeline(status_interval=1.0, max_silence=10.0)
+    p = pipeline(status_interval=1.0, max_silence=10.0, probe_after=60.0)
     assert p.tick(0.5) == []
     record, txn = one_event_txn(p)
     txn(None, Msg(record))
@@ -141,6 +142,50 @@ def test_status_updates_go_out_when_the_position_moved_and_at_least_every_max_si
     assert p.tick(1.2) == [SendStatus(Lsn(0x300), moved=True)]
     assert p.tick(5.0) == []
     assert p.tick(11.3) == [SendStatus(Lsn(0x300), moved=False)]  # silence is never longer
+
+
+def test_a_silent_server_is_asked_for_a_reply_then_presumed_dead():
+    """Issue 11: a half-open connection (a proxy that stops forwarding without closing) went
+    unnoticed. Within probe_after + reply_timeout of silence the session ends."""
+    p = pipeline(probe_after=10.0, reply_timeout=10.0, max_silence=30.0)
+    assert p.tick(5.0) == []
+    (probe,) = p.tick(10.5)
+    assert type(probe) is SendStatus and probe.reply_requested
+    assert p.tick(15.0) == []
+    (dead,) = p.tick(20.6)
+    assert type(dead) is Reconnect and "presumed dead" in dead.reason
+
+
+def test_an_answer_clears_the_probe():
+    p = pipeline(probe_after=10.0, reply_timeout=10.0, max_silence=30.0)
+    p.tick(10.5)
+    p.received(12.0)  # the server's keepalive came back
+    assert p.tick(20.6) == []
+    (probe,) = p.tick(22.5)
+    assert type(probe) is SendStatus and probe.reply_requested
+
+
+def test_silence_tells_nothing_while_the_socket_is_left_unread():
+    p = pipeline(probe_after=10.0, reply_timeout=10.0, max_in_flight_events=1, max_silence=30.0)
+    p.feed(frames.begin(0x2F0))
+    p.feed(frames.insert(frames.outbox_row("a"), 0x201))  # backpressure from here on
+    assert not p.reading
+    assert all(not isinstance(a, Reconnect) for a in p.tick(25.0) + p.tick(50.0))
+
+
+def test_a_stalled_kafka_is_reported_once_and_so_is_its_recovery():
+    p = pipeline(stall_warning=30.0, probe_after=1_000.0)
+    record, txn = one_event_txn(p)
+    assert p.tick(1.0) == []
+    (warning,) = [a for a in p.tick(31.5) if type(a) is Notice]
+    assert warning.level == 30
+    assert "acknowledged nothing for 32 s with 1 events in flight" in warning.message
+    assert "transaction at 0/2F0" in warning.message
+    assert p.stats.stalled_since == 0.0  # in flight since the pipeline started
+    assert [a for a in p.tick(60.0) if type(a) is Notice] == []  # once
+    txn(None, Msg(record))
+    (recovered,) = [a for a in p.tick(61.0) if type(a) is Notice]
+    assert "recovered" in recovered.message and p.stats.stalled_since is None
 
 
 # --------------------------------------------------------------------------- verdicts
