@@ -113,6 +113,11 @@ class DeliveryError(RelayError):
     """Kafka did not acknowledge a record: the pipeline replays from the confirmed position."""
 
 
+class ProducerFatal(DeliveryError):
+    """The producer hit a fatal error (librdkafka): every record it holds fails, and it must be
+    replaced before the replay."""
+
+
 class RecordRefused(RelayError):
     """The producer refused a record outright (too large for the client, invalid)."""
 

@@ -16,6 +16,7 @@ What the producer model assumes of librdkafka (the relay's configuration makes i
 
 from __future__ import annotations
 
+import contextlib
 import random
 import uuid
 import zlib
@@ -32,6 +33,7 @@ from cdc_relay.errors import (
     DeliveryError,
     HaltedOnBadRow,
     PrerequisiteError,
+    ProducerFatal,
     RecordRefused,
     ReplicationError,
 )
@@ -233,6 +235,7 @@ class Producer:
         self.inflight: dict[Partition, deque[list[Message]]] = {}
         self.reports: deque[tuple[Message, Error | None]] = deque()
         self.fatal_error: str | None = None
+        self._fatal_raised = False
 
     def produce(
         self,
@@ -248,6 +251,10 @@ class Producer:
         self.queued.setdefault((record.topic, message.partition), deque()).append(message)
 
     def poll(self, timeout: float = 0.0) -> int:
+        if self.fatal_error and not self._fatal_raised:
+            # As confluent-kafka does: the poll that meets a fatal error raises it, once.
+            self._fatal_raised = True
+            raise ProducerFatal(f"the producer failed: {self.fatal_error}")
         if timeout > 0:
             self.clock.now += timeout
             self.progress()  # time passes: the broker gets on with it
@@ -383,7 +390,8 @@ class Relay:
     def _new_session(self) -> Session:
         producer = self.producer
         if producer.fatal_error:
-            producer.poll(0)  # its reports are served (and ignored) with the old pipeline gone
+            with contextlib.suppress(DeliveryError):  # its reports go to the old pipeline
+                producer.poll(0)
             self.producer = Producer(self.broker, self.rng, self.clock)
         else:
             producer.purge_queue()

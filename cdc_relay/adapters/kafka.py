@@ -14,7 +14,13 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from cdc_relay.core.mapping import OutboxRecord
 from cdc_relay.core.verdicts import is_size_error
-from cdc_relay.errors import ConfigError, DeliveryError, ProduceInterrupted, RecordRefused
+from cdc_relay.errors import (
+    ConfigError,
+    DeliveryError,
+    ProduceInterrupted,
+    ProducerFatal,
+    RecordRefused,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +81,21 @@ class Publisher:
                 code = error.code()
                 if code in _PRODUCE_RECORD_ERRORS:
                     raise RecordRefused(error.str(), too_large=is_size_error(code)) from None
-                raise DeliveryError(f"produce failed: {error.str()}") from exc
+                raise self._failed(error, "produce failed") from exc
+
+    def _failed(self, error: Any, what: str) -> DeliveryError:
+        if error.fatal():
+            self.fatal_error = error.str()
+            return ProducerFatal(f"{what}: {error.str()}")
+        return DeliveryError(f"{what}: {error.str()}")
 
     def poll(self, timeout: float = 0.0) -> int:
-        """Serve delivery reports and error callbacks."""
-        return int(self._producer.poll(timeout))
+        """Serve delivery reports and error callbacks. A fatal error is raised once, from the
+        poll that meets it (ProducerFatal); the reports of the records it failed come after."""
+        try:
+            return int(self._producer.poll(timeout))
+        except KafkaException as exc:
+            raise self._failed(exc.args[0], "the producer failed") from None
 
     def outstanding(self) -> int:
         """Records queued or in flight, whose delivery report has not been served yet."""

@@ -102,6 +102,8 @@ class Session:
         self.finished = False
         self._todo: deque[Action] = deque()
         self._performing = False
+        # The record produced alone and not yet judged (its verdict is its own).
+        self._alone: Produce | None = None
         self._slot = pipeline.config.slot_name
 
     # ------------------------------------------------------------------ the loop
@@ -128,6 +130,13 @@ class Session:
     def step(self) -> bool:
         """One turn: serve delivery reports, act on the pipeline's decisions, read a batch of
         frames. False once the session is over."""
+        try:
+            return self._step()
+        except DeliveryError:
+            self._learn_from_what_is_left()
+            raise
+
+    def _step(self) -> bool:
         pipeline, publisher = self.pipeline, self.publisher
         self.perform(())  # anything queued while waiting for room in the producer
         publisher.poll(0)
@@ -297,8 +306,25 @@ class Session:
             pipeline.not_produced(action.record, action.delivery)
             pipeline.stop()
             return
+        self._alone = action
         self.settle()
+        self._alone = None
         self._todo.extendleft(reversed(pipeline.judge(alone=action)))
+
+    def _learn_from_what_is_left(self, deadline_s: float = 30.0) -> None:
+        """The session ends on a producer failure: serve the reports still to come (a fatal
+        error fails every record the producer holds, at once) and judge them, so that what they
+        say about single records (a batch refused, a record refused alone) is remembered for
+        the replay. What the verdicts would produce now is dropped with the session."""
+        publisher, pipeline = self.publisher, self.pipeline
+        deadline = self.clock() + deadline_s
+        while publisher.outstanding() > 0 and self.clock() < deadline:
+            with contextlib.suppress(DeliveryError):
+                publisher.poll(0.05)
+        if pipeline.has_failures:
+            for action in pipeline.judge(alone=self._alone):
+                if type(action) is Reset:
+                    log.warning("%s", action.reason, extra=self._fields(None))
 
     def settle(self) -> bool:
         """Serve delivery reports until nothing is in flight, keeping the server informed.
