@@ -121,6 +121,16 @@ class _AcknowledgingPublisher:
     def purge_queue(self) -> None:
         pass
 
+    # The hot path is measured in at-least-once mode: no Kafka transactions.
+    def begin_transaction(self) -> None:
+        raise NotImplementedError
+
+    def commit_transaction(self, while_waiting: Any) -> None:
+        raise NotImplementedError
+
+    def abort_transaction(self, while_waiting: Any) -> None:
+        raise NotImplementedError
+
 
 class _FrameStream:
     """Hands out the prepared frames, as the replication stream would."""

@@ -118,6 +118,16 @@ class ProducerFatal(DeliveryError):
     replaced before the replay."""
 
 
+class ProducerFenced(ProducerFatal):
+    """Another relay with the same transactional.id took over this pipeline (exactly-once):
+    this one must stop, publishing nothing more."""
+
+
+class TransactionAborted(DeliveryError):
+    """A Kafka transaction failed and was aborted: nothing of it is visible to read_committed
+    consumers, and the next session replays from the recorded position."""
+
+
 class RecordRefused(RelayError):
     """The producer refused a record outright (too large for the client, invalid)."""
 

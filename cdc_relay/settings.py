@@ -141,6 +141,38 @@ class Settings(BaseSettings):
         default="created_at",
         description="Optional timestamp column used as the Kafka timestamp; empty to disable.",
     )
+    delivery: Literal["at-least-once", "exactly-once"] = Field(
+        default="at-least-once",
+        description="`at-least-once`: events are produced with an idempotent producer and the "
+        "slot confirmed after Kafka's acks; a crash or restart resends some (consumers "
+        "deduplicate on `id`). `exactly-once`: Kafka transactions cover whole PostgreSQL "
+        "transactions and carry the relay's position (the progress topic), so a "
+        "`read_committed` consumer sees every event once (README, Delivery guarantees).",
+    )
+    transactional_id: str = Field(
+        default="",
+        description="Exactly-once: the Kafka transactional.id of this pipeline; empty derives "
+        "`cdc-relay-<system identifier>-<slot>`. A relay that starts with the same id fences "
+        "the previous one.",
+    )
+    progress_topic: str = Field(
+        default="cdc-relay.progress",
+        description="Exactly-once: the compacted, single-partition topic of the relay's "
+        "progress records (created at start if missing), keyed by transactional.id.",
+    )
+    transaction_max_events: int = Field(
+        default=20_000,
+        ge=1,
+        description="Exactly-once: events per Kafka transaction, at most (a larger PostgreSQL "
+        "transaction is split over several, each recording how far it got).",
+    )
+    transaction_max_seconds: float = Field(
+        default=0.1,
+        gt=0,
+        le=60,
+        description="Exactly-once: how long a Kafka transaction stays open at most while events "
+        "keep coming; it is committed at once when the stream is idle.",
+    )
     dead_letter_policy: Literal["dead-letter", "halt"] = Field(
         default="dead-letter",
         description="What to do with a row that can never be delivered: `dead-letter` or `halt`.",
@@ -243,7 +275,7 @@ class Settings(BaseSettings):
             raise ValueError("is not a valid libpq URL or key=value connection string") from None
         return value
 
-    @field_validator("dead_letter_topic")
+    @field_validator("dead_letter_topic", "progress_topic")
     @classmethod
     def _check_dead_letter_topic(cls, value: str) -> str:
         if not legal_topic(value):
@@ -338,12 +370,21 @@ class Settings(BaseSettings):
             created_at=self.column_created_at or None,
         )
 
+    @property
+    def exactly_once(self) -> bool:
+        return self.delivery == "exactly-once"
+
     def producer_config(self) -> dict[str, Any]:
         """The librdkafka configuration: safe defaults, then the user's properties."""
         if not self.kafka_bootstrap_servers:
             raise ConfigError(f"{ENV_PREFIX}KAFKA_BOOTSTRAP_SERVERS is required by `run`")
+        defaults = relay_producer_defaults(self.kafka_bootstrap_servers)
+        if self.exactly_once:
+            # A transaction that fails is aborted and replayed, never left with a gap; and its
+            # records must time out within the transaction's timeout (librdkafka sets it).
+            del defaults["enable.gapless.guarantee"], defaults["message.timeout.ms"]
         return {
-            **relay_producer_defaults(self.kafka_bootstrap_servers),
+            **defaults,
             # Room for everything the relay lets be in flight, or produce() would block before
             # the relay's own backpressure engages.
             "queue.buffering.max.messages": max(100_000, 2 * self.max_in_flight_events),

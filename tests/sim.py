@@ -28,6 +28,7 @@ from typing import Any
 from cdc_relay.core import verdicts
 from cdc_relay.core.mapping import OutboxRecord
 from cdc_relay.core.pipeline import Memory, Pipeline, PipelineConfig
+from cdc_relay.core.progress import Progress
 from cdc_relay.core.stats import RelayStats
 from cdc_relay.errors import (
     DeliveryError,
@@ -36,11 +37,13 @@ from cdc_relay.errors import (
     ProducerFatal,
     RecordRefused,
     ReplicationError,
+    TransactionAborted,
 )
 from cdc_relay.runtime.session import Session
 from tests import frames
 
 DEAD_LETTER_TOPIC = "outbox.dead-letter"
+PROGRESS_TOPIC = "cdc-relay.progress"
 TOPIC = "outbox.event.order"
 PARTITIONS = 3
 CLIENT_LIMIT = 4_000  # produce() refuses a record larger than this (message.max.bytes)
@@ -212,12 +215,18 @@ class Error:
 
 @dataclass
 class Broker:
-    """What landed, per (topic, partition), in order: the evidence the checks read."""
+    """What landed, per (topic, partition), in order, as a read_committed consumer sees it:
+    the evidence the checks read. (Records of an open Kafka transaction wait in their
+    producer until it commits.)"""
 
     logs: dict[tuple[str, int], list[Message]] = field(default_factory=dict)
+    progress: list[bytes] = field(default_factory=list)  # committed progress records
 
     def append(self, message: Message) -> None:
-        self.logs.setdefault((message.topic(), message.partition), []).append(message)
+        if message.topic() == PROGRESS_TOPIC:
+            self.progress.append(message.value() or b"")
+        else:
+            self.logs.setdefault((message.topic(), message.partition), []).append(message)
 
 
 Partition = tuple[str, int]  # (topic, partition)
@@ -236,6 +245,11 @@ class Producer:
         self.reports: deque[tuple[Message, Error | None]] = deque()
         self.fatal_error: str | None = None
         self._fatal_raised = False
+        # Exactly-once: a Kafka transaction is open; one of its records failed (it must abort).
+        self.transactional = False  # exactly-once: records only inside a transaction
+        self.in_transaction = False
+        self.transaction_failed = False
+        self.transaction_records: list[Message] = []  # landed, not visible before the commit
 
     def produce(
         self,
@@ -245,6 +259,8 @@ class Producer:
     ) -> None:
         if self.fatal_error:
             raise DeliveryError(f"produce failed: {self.fatal_error}")
+        if self.transactional and not self.in_transaction:
+            raise DeliveryError("produce failed: Local: Erroneous state (no transaction)")
         message = Message(record, on_delivery, partition_of(record))
         if message.size() > CLIENT_LIMIT:
             raise RecordRefused("Message size too large", too_large=True)
@@ -297,15 +313,55 @@ class Producer:
         if sum(m.size() for m in batch) > BROKER_LIMIT:
             for message in batch:
                 self.reports.append((message, Error(verdicts.MSG_SIZE_TOO_LARGE, "too large")))
-            self.fail_everything("gapless guarantee: a batch failed for good")
+            if self.in_transaction:
+                self.transaction_failed = True  # abortable, not fatal (no gapless guarantee)
+            else:
+                self.fail_everything("gapless guarantee: a batch failed for good")
             return
         for message in batch:
-            self.broker.append(message)
+            self._land(message)
             self.reports.append((message, None))
 
+    def _land(self, message: Message) -> None:
+        if self.in_transaction:
+            self.transaction_records.append(message)
+        else:
+            self.broker.append(message)
+
+    # -- transactions (exactly-once)
+    def begin_transaction(self) -> None:
+        assert not self.in_transaction, "a Kafka transaction is open already"
+        self.in_transaction = True
+        self.transaction_failed = False
+
+    def commit_transaction(self, while_waiting: Any) -> None:
+        """Flush (the broker answers everything), serve the reports, then commit; a
+        transaction with a failed record is aborted instead (TransactionAborted)."""
+        while self.partitions():
+            self.progress()
+        self.poll(0)
+        if self.transaction_failed:
+            self.abort_transaction(while_waiting)
+            raise TransactionAborted("Kafka transaction commit failed and was aborted (simulated)")
+        for message in self.transaction_records:
+            self.broker.append(message)
+        self.transaction_records.clear()
+        self.in_transaction = False
+
+    def abort_transaction(self, while_waiting: Any) -> None:
+        self.purge_queue()
+        while self.partitions():
+            self.progress()
+        with contextlib.suppress(DeliveryError):
+            self.poll(0)
+        self.transaction_records.clear()
+        self.in_transaction = self.transaction_failed = False
+
     def fail_everything(self, reason: str) -> None:
-        """A fatal error: every record still held fails."""
+        """A fatal error: every record still held fails (and an open Kafka transaction is
+        aborted by the next producer of the transactional.id)."""
         self.fatal_error = reason
+        self.transaction_records.clear()
         for queue in self.queued.values():
             while queue:
                 self.reports.append((queue.popleft(), Error(verdicts.FATAL, reason)))
@@ -335,7 +391,9 @@ class Producer:
                 if self.rng.random() < 0.5 or sum(m.size() for m in batch) > BROKER_LIMIT:
                     break
                 for message in batch:
-                    self.broker.append(message)
+                    self._land(message)
+        # The next producer with the transactional.id aborts what this one left open.
+        self.transaction_records.clear()
         self.queued.clear()
         self.inflight.clear()
         self.reports.clear()
@@ -394,11 +452,18 @@ class Relay:
                 producer.poll(0)
             self.producer = Producer(self.broker, self.rng, self.clock)
         else:
+            if producer.in_transaction:
+                producer.abort_transaction(None)  # as the relay's _settle_publisher does
             producer.purge_queue()
             while producer.outstanding():
                 producer.poll(0.05)
+        self.producer.transactional = self.config.exactly_once
         self.sessions += 1
         self.stop.value = False
+        if self.config.exactly_once:
+            # As the relay does at every session start: where Kafka says we are.
+            progress = self.broker.progress
+            self.memory.progress = Progress.decode(progress[-1]) if progress else None
         self.stream = Stream(self.server, self.server.slot_confirmed)
         self.pipeline = Pipeline(
             self.config,

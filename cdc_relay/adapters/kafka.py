@@ -19,7 +19,9 @@ from cdc_relay.errors import (
     DeliveryError,
     ProduceInterrupted,
     ProducerFatal,
+    ProducerFenced,
     RecordRefused,
+    TransactionAborted,
 )
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,12 @@ LIBRDKAFKA_LOGGER = "cdc_relay.librdkafka"
 
 # Errors that produce() raises before any network for a record it will never take.
 _PRODUCE_RECORD_ERRORS = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError._INVALID_ARG})
+# Another producer with our transactional.id: we are the zombie.
+_FENCED = frozenset(
+    {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+)
+# How long one transactional call may block before the relay gets a turn (status updates).
+TRANSACTION_CALL_TIMEOUT = 5.0
 
 
 class Publisher:
@@ -36,6 +44,7 @@ class Publisher:
 
     def __init__(self, config: dict[str, Any], *, on_error: Callable[[Any], None]) -> None:
         self.fatal_error: str | None = None
+        self.in_transaction = False  # a Kafka transaction is open (exactly-once)
         self._on_error = on_error
         try:
             # librdkafka's own log repeats what error_cb reports (per connection attempt), so
@@ -84,10 +93,68 @@ class Publisher:
                 raise self._failed(error, "produce failed") from exc
 
     def _failed(self, error: Any, what: str) -> DeliveryError:
+        if error.code() in _FENCED:
+            self.fatal_error = error.str()
+            return ProducerFenced(
+                f"{what}: {error.str()}: another relay with this transactional.id took over"
+            )
         if error.fatal():
             self.fatal_error = error.str()
             return ProducerFatal(f"{what}: {error.str()}")
         return DeliveryError(f"{what}: {error.str()}")
+
+    # ------------------------------------------------------------------ transactions
+
+    def init_transactions(self, while_waiting: Callable[[], bool]) -> None:
+        """Register the transactional.id with the coordinator: this fences any earlier
+        producer with the same id and aborts the transaction it left open."""
+        self._transactional(self._producer.init_transactions, while_waiting, "init")
+
+    def begin_transaction(self) -> None:
+        try:
+            self._producer.begin_transaction()
+        except KafkaException as exc:
+            raise self._failed(exc.args[0], "cannot begin a Kafka transaction") from None
+        self.in_transaction = True
+
+    def commit_transaction(self, while_waiting: Callable[[], bool]) -> None:
+        """Flush and commit; retriable errors are retried (``while_waiting`` between tries
+        keeps the server informed), an abortable one is aborted and raised as
+        TransactionAborted."""
+        try:
+            self._transactional(self._producer.commit_transaction, while_waiting, "commit")
+        finally:
+            self.in_transaction = False
+
+    def abort_transaction(self, while_waiting: Callable[[], bool]) -> None:
+        try:
+            self._transactional(self._producer.abort_transaction, while_waiting, "abort")
+        finally:
+            self.in_transaction = False
+
+    def _transactional(
+        self, call: Callable[[float], None], while_waiting: Callable[[], bool], what: str
+    ) -> None:
+        while True:
+            try:
+                call(TRANSACTION_CALL_TIMEOUT)
+                return
+            except KafkaException as exc:
+                error = exc.args[0]
+                if error.code() in _FENCED or error.fatal():
+                    raise self._failed(error, f"Kafka transaction {what} failed") from None
+                if error.txn_requires_abort():
+                    if what != "abort":
+                        self._transactional(
+                            self._producer.abort_transaction, while_waiting, "abort"
+                        )
+                    raise TransactionAborted(
+                        f"Kafka transaction {what} failed and was aborted: {error.str()}"
+                    ) from None
+                if not error.retriable() and error.code() != KafkaError._TIMED_OUT:
+                    raise self._failed(error, f"Kafka transaction {what} failed") from None
+                if not while_waiting():
+                    raise ProduceInterrupted from None
 
     def poll(self, timeout: float = 0.0) -> int:
         """Serve delivery reports and error callbacks. A fatal error is raised once, from the

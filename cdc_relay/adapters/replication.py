@@ -68,6 +68,17 @@ class ReplicationStream:
     ) -> ReplicationStream:
         return cls(open_replication_connection(database_url, application_name=application_name))
 
+    def identify_system(self) -> tuple[str, int]:
+        """IDENTIFY_SYSTEM (before START_REPLICATION): the cluster's system identifier and the
+        server's current timeline."""
+        res = self._pg.exec_(b"IDENTIFY_SYSTEM")
+        if res.status != pq.ExecStatus.TUPLES_OK or res.ntuples != 1:
+            raise _result_error(res, "IDENTIFY_SYSTEM failed", self._pg)
+        system_id, timeline = res.get_value(0, 0), res.get_value(0, 1)
+        if system_id is None or timeline is None:
+            raise ReplicationError("IDENTIFY_SYSTEM returned no system identifier")
+        return bytes(system_id).decode(), int(bytes(timeline))
+
     def start(self, *, slot: str, publication: str, start_lsn: Lsn, proto_version: int = 1) -> None:
         """Issue START_REPLICATION; the server resumes from the slot's confirmed position."""
         # slot and publication are validated identifiers (settings), so plain interpolation

@@ -55,7 +55,9 @@ from cdc_relay.core.pgoutput import (
     Type,
     Update,
 )
+from cdc_relay.core.progress import Progress
 from cdc_relay.core.stats import RelayStats
+from cdc_relay.core.transactions import KafkaTransaction, TransactionLimits
 from cdc_relay.core.verdicts import Verdict
 from cdc_relay.errors import DecodeError, PrerequisiteError, RelayError, ReplicationError
 
@@ -68,7 +70,7 @@ _IGNORED: Final = (Update, Delete, Truncate, Origin, Type, LogicalMessage)
 IDENTIFYING_HEADERS: Final = ("id", "error", "source_lsn", "source_table")
 # Dead-letter forms, from the fullest: with the value; without it; without the key and with
 # only the identifying headers (each cut to 1 KiB). A refused form is followed by the next.
-FULL, WITHOUT_VALUE, IDENTIFYING_ONLY = 0, 1, 2
+FULL, WITHOUT_VALUE, IDENTIFYING_ONLY, NONE_TAKEN = 0, 1, 2, 3
 SKIPPED_BY_OPERATOR: Final = "skipped by the operator (cdc-relay skip)"
 WARNING, INFO = 30, 20  # logging levels, for Notice
 
@@ -99,6 +101,12 @@ class PipelineConfig:
     # TCP does not know it (a half-open connection through a proxy or a NAT that dropped it).
     probe_after: float = 10.0
     reply_timeout: float = 10.0
+    # Exactly-once (core/transactions.py): Kafka transactions, and the progress topic their
+    # progress records go to, keyed by the pipeline.
+    exactly_once: bool = False
+    transaction_limits: TransactionLimits = field(default_factory=TransactionLimits)
+    progress_topic: str = "cdc-relay.progress"
+    pipeline_key: bytes = b"cdc-relay"
 
     @property
     def table_name(self) -> str:
@@ -120,6 +128,9 @@ class Memory:
     dead_letter_forms: dict[int, tuple[int, int]] = field(default_factory=dict)
     # Event WAL positions the operator told the relay to dead-letter (`cdc-relay skip`).
     skips: frozenset[int] = frozenset()
+    # Exactly-once: the last progress record committed (the driver reads the progress topic
+    # at every session start; within the process this is what the relay last wrote).
+    progress: Progress | None = None
 
     def forget_confirmed(self, confirmed: int) -> None:
         """Entries of transactions at or before the confirmed position are history."""
@@ -197,6 +208,21 @@ class Finish:
 
 
 @dataclass(frozen=True, slots=True)
+class BeginTransaction:
+    """Exactly-once: begin a Kafka transaction (before the records that follow)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommitTransaction:
+    """Exactly-once: produce ``record`` (the progress record) and commit the Kafka
+    transaction; then call ``Pipeline.transaction_committed(progress)``. If the commit fails,
+    abort it: the session ends and the next one replays from the recorded position."""
+
+    progress: Progress
+    record: OutboxRecord
+
+
+@dataclass(frozen=True, slots=True)
 class Notice:
     """A line for the log (the pipeline logs nothing itself)."""
 
@@ -205,7 +231,17 @@ class Notice:
     lsn: Lsn | None = None
 
 
-Action = Produce | SendStatus | Keep | Reset | Reconnect | Finish | Notice
+Action = (
+    Produce
+    | SendStatus
+    | Keep
+    | Reset
+    | Reconnect
+    | Finish
+    | Notice
+    | BeginTransaction
+    | CommitTransaction
+)
 _NOTHING: Final[tuple[Action, ...]] = ()
 
 
@@ -279,6 +315,14 @@ class Pipeline:
         self._progress = 0
         self._progress_at = now
         self._stall_reported = False
+        self._now = now
+        # Records counted in stats.published that never went out as one (replaced by their
+        # dead-letter record, or never produced): ``_counted`` is then one record per event.
+        self._uncounted = 0
+        self.kafka: KafkaTransaction | None = None
+        if config.exactly_once:
+            self.kafka = KafkaTransaction(config.transaction_limits, self.memory.progress, start)
+            self._careful = True  # the first record needs a BeginTransaction before it
 
     # ------------------------------------------------------------------ what the driver reads
 
@@ -294,7 +338,14 @@ class Pipeline:
 
     @property
     def confirmed(self) -> Lsn:
-        return self.tracker.confirmed
+        """The position the slot may be confirmed to: what Kafka acknowledged, or in
+        exactly-once mode what committed Kafka transactions cover."""
+        kafka = self.kafka
+        return self.tracker.confirmed if kafka is None else kafka.committed
+
+    def _counted(self) -> int:
+        stats = self.stats
+        return stats.published + stats.dead_lettered - self._uncounted
 
     # ------------------------------------------------------------------ frames
 
@@ -334,7 +385,7 @@ class Pipeline:
         if type(message) is Begin:
             self._begin(message)
         elif type(message) is Commit:
-            self._commit(message)
+            return self._commit(message)
         elif type(message) is Relation:
             self._relation(message)
         elif not isinstance(message, _IGNORED):
@@ -347,6 +398,8 @@ class Pipeline:
         message = parse_copy_data(frame)  # a keepalive: any other frame raises here
         assert type(message) is Keepalive
         self.tracker.observe_idle_position(message.wal_end)
+        if self.kafka is not None:
+            self.kafka.idle_position(message.wal_end)
         if message.reply_requested:
             return [self._status(self._last_status_at)]
         return None
@@ -358,9 +411,18 @@ class Pipeline:
         self._isolated_topics = frozenset(
             topic for lsn, topic in memory.isolate if lsn == begin.final_lsn
         )
-        self._careful = bool(self._isolated_topics or memory.poisoned or memory.skips)
+        if self.kafka is not None:
+            self.kafka.begin(begin.final_lsn, self._counted())
+        self._careful = self._needs_care()
 
-    def _commit(self, commit: Commit) -> None:
+    def _needs_care(self) -> bool:
+        """Whether the inserts from here on take the careful path (not the hot one)."""
+        memory, kafka = self.memory, self.kafka
+        if kafka is not None and (not kafka.open or kafka.dropping or kafka.to_skip):
+            return True
+        return bool(self._isolated_topics or memory.poisoned or memory.skips)
+
+    def _commit(self, commit: Commit) -> list[Action] | None:
         txn = self.delivery
         if txn is None:
             raise ReplicationError("Commit without Begin in the replication stream")
@@ -371,6 +433,14 @@ class Pipeline:
             # Every record was acknowledged before the Commit message was read.
             self.stats.transaction_acknowledged(txn.commit_time, self._wall_clock())
         self.delivery = None
+        kafka = self.kafka
+        if kafka is None:
+            return None
+        kafka.end(commit.end_lsn)
+        self._careful = self._needs_care()
+        if kafka.due(self._now, self._counted()):
+            return [self._commit_kafka()]
+        return None
 
     def _completed(self, txn: Transaction) -> None:
         self.stats.transaction_acknowledged(txn.commit_time, self._wall_clock())
@@ -401,7 +471,25 @@ class Pipeline:
         self, outcome: OutboxRecord | Rejected, txn: Transaction, plan: TablePlan, lsn: Lsn
     ) -> list[Action]:
         """An insert off the hot path: a row that cannot be mapped, an operator skip, an event
-        refused before, or a transaction replayed one record at a time."""
+        refused before, a transaction replayed one record at a time, or in exactly-once mode
+        an event committed before, or the first of a Kafka transaction."""
+        kafka = self.kafka
+        if kafka is not None:
+            if kafka.dropping:
+                return []
+            if kafka.to_skip:
+                kafka.skipped()
+                self._careful = self._needs_care()
+                return []
+            if not kafka.open:
+                kafka.began(self._now, self._counted())
+                self._careful = self._needs_care()
+                return [BeginTransaction(), *self._insert(outcome, txn, plan, lsn)]
+        return self._insert(outcome, txn, plan, lsn)
+
+    def _insert(
+        self, outcome: OutboxRecord | Rejected, txn: Transaction, plan: TablePlan, lsn: Lsn
+    ) -> list[Action]:
         memory = self.memory
         if lsn in memory.skips:
             rejected = Rejected(SKIPPED_BY_OPERATOR, outcome.key, outcome.value, outcome.headers)
@@ -442,18 +530,25 @@ class Pipeline:
         of the in-flight record it stands in for (it takes that record's place in ``txn``)."""
         lsn = format_lsn(txn.final_lsn)
         event = event_id(rejected.headers)
-        if self.config.halt_on_bad_row and not forced:
+        form = FULL if include_value else WITHOUT_VALUE
+        if event_lsn is not None:
+            known = self.memory.dead_letter_forms.get(event_lsn)
+            form = max(form, known[1]) if known is not None else form
+        if form == NONE_TAKEN or (self.config.halt_on_bad_row and not forced):
             if replacing is not None:
                 self.tracker.abandon(txn, replacing)
+                self._uncounted += 1
+            if form == NONE_TAKEN:
+                return self._halt_on(
+                    f"event {event} in transaction at {lsn} cannot be delivered even to the "
+                    f"dead-letter topic {self.config.dead_letter_topic}: {rejected.error}",
+                    event_lsn,
+                )
             return self._halt_on(
                 f"event {event} in transaction at {lsn} cannot be delivered: {rejected.error}; "
                 "policy is halt, so the slot stays before it",
                 event_lsn,
             )
-        form = FULL if include_value else WITHOUT_VALUE
-        if event_lsn is not None:
-            known = self.memory.dead_letter_forms.get(event_lsn)
-            form = max(form, known[1]) if known is not None else form
         record = dead_letter_form(
             dead_letter_record(
                 rejected,
@@ -468,6 +563,7 @@ class Pipeline:
             self.tracker.sent(txn, size)
         else:
             self.tracker.resize(replacing, size)
+            self._uncounted += 1  # counted as published already
         self.stats.dead_lettered += 1
         actions: list[Action] = [
             Notice(WARNING, f"dead-lettered event {event} from {table} at {lsn}: {rejected.error}"),
@@ -481,29 +577,36 @@ class Pipeline:
             actions.append(Keep(event, table, lsn, rejected.error, txn))
         return actions
 
-    def _shrink_dead_letter(self, failure: Failure, event_lsn: Lsn | None) -> list[Action]:
-        """The dead-letter record itself was refused: try the next smaller form (remembered for
-        replays); halt when even the smallest is refused."""
-        txn, headers = failure.delivery, failure.headers
-        size = record_size(failure.key, failure.value)
+    def _next_form(self, failure: Failure, event_lsn: Lsn | None) -> int:
+        """The dead-letter form after the refused one (remembered for replays)."""
+        headers = failure.headers
         smallest = failure.key is None and all(name in IDENTIFYING_HEADERS for name, _ in headers)
         refused = (
             FULL if failure.value is not None else IDENTIFYING_ONLY if smallest else WITHOUT_VALUE
         )
-        if refused == IDENTIFYING_ONLY:
+        if event_lsn is not None:
+            self.memory.dead_letter_forms[event_lsn] = (failure.delivery.final_lsn, refused + 1)
+        return refused + 1
+
+    def _shrink_dead_letter(self, failure: Failure, event_lsn: Lsn | None) -> list[Action]:
+        """The dead-letter record itself was refused: try the next smaller form; halt when even
+        the smallest is refused."""
+        txn = failure.delivery
+        size = record_size(failure.key, failure.value)
+        form = self._next_form(failure, event_lsn)
+        if form == NONE_TAKEN:
             self.tracker.abandon(txn, size)
             return self._halt_on(
-                f"event {event_id(headers)} in transaction at {format_lsn(txn.final_lsn)} cannot "
-                f"be delivered even to the dead-letter topic {failure.topic}: {failure.reason}",
+                f"event {event_id(failure.headers)} in transaction at "
+                f"{format_lsn(txn.final_lsn)} cannot be delivered even to the dead-letter "
+                f"topic {failure.topic}: {failure.reason}",
                 event_lsn,
             )
-        form = dead_letter_form(
-            OutboxRecord(failure.topic, failure.key, failure.value, headers, 0), refused + 1
+        smaller = dead_letter_form(
+            OutboxRecord(failure.topic, failure.key, failure.value, failure.headers, 0), form
         )
-        if event_lsn is not None:
-            self.memory.dead_letter_forms[event_lsn] = (txn.final_lsn, refused + 1)
-        self.tracker.resize(size, record_size(form.key, form.value))
-        return [Produce(form, txn, alone=True, lsn=event_lsn)]
+        self.tracker.resize(size, record_size(smaller.key, smaller.value))
+        return [Produce(smaller, txn, alone=True, lsn=event_lsn)]
 
     def _halt_on(self, message: str, event_lsn: Lsn | None) -> list[Action]:
         """Stop before this row: wait for what was produced before it, confirm, then Finish."""
@@ -549,6 +652,7 @@ class Pipeline:
         """produce() gave up on ``record`` (stop requested while the queue was full): it is not
         in flight, and its transaction will not be confirmed."""
         self.tracker.abandon(delivery, record_size(record.key, record.value))
+        self._uncounted += 1
 
     def kept(self, delivery: Transaction) -> None:
         """A Keep action was carried out."""
@@ -584,7 +688,18 @@ class Pipeline:
             if verdict is Verdict.IGNORE or self.state is State.DRAINING:
                 continue  # purge echoes; and after a reset nothing more is decided
             self.stats.count_delivery_error(verdict.value)
-            if verdict is Verdict.REFUSED:
+            if verdict is Verdict.REFUSED and self.kafka is not None:
+                # A failed record dooms its Kafka transaction: remember the verdict, abort, and
+                # let the replay dead-letter the event (or halt) in a new one.
+                if failure.topic == self.config.dead_letter_topic:
+                    self._next_form(failure, event_lsn)
+                else:
+                    self._remember_refusal(failure, event_lsn)
+                resets.append(
+                    f"topic {failure.topic} refused a record for good ({failure.reason}); "
+                    "aborting the Kafka transaction to dead-letter it in the next one"
+                )
+            elif verdict is Verdict.REFUSED:
                 actions += self._refused_for_good(failure, event_lsn)
             elif verdict is Verdict.ISOLATE:
                 self.memory.isolate.add((failure.delivery.final_lsn, failure.topic))
@@ -606,14 +721,18 @@ class Pipeline:
                 actions.append(Notice(WARNING, f"at shutdown: {resets[0]}"))
         return actions
 
+    def _remember_refusal(self, failure: Failure, event_lsn: Lsn | None) -> tuple[str, bool]:
+        size_error = verdicts.is_size_error(failure.code)
+        error = f"topic {failure.topic} refused it: {failure.reason}"
+        if event_lsn is not None:
+            self.memory.poisoned[event_lsn] = (failure.delivery.final_lsn, error, size_error)
+        return error, size_error
+
     def _refused_for_good(self, failure: Failure, event_lsn: Lsn | None) -> list[Action]:
         if failure.topic == self.config.dead_letter_topic:
             return self._shrink_dead_letter(failure, event_lsn)
         txn = failure.delivery
-        size_error = verdicts.is_size_error(failure.code)
-        error = f"topic {failure.topic} refused it: {failure.reason}"
-        if event_lsn is not None:
-            self.memory.poisoned[event_lsn] = (txn.final_lsn, error, size_error)
+        error, size_error = self._remember_refusal(failure, event_lsn)
         rejected = Rejected(error, failure.key, failure.value, failure.headers)
         return self._dead_letter(
             rejected,
@@ -632,20 +751,24 @@ class Pipeline:
         self._probe_sent_at = None
 
     def tick(self, now: float) -> list[Action]:
-        """The clock moved: status updates, liveness of the server and of Kafka, and the end
-        of a shutdown or halt."""
+        """The clock moved: status updates, liveness of the server and of Kafka, commits of
+        Kafka transactions, and the end of a shutdown or halt."""
+        self._now = now
         if self.state is State.DONE:
             return []
         actions = self._kafka_liveness(now)
         if self.state is State.STOPPING:
             return actions + self._stopping(now)
+        kafka = self.kafka
+        if kafka is not None and self.state is State.STREAMING and kafka.due(now, self._counted()):
+            actions.append(self._commit_kafka())
         probe = self._server_liveness(now)
         if probe is not None:
             return [*actions, probe]
         since = now - self._last_status_at
         config = self.config
         if since >= config.max_silence or (
-            since >= config.status_interval and self.tracker.confirmed > self._last_sent
+            since >= config.status_interval and self.confirmed > self._last_sent
         ):
             actions.append(self._status(now))
         return actions
@@ -697,12 +820,44 @@ class Pipeline:
         ]
 
     def _status(self, now: float, *, reply_requested: bool = False) -> SendStatus:
-        confirmed = self.tracker.confirmed
+        confirmed = self.confirmed
         moved = confirmed > self._last_sent
         self._last_status_at = now
         self._last_sent = confirmed
         self.stats.confirmed_lsn = confirmed
         return SendStatus(confirmed, moved, reply_requested)
+
+    def idle(self, now: float) -> list[Action]:
+        """The stream has nothing more for now: in exactly-once mode, commit what is complete
+        (latency) rather than wait for more."""
+        self._now = now
+        kafka = self.kafka
+        if (
+            kafka is not None
+            and self.state is State.STREAMING
+            and kafka.due(now, self._counted(), idle=True)
+        ):
+            return [self._commit_kafka()]
+        return []
+
+    def _commit_kafka(self) -> CommitTransaction:
+        kafka = self.kafka
+        assert kafka is not None
+        kafka.committing = True
+        progress = kafka.progress_to_commit(self._counted())
+        config = self.config
+        value = progress.encode(slot=config.slot_name)
+        return CommitTransaction(
+            progress, OutboxRecord(config.progress_topic, config.pipeline_key, value, [], 0)
+        )
+
+    def transaction_committed(self, progress: Progress) -> None:
+        """The driver committed the Kafka transaction of ``progress``."""
+        kafka = self.kafka
+        assert kafka is not None and self.state is not State.DRAINING
+        kafka.committed_as(progress)
+        self.memory.progress = progress
+        self._careful = self._needs_care()
 
     def stop(self) -> None:
         """Stop reading; finish once every record in flight is acknowledged (or the shutdown
@@ -713,11 +868,16 @@ class Pipeline:
     def _stopping(self, now: float) -> list[Action]:
         if self._deadline is None:
             self._deadline = now + self.config.shutdown_timeout
+        kafka = self.kafka
+        if kafka is not None and kafka.open:
+            # Commit what was produced (a part of a transaction, if need be): the commit waits
+            # for every record, and the next session goes on from its progress record.
+            return [] if kafka.committing else [self._commit_kafka()]
         unacked = self.tracker.in_flight_events
         if unacked > 0 and now < self._deadline:
             since = now - self._last_status_at
             if since >= self.config.max_silence or (
-                since >= self.config.status_interval and self.tracker.confirmed > self._last_sent
+                since >= self.config.status_interval and self.confirmed > self._last_sent
             ):
                 return [self._status(now)]
             return []

@@ -17,6 +17,7 @@ import psycopg
 from confluent_kafka import KafkaError
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from cdc_relay.adapters import progress
 from cdc_relay.adapters.database import check_connection, describe_psycopg_error, open_pool
 from cdc_relay.adapters.kafka import Publisher
 from cdc_relay.adapters.lag import LagSampler
@@ -24,12 +25,14 @@ from cdc_relay.adapters.replication import ReplicationStream
 from cdc_relay.core.lsn import Lsn, format_lsn
 from cdc_relay.core.pipeline import PROTO_VERSION, Keep, Memory, Pipeline, PipelineConfig
 from cdc_relay.core.stats import RelayStats
+from cdc_relay.core.transactions import TransactionLimits
 from cdc_relay.errors import (
     ConfigError,
     DatabaseUnavailable,
     DeliveryError,
     HaltedOnBadRow,
     PrerequisiteError,
+    ProducerFenced,
     ReplicationError,
     SlotInUse,
     SlotLost,
@@ -107,6 +110,10 @@ class Relay:
         self._waiting_for_broker = False
         self._publisher: Publisher | None = None
         self._last_kafka_error: tuple[int, str] | None = None
+        # Exactly-once: the pipeline's transactional.id (derived once from the cluster's
+        # system identifier), and whether the current producer has registered it.
+        self._transactional_id: str | None = None
+        self._transactions_ready = False
 
     def stop(self) -> None:
         """Ask the loop to finish: stop reading, drain acks (bounded), confirm, return."""
@@ -147,6 +154,9 @@ class Relay:
                     continue
                 except (HaltedOnBadRow, PrerequisiteError, SlotLost):
                     raise
+                except ProducerFenced as exc:
+                    self._fenced(exc)
+                    return
                 except (ReplicationError, DeliveryError, psycopg.Error, PoolTimeout) as exc:
                     if self.stats.sessions > sessions_before:
                         # It had been streaming: a fresh failure, not one more failed retry.
@@ -157,7 +167,8 @@ class Relay:
                         f"(backoff up to {settings.reconnect_max_backoff_seconds:g} s)",
                         extra=slot_field,
                     )
-                    self._settle_publisher()
+                    if self._settle_publisher():
+                        return  # fenced: another relay holds this pipeline now
                     self._wait(backoff)
                     backoff = min(backoff * 2, settings.reconnect_max_backoff_seconds)
         finally:
@@ -212,19 +223,42 @@ class Relay:
                 raise
             log.warning("%s; will retry", exc)
 
-    def _settle_publisher(self) -> None:
+    def _settle_publisher(self) -> bool:
         """Before any replay: nothing the old session produced may land after the replayed
         records (per-key order). Purge what was not sent, wait for what was; a producer in a
-        fatal state is replaced (a fatal error fails everything it holds)."""
+        fatal state is replaced (a fatal error fails everything it holds). True if the
+        producer was fenced (exactly-once: another relay took over): the relay must stop."""
         publisher = self._publisher
         if publisher is None:
-            return
+            return False
         if publisher.fatal_error:
             self._reset_publisher()
-            return
+            return False
+        if publisher.in_transaction:
+            # Exactly-once: what the failed session had open must never become visible.
+            try:
+                publisher.abort_transaction(lambda: not self._stop.is_set())
+            except ProducerFenced as exc:
+                self._fenced(exc)
+                return True
+            except DeliveryError as exc:
+                log.warning("cannot abort the Kafka transaction: %s; replacing the producer", exc)
+                self._reset_publisher()
+                return False
         settle_publisher(publisher, self._stop, self.stats.beat)
+        return False
+
+    def _fenced(self, exc: ProducerFenced) -> None:
+        # Another relay took this pipeline over and aborted what we had open: anything more
+        # from us would be rejected anyway. Stop, cleanly.
+        log.warning(
+            "stopping: %s; this relay publishes nothing more (exactly-once)",
+            exc,
+            extra={"slot": self.settings.slot_name},
+        )
 
     def _reset_publisher(self) -> None:
+        self._transactions_ready = False
         if self._publisher is not None:
             self._publisher.discard()
             self._publisher = None
@@ -252,8 +286,11 @@ class Relay:
         if self._publisher is not None and self._publisher.fatal_error:
             self._reset_publisher()
         if self._publisher is None:
-            log.debug("producer config: %s", redact_kafka_config(self._producer_config))
-            self._publisher = Publisher(self._producer_config, on_error=self._on_kafka_error)
+            config = self._producer_config
+            if self.settings.exactly_once:
+                config = {**config, "transactional.id": self._pipeline_id()}
+            log.debug("producer config: %s", redact_kafka_config(config))
+            self._publisher = Publisher(config, on_error=self._on_kafka_error)
         publisher = self._publisher
         # Do not take the slot while the broker is unreachable: a standby with a working broker
         # may take it instead, and the server keeps the WAL either way.
@@ -287,6 +324,52 @@ class Relay:
         why = f" ({text})" if text else ""
         return f"Kafka at {servers} is unreachable{why}; waiting for it before taking the slot"
 
+    # ---------------------------------------------------------------- exactly-once
+
+    def _pipeline_id(self) -> str:
+        """The transactional.id: the setting, or derived from the cluster's system identifier
+        and the slot (stable across restarts and standbys, unique per pipeline)."""
+        if self._transactional_id is None:
+            configured = self.settings.transactional_id
+            if configured:
+                self._transactional_id = configured
+            else:
+                stream = ReplicationStream.connect(self.settings.database_url.get_secret_value())
+                try:
+                    system_id, _ = stream.identify_system()
+                finally:
+                    stream.close()
+                self._transactional_id = f"cdc-relay-{system_id}-{self.settings.slot_name}"
+        return self._transactional_id
+
+    def _resume_transactions(
+        self, publisher: Publisher, stream: ReplicationStream, start: Lsn
+    ) -> None:
+        """Exactly-once, once the slot is ours: register the transactional.id (fencing any
+        earlier holder and aborting what it left open), then read where Kafka says we are."""
+        settings = self.settings
+
+        def informed() -> bool:
+            self.stats.beat()
+            stream.send_status(flushed=start)  # keep the walsender from timing us out
+            return not self._stop.is_set()
+
+        if not self._transactions_ready:
+            progress.ensure_topic(self._producer_config, settings.progress_topic)
+            publisher.init_transactions(informed)
+            self._transactions_ready = True
+        key = self._pipeline_id().encode()
+        self._memory.progress = progress.read_latest(
+            self._producer_config, settings.progress_topic, key
+        )
+        recorded = self._memory.progress
+        log.info(
+            "exactly-once: transactional.id=%s, recorded position %s",
+            self._pipeline_id(),
+            format_lsn(recorded.lsn) if recorded else "none yet",
+            extra={"slot": settings.slot_name},
+        )
+
     # ---------------------------------------------------------------- one session
 
     def _pipeline_config(self, max_silence: float) -> PipelineConfig:
@@ -303,6 +386,12 @@ class Relay:
             max_silence=max_silence,
             shutdown_timeout=settings.shutdown_timeout_seconds,
             slot_name=settings.slot_name,
+            exactly_once=settings.exactly_once,
+            transaction_limits=TransactionLimits(
+                settings.transaction_max_events, settings.transaction_max_seconds
+            ),
+            progress_topic=settings.progress_topic,
+            pipeline_key=self._pipeline_id().encode() if settings.exactly_once else b"",
         )
 
     def _keep(self, pool: ConnectionPool, action: Keep) -> None:
@@ -332,6 +421,8 @@ class Relay:
                 timeout = admin.wal_sender_timeout(conn)
             start = slot.confirmed or Lsn(0)
             max_silence = min(MAX_SILENCE, timeout / 4) if timeout else MAX_SILENCE
+            if settings.exactly_once:
+                self._resume_transactions(publisher, stream, start)
             self.stats.sessions += 1
             self.stats.streaming = True
             self._failure_log.recovered(

@@ -20,6 +20,8 @@ from cdc_relay.core.lsn import Lsn, format_lsn
 from cdc_relay.core.mapping import OutboxRecord
 from cdc_relay.core.pipeline import (
     Action,
+    BeginTransaction,
+    CommitTransaction,
     Finish,
     Keep,
     Notice,
@@ -65,6 +67,13 @@ class Producer(Protocol):
 
     def purge_queue(self) -> None: ...
 
+    # Exactly-once only (adapters/kafka.py, Publisher with a transactional.id).
+    def begin_transaction(self) -> None: ...
+
+    def commit_transaction(self, while_waiting: Callable[[], bool]) -> None: ...
+
+    def abort_transaction(self, while_waiting: Callable[[], bool]) -> None: ...
+
 
 class StopFlag(Protocol):
     def is_set(self) -> bool: ...
@@ -72,6 +81,10 @@ class StopFlag(Protocol):
 
 # The cause of a ReplicationError for a connection the pipeline presumed dead.
 _PRESUMED_DEAD = ConnectionAbortedError("no answer from the server")
+
+
+def _ignore_report(err: Any, msg: Any) -> None:
+    """The progress record's delivery report: its fate is the commit's."""
 
 
 def _no_keeper(action: Keep) -> None:
@@ -201,6 +214,11 @@ class Session:
             if tracker.in_flight_events >= max_events or tracker.in_flight_bytes >= max_bytes:
                 return
         if processed == 0:
+            # Nothing buffered: commit what is complete (exactly-once) before waiting.
+            idle = pipeline.idle(self.clock())
+            if idle:
+                self.perform(idle)
+                return
             stream.wait(0.005 if tracker.in_flight_events else 0.1)
         else:
             pipeline.received(self.clock())
@@ -249,10 +267,21 @@ class Session:
             self.keeper(action)
             pipeline.kept(action.delivery)
         elif type(action) is Reset:
-            # Nothing queued may reach Kafka after the replay starts: purge what librdkafka
-            # has not sent; what is in flight is waited for (step) before the session ends.
             log.debug("reset: %s", action.reason, extra=self._fields(None))
-            self.publisher.purge_queue()
+            # Whatever was decided before the reset (a commit, a produce) is void: the session
+            # ends as soon as the producer is settled.
+            self._todo.clear()
+            if pipeline.kafka is not None:
+                # Exactly-once: abort the Kafka transaction, so that nothing of it is visible.
+                self.publisher.abort_transaction(self.while_queue_full)
+            else:
+                # Nothing queued may reach Kafka after the replay starts: purge what librdkafka
+                # has not sent; what is in flight is waited for (step) before the session ends.
+                self.publisher.purge_queue()
+        elif type(action) is BeginTransaction:
+            self.publisher.begin_transaction()
+        elif type(action) is CommitTransaction:
+            self._commit_transaction(action)
         elif type(action) is Finish:
             self._finish(action)
         elif type(action) is Reconnect:
@@ -325,6 +354,18 @@ class Session:
             for action in pipeline.judge(alone=self._alone):
                 if type(action) is Reset:
                     log.warning("%s", action.reason, extra=self._fields(None))
+
+    def _commit_transaction(self, action: CommitTransaction) -> None:
+        """Exactly-once: the progress record, then the commit (which waits for every record of
+        the transaction). A failed commit is aborted (TransactionAborted, a DeliveryError): the
+        session ends and the next one replays from the recorded position."""
+        publisher = self.publisher
+        publisher.produce(action.record, _ignore_report, self.while_queue_full)
+        publisher.commit_transaction(self.while_queue_full)
+        self.pipeline.transaction_committed(action.progress)
+        if self.pipeline.has_failures:
+            # Reports that came with the commit: a committed transaction had none that failed.
+            self.perform(self.pipeline.judge())
 
     def settle(self) -> bool:
         """Serve delivery reports until nothing is in flight, keeping the server informed.

@@ -33,6 +33,7 @@ from hypothesis.stateful import (
 )
 
 from cdc_relay.core.pipeline import PipelineConfig
+from cdc_relay.core.transactions import TransactionLimits
 from tests import sim
 
 settings.register_profile(
@@ -63,6 +64,7 @@ class PipelineHistories(RuleBasedStateMachine):
     @initialize(
         seed=st.integers(0, 2**32 - 1),
         halt=st.booleans(),
+        exactly_once=st.booleans(),
         max_events=st.integers(2, 40),
         max_bytes=st.integers(100, 20_000),
         backlog=st.lists(st.lists(KEYS, max_size=8), max_size=25),
@@ -72,6 +74,7 @@ class PipelineHistories(RuleBasedStateMachine):
         self,
         seed: int,
         halt: bool,
+        exactly_once: bool,
         max_events: int,
         max_bytes: int,
         backlog: list[list[str]],
@@ -89,6 +92,11 @@ class PipelineHistories(RuleBasedStateMachine):
             status_interval=1.0,
             max_silence=10.0,
             shutdown_timeout=30.0,
+            exactly_once=exactly_once,
+            transaction_limits=TransactionLimits(
+                max_events=max(1, max_events // 2), max_seconds=1.0
+            ),
+            progress_topic=sim.PROGRESS_TOPIC,
         )
         self.relay = sim.Relay(self.server, self.config, random.Random(seed))
         for keys in backlog:  # what is in the WAL before the relay starts
@@ -180,6 +188,19 @@ class PipelineHistories(RuleBasedStateMachine):
             )
 
     @invariant()
+    def exactly_once_means_once(self) -> None:
+        """In exactly-once mode a read_committed consumer sees every event at most once, on its
+        topic or the dead-letter topic, whatever crashed or was replayed."""
+        if not self.config.exactly_once:
+            return
+        seen: set[str] = set()
+        for log in self.relay.broker.logs.values():
+            for message in log:
+                event_id = dict(message.headers())["id"].decode()
+                assert event_id not in seen, f"event {self.server.events[event_id].seq} twice"
+                seen.add(event_id)
+
+    @invariant()
     def counters_never_go_down(self) -> None:
         stats = self.relay.stats
         now = (stats.published, stats.dead_lettered, dict(stats.published_by_topic))
@@ -237,6 +258,8 @@ class PipelineHistories(RuleBasedStateMachine):
             event("dead letters")
         if relay.halted is not None:
             event("halted")
+        if self.config.exactly_once:
+            event(f"exactly-once, progress records: {min(len(relay.broker.progress), 5)}+")
         if relay.memory.skips:
             event("operator skip")
         if relay.kept:
