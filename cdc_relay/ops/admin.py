@@ -794,6 +794,30 @@ def require_ready(conn: Connection, settings: Settings) -> SlotInfo:
     return slot
 
 
+def require_prunable(conn: Connection, settings: Settings) -> None:
+    """What prune checks before it trusts the slot: the publication carries the outbox table's
+    rows under the table's own name, as the relay streams them. Otherwise the slot's confirmed
+    position says nothing about those rows; the likely mistake is pruning a hash-partitioned
+    outbox through its root with one partition's slot (sql/outbox_hash.sql)."""
+    publication = settings.publication_name
+    tables = publication_tables(conn, publication)
+    carried = (
+        tables is not None
+        and _publication_covers(conn, publication, settings)
+        and (not _is_partitioned(conn, settings) or _publishes_via_root(conn, settings))
+    )
+    if carried:
+        return
+    has = "does not exist" if tables is None else f"has {', '.join(tables) or 'no tables'}"
+    raise PrerequisiteError(
+        f"publication {publication} does not carry {settings.outbox_table} ({has}), so slot "
+        f"{settings.slot_name} confirming a position says nothing about its rows and prune "
+        "could delete events never sent: run prune with the settings of the relay that "
+        "streams the table (CDC_RELAY_OUTBOX_TABLE, CDC_RELAY_SLOT_NAME, "
+        "CDC_RELAY_PUBLICATION_NAME); a hash-partitioned outbox is pruned per partition"
+    )
+
+
 def _require_via_root(conn: Connection, settings: Settings) -> None:
     if _is_partitioned(conn, settings) and not _publishes_via_root(conn, settings):
         # Changes would then carry the partitions' names, which the relay does not map.
