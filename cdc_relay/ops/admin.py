@@ -344,6 +344,25 @@ def partition_facts(conn: Connection, settings: Settings) -> PartitionFacts | No
     )
 
 
+def require_one_partition(facts: PartitionFacts, publication: str) -> None:
+    """PrerequisiteError when the publication also carries other partitions of the outbox under
+    their own names: the relay maps the one table it is configured for and passes over the
+    others' rows, so it would confirm past events it never published."""
+    siblings = [
+        name
+        for name, pubs in facts.partitions.items()
+        if name != facts.table and publication in pubs
+    ]
+    if siblings:
+        raise PrerequisiteError(
+            f"publication {publication} carries {', '.join(siblings)} besides {facts.table}, and "
+            f"the relay maps {facts.table} only: their events would be confirmed without being "
+            f"published. Give each partition a publication of its own (CREATE PUBLICATION … FOR "
+            f"TABLE {facts.table} WITH (publish = 'insert')), or point CDC_RELAY_OUTBOX_TABLE "
+            f"at {facts.parent} with a publication that publishes via the partition root"
+        )
+
+
 def partition_findings(facts: PartitionFacts, publication: str) -> list[failover.Finding]:
     """What setup and status say about a partition as the outbox table."""
     findings = [
@@ -475,6 +494,7 @@ def setup(conn: Connection, settings: Settings, *, create_table: bool, say: Say)
 
     partition = partition_facts(conn, settings)
     if partition is not None:
+        require_one_partition(partition, publication)
         for finding in partition_findings(partition, publication):
             say(finding.line())
 
@@ -782,6 +802,9 @@ def require_ready(conn: Connection, settings: Settings) -> SlotInfo:
             f"publication {settings.publication_name} does not exist: run `cdc-relay setup`"
         )
     _require_via_root(conn, settings)
+    partition = partition_facts(conn, settings)
+    if partition is not None:
+        require_one_partition(partition, settings.publication_name)
     if not _publication_covers(conn, settings.publication_name, settings):
         # Renamed, or dropped and recreated: the stream would carry none of its rows, and the
         # relay would confirm past them.

@@ -240,3 +240,26 @@ def test_two_relays_on_two_slots_share_a_hash_partitioned_outbox(db: str, kafka:
         f"({len(records) - len(rows)} resent after the restart), LSN while down "
         f"{down_at:X}..{while_down:X}, {time.monotonic() - started:.1f} s"
     )
+
+
+def test_a_publication_over_several_partitions_is_refused_by_setup_and_run(db: str, kafka: str):
+    """The relay maps one table: the other partitions' rows in its stream would be confirmed
+    without being published, so neither setup nor run accepts such a publication."""
+    create_hash_outbox(db, 2)
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(
+            "CREATE PUBLICATION both_parts FOR TABLE outbox_p0, outbox_p1 WITH (publish = 'insert')"
+        )
+        conn.execute("SELECT pg_create_logical_replication_slot('cdc_relay_p0', 'pgoutput')")
+    env = relay_env(
+        db, kafka, outbox_table="public.outbox_p0", slot_name="cdc_relay_p0",
+        publication_name="both_parts",
+    )  # fmt: skip
+    refusal = "publication both_parts carries public.outbox_p1 besides public.outbox_p0"
+    done = cli(env, "setup")
+    assert done.returncode == 1 and refusal in done.stderr, done.stderr
+    ok = cli({**env, "CDC_RELAY_PUBLICATION_NAME": "cdc_relay_p0"}, "setup")
+    assert ok.returncode == 0, ok.stderr  # the control tables, for run's own checks
+    with RelayProcess(env) as relay:
+        assert relay.wait(60) == 1
+        assert refusal in relay.log()
