@@ -76,6 +76,8 @@ def test_a_tiny_scale_out_run_writes_its_table(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     text = output.read_text()
     assert "hand-written analysis stays" in text
-    # 1 and 2 slots over the whole outbox, 2 over half of it each, 1 decoding only.
+    # Bare loops: 1 and 2 slots over the whole outbox, 2 over half of it each, 1 decoding only;
+    # cdc-relay: one relay on the root, and one per partition.
     rows = [line for line in text.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
-    assert len(rows) == 4, text
+    assert len(rows) == 6, text
+    assert "Reader cdc-relay" in text

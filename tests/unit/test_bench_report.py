@@ -114,7 +114,7 @@ def test_the_hot_path_harness_publishes_every_event():
 
 
 def test_the_scale_out_table_is_per_slot_and_in_total_against_one_slot() -> None:
-    one = SlotCase(1, "the whole outbox", [SlotRun((2.0,), (1000,), 3.0)])
+    one = SlotCase(1, "the whole outbox", [SlotRun((2.0,), (1000,), 2.0, relay_cpu=(8.0,))])
     two = SlotCase(
         2,
         "1/2 of it",
@@ -130,10 +130,10 @@ def test_the_scale_out_table_is_per_slot_and_in_total_against_one_slot() -> None
     # 2 s for 1,000 events of 2 MB: 2,000 µs/event, 1,000,000 µs/MB.
     assert cells(table[2]) == [
         "1", "the whole outbox", "2000.00", "1,000,000", "2000.00", "1,000,000", "2000.00",
-        "1.00", "3.0",
+        "1.00", "8000.00", "2.0", "500",
     ]  # fmt: skip
     # Medians over runs: per slot (1.2 + 1.3) / 2, total (2.4 + 2.6) / 2; 1,000 events sent.
     assert cells(table[3])[2:] == [
-        "1250.00", "625,000", "2500.00", "1,250,000", "2500.00", "1.25", "3.0",
+        "1250.00", "625,000", "2500.00", "1,250,000", "2500.00", "1.25", "-", "3.0", "333",
     ]  # fmt: skip
     assert cells(table[4])[6] == "-"
