@@ -20,6 +20,7 @@ from cdc_relay import recipes
 from tests.integration.relay_process import (
     RelayProcess,
     cli,
+    confirmed_lsn,
     current_lsn,
     query,
     relay_env,
@@ -263,3 +264,77 @@ def test_a_publication_over_several_partitions_is_refused_by_setup_and_run(db: s
     with RelayProcess(env) as relay:
         assert relay.wait(60) == 1
         assert refusal in relay.log()
+
+
+def test_one_relay_on_the_root_splits_into_one_per_partition_without_a_gap(db: str, kafka: str):
+    """The growth path of the README: one relay on the hash-partitioned root (published via
+    the root), then, while writers go on, a slot per partition, the root relay stopped once it
+    has confirmed past them, the partition relays started. Nothing is lost, and the first
+    arrival of each event keeps every aggregate's commit order."""
+    create_hash_outbox(db, PARTITIONS)
+    prefix = f"t{random.getrandbits(40):010x}"
+    topic = f"{prefix}.order"
+    create_topic(kafka, topic, partitions=3)
+    common = {"topic_template": f"{prefix}.{{aggregate_type}}", "dead_letter_topic": f"{prefix}.dl"}
+    root_env = relay_env(
+        db, kafka, outbox_table="public.outbox", slot_name="cdc_relay_root",
+        publication_name="cdc_relay_root", **common,
+    )  # fmt: skip
+    envs = [
+        relay_env(
+            db,
+            kafka,
+            outbox_table=f"public.{partition(i)}",
+            slot_name=f"cdc_relay_p{i}",
+            publication_name=f"cdc_relay_p{i}",
+            **common,
+        )
+        for i in range(PARTITIONS)
+    ]
+    assert cli(root_env, "setup").returncode == 0
+    root = RelayProcess(root_env)
+    relays = [RelayProcess(env) for env in envs]
+    writers = Writers(db)
+    try:
+        root.start()
+        wait_until(lambda: slot_active(db, "cdc_relay_root"), 30, message="root idle")
+        writers.start()
+        writers.wait_for(100)
+        for env in envs:  # while the root relay streams
+            done = cli(env, "setup")
+            assert done.returncode == 0, done.stderr
+            assert "publication cdc_relay_root also carries" in done.stdout
+        starts = [confirmed_lsn(db, f"cdc_relay_p{i}") for i in range(PARTITIONS)]
+        writers.wait_for(50)
+        wait_confirmed_past(db, max(starts), timeout=30, slot="cdc_relay_root")
+        assert root.stop() == 0
+        for relay in relays:
+            relay.start()
+        writers.wait_for(100)
+        writers.finish()
+        end = current_lsn(db)
+        for i in range(PARTITIONS):
+            wait_confirmed_past(db, end, timeout=30, slot=f"cdc_relay_p{i}")
+        for relay in relays:
+            assert relay.stop() == 0
+    finally:
+        writers.stop.set()
+        for relay in (root, *relays):
+            relay.kill()
+    assert cli(root_env, "teardown", "--yes").returncode == 0
+    status = cli(envs[0], "status")
+    assert "also carries" not in status.stdout and "in no publication" not in status.stdout
+
+    ids = {row[0] for row in query(db, "SELECT id::text FROM outbox")}
+    records = consume_all(kafka, [topic], expected=len(ids), timeout=60)
+    assert {(r.header("id") or b"").decode() for r in records} == ids
+    firsts: dict[str, list[int]] = defaultdict(list)
+    seen: set[str] = set()
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        event = (r.header("id") or b"").decode()
+        if event not in seen:
+            seen.add(event)
+            firsts[(r.key or b"").decode()].append(json.loads(r.value or b"{}")["seq"])
+    for key, seqs in firsts.items():
+        assert seqs == list(range(1, len(seqs) + 1)), key
+    print(f"split: {len(ids)} events, {len(records) - len(ids)} published twice at the cut-over")
