@@ -124,3 +124,82 @@ def top_self_time(collapsed: Iterable[str], limit: int = 15) -> list[tuple[str, 
     if not total:
         return []
     return [(frame, 100.0 * n / total) for frame, n in counts.most_common(limit)]
+
+
+# ------------------------------------------------------------------ bench.scale_out
+
+
+@dataclass(frozen=True)
+class SlotRun:
+    """One repetition of a bench.scale_out case: every walsender's CPU seconds and the
+    Inserts its stream carried, all streaming the same backlog at once."""
+
+    walsender_cpu: tuple[float, ...]
+    inserts: tuple[int, ...]
+    seconds: float  # wall clock, the first stream's start to the last one's end
+    relay_cpu: tuple[float, ...] = ()  # each relay process's, when cdc-relay read the streams
+
+
+@dataclass
+class SlotCase:
+    """N slots streaming the same backlog concurrently; each publication covers ``covers``."""
+
+    slots: int
+    covers: str  # e.g. "the whole outbox", "1/4 of it", "none of it"
+    runs: list[SlotRun] = field(default_factory=list)
+
+    def per_slot_cpu(self) -> float:
+        """Median over runs of the mean walsender CPU seconds."""
+        return median([sum(r.walsender_cpu) / len(r.walsender_cpu) for r in self.runs])
+
+    def total_cpu(self) -> float:
+        return median([sum(r.walsender_cpu) for r in self.runs])
+
+    def relay_cpu(self) -> float | None:
+        """Median over runs of all relays' CPU seconds together (None: no relays ran)."""
+        if not all(r.relay_cpu for r in self.runs):
+            return None
+        return median([sum(r.relay_cpu) for r in self.runs])
+
+    def sent(self) -> int:
+        """Inserts sent by all streams together (the same in every run)."""
+        return sum(self.runs[0].inserts)
+
+
+def scale_out_table(cases: Sequence[SlotCase], *, events: int, wal_bytes: int) -> str:
+    """Walsender CPU per event of the backlog and per MB of its WAL: per slot, and for all
+    slots together; plus per event actually sent, the ratio of the total to one slot streaming
+    everything (the first case with one slot), the relays' CPU per event when cdc-relay read
+    the streams, and the wall time from the first stream's start to the last one's end."""
+    mb = wal_bytes / 1e6
+    base = next((c.total_cpu() for c in cases if c.slots == 1 and c.sent() == events), None)
+    lines = [
+        "| slots | each publication carries | walsender CPU per slot, µs/event | per slot, "
+        "µs/MB of WAL | all slots, µs/event | all slots, µs/MB of WAL | all slots, µs per "
+        "event sent | total vs 1 slot | relays, µs/event | wall s (median) | events/s |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case in cases:
+        per_slot, total = case.per_slot_cpu(), case.total_cpu()
+        sent, relays = case.sent(), case.relay_cpu()
+        seconds = median([r.seconds for r in case.runs])
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    str(case.slots),
+                    case.covers,
+                    f"{per_slot / events * 1e6:.2f}",
+                    f"{per_slot / mb * 1e6:,.0f}",
+                    f"{total / events * 1e6:.2f}",
+                    f"{total / mb * 1e6:,.0f}",
+                    f"{total / sent * 1e6:.2f}" if sent else "-",
+                    f"{total / base:.2f}" if base else "-",
+                    f"{relays / events * 1e6:.2f}" if relays is not None else "-",
+                    f"{seconds:.1f}",
+                    f"{events / seconds:,.0f}",
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)

@@ -626,14 +626,14 @@ def targets(rows: list[Row], args: argparse.Namespace) -> list[str]:
     return out
 
 
-def write_section(path: Path, section: str) -> None:
+def write_section(path: Path, section: str, begin: str = BEGIN_MARK, end: str = END_MARK) -> None:
     """Replace what is between the markers (or create the file around them)."""
-    block = f"{BEGIN_MARK}\n{section}\n{END_MARK}"
+    block = f"{begin}\n{section}\n{end}"
     if path.exists():
         text = path.read_text()
-        if BEGIN_MARK in text and END_MARK in text:
-            head, _, rest = text.partition(BEGIN_MARK)
-            _, _, tail = rest.partition(END_MARK)
+        if begin in text and end in text:
+            head, _, rest = text.partition(begin)
+            _, _, tail = rest.partition(end)
             path.write_text(head + block + tail)
             return
         path.write_text(text.rstrip("\n") + "\n\n" + block + "\n")

@@ -10,6 +10,7 @@ RECIPES = (
     "add_event.sql",
     "control.sql",
     "inbox.sql",
+    "outbox_hash.sql",
     "outbox_partitioned.sql",
     "roles.sql",
 )

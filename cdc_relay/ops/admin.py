@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -233,6 +234,165 @@ def _is_partitioned(conn: Connection, settings: Settings) -> bool:
     return bool(row and row[0])
 
 
+_STRATEGIES = {"h": "hash", "l": "list", "r": "range"}
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionFacts:
+    """The outbox table as one partition of a partitioned table: the scale-out recipe
+    (sql/outbox_hash.sql) runs one relay per partition, each over a publication of its own
+    partition, whose changes PostgreSQL names after the partition."""
+
+    table: str  # schema.table, the configured outbox table
+    parent: str  # schema.table of the partitioned table it belongs to
+    strategy: str  # hash, list or range
+    bound: str  # e.g. FOR VALUES WITH (modulus 4, remainder 0)
+    # Every partition of the parent → the publications that carry its rows under its own name.
+    partitions: dict[str, list[str]]
+    # Publications that carry an ancestor: every partition's rows, under the ancestor's name
+    # (publish_via_partition_root) or under each partition's (without it).
+    ancestor_publications: list[str]
+
+    @property
+    def unpublished(self) -> list[str]:
+        return [name for name, pubs in self.partitions.items() if not pubs]
+
+    def also_carried_by(self, publication: str) -> list[str]:
+        """Publications other than ``publication`` that carry this partition's rows: a relay
+        on one of them publishes its events a second time."""
+        others = set(self.partitions.get(self.table, [])) | set(self.ancestor_publications)
+        return sorted(others - {publication})
+
+    def describe(self) -> str:
+        hashed = _HASH_BOUND.search(self.bound) if self.strategy == "hash" else None
+        if hashed:
+            modulus, remainder = hashed.groups()
+            text = f"hash partition {remainder} of {modulus} of {self.parent}"
+            if len(self.partitions) != int(modulus):
+                text += f" (which has {len(self.partitions)} partitions)"
+            return text
+        return f"a {self.strategy} partition of {self.parent} ({self.bound})"
+
+
+_HASH_BOUND = re.compile(r"modulus (\d+), remainder (\d+)", re.IGNORECASE)
+
+
+def _natural(name: str) -> tuple[str, int]:
+    """outbox_p2 before outbox_p10."""
+    head = name.rstrip("0123456789")
+    tail = name[len(head) :]
+    return (head, int(tail) if tail else -1)
+
+
+def partition_facts(conn: Connection, settings: Settings) -> PartitionFacts | None:
+    """What the configured table is a partition of (None when it is none)."""
+    row = conn.execute(
+        """
+        SELECT c.oid, pn.nspname || '.' || p.relname, pt.partstrat::text,
+               pg_get_expr(c.relpartbound, c.oid), p.oid
+        FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        JOIN pg_inherits i ON i.inhrelid = c.oid
+        JOIN pg_class p ON p.oid = i.inhparent
+        JOIN pg_namespace pn ON pn.oid = p.relnamespace
+        JOIN pg_partitioned_table pt ON pt.partrelid = p.oid
+        WHERE n.nspname = %s AND c.relname = %s AND c.relispartition
+        """,
+        (settings.table_schema, settings.table_name),
+    ).fetchone()
+    if row is None:
+        return None
+    relid, parent, strategy, bound, parent_oid = row
+    # pg_publication_tables names what each publication carries as its changes are named:
+    # a partition's own name, or its topmost published ancestor's with publish_via_partition_root.
+    siblings = conn.execute(
+        """
+        SELECT n.nspname || '.' || c.relname,
+               coalesce(array_agg(DISTINCT pt.pubname::text)
+                        FILTER (WHERE pt.pubname IS NOT NULL), '{}')
+        FROM pg_inherits i
+        JOIN pg_class c ON c.oid = i.inhrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        LEFT JOIN pg_publication_tables pt
+               ON pt.schemaname = n.nspname AND pt.tablename = c.relname
+        WHERE i.inhparent = %s
+        GROUP BY 1
+        """,
+        (parent_oid,),
+    ).fetchall()
+    ancestors = conn.execute(
+        """
+        SELECT DISTINCT pt.pubname::text
+        FROM pg_partition_ancestors(%s) a
+        JOIN pg_class c ON c.oid = a.relid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        JOIN pg_publication_tables pt ON pt.schemaname = n.nspname AND pt.tablename = c.relname
+        WHERE a.relid <> %s
+        ORDER BY 1
+        """,
+        (relid, relid),
+    ).fetchall()
+    return PartitionFacts(
+        table=settings.qualified_table,
+        parent=str(parent),
+        strategy=_STRATEGIES.get(str(strategy), str(strategy)),
+        bound=str(bound),
+        partitions={
+            name: sorted(pubs) for name, pubs in sorted(siblings, key=lambda r: _natural(r[0]))
+        },
+        ancestor_publications=[r[0] for r in ancestors],
+    )
+
+
+def require_one_partition(facts: PartitionFacts, publication: str) -> None:
+    """PrerequisiteError when the publication also carries other partitions of the outbox under
+    their own names: the relay maps the one table it is configured for and passes over the
+    others' rows, so it would confirm past events it never published."""
+    siblings = [
+        name
+        for name, pubs in facts.partitions.items()
+        if name != facts.table and publication in pubs
+    ]
+    if siblings:
+        raise PrerequisiteError(
+            f"publication {publication} carries {', '.join(siblings)} besides {facts.table}, and "
+            f"the relay maps {facts.table} only: their events would be confirmed without being "
+            f"published. Give each partition a publication of its own (CREATE PUBLICATION … FOR "
+            f"TABLE {facts.table} WITH (publish = 'insert')), or point CDC_RELAY_OUTBOX_TABLE "
+            f"at {facts.parent} with a publication that publishes via the partition root"
+        )
+
+
+def partition_findings(facts: PartitionFacts, publication: str) -> list[failover.Finding]:
+    """What setup and status say about a partition as the outbox table."""
+    findings = [
+        failover.Finding(
+            "ok",
+            f"table {facts.table} is {facts.describe()}: this relay streams that partition's "
+            "rows only; every partition needs a relay, slot and publication of its own",
+        )
+    ]
+    missing = [name for name in facts.unpublished if name != facts.table]
+    if missing:
+        findings.append(
+            failover.Finding(
+                "note",
+                f"partitions of {facts.parent} in no publication yet: {', '.join(missing)}; "
+                "their events reach no relay until each is set up (sql/outbox_hash.sql)",
+            )
+        )
+    others = facts.also_carried_by(publication)
+    if others:
+        findings.append(
+            failover.Finding(
+                "warn",
+                f"publication {', '.join(others)} also carries {facts.table}'s rows: a relay "
+                "streaming it publishes them a second time (drop it once no relay needs it)",
+            )
+        )
+    return findings
+
+
 def verify_table(columns: dict[str, str], settings: Settings) -> list[str]:
     """Problems with the mapped columns (empty when the table fits the mapping)."""
     problems = []
@@ -332,6 +492,12 @@ def setup(conn: Connection, settings: Settings, *, create_table: bool, say: Say)
         _require_via_root(conn, settings)
         say(f"ok    publication {publication} includes {table}")
 
+    partition = partition_facts(conn, settings)
+    if partition is not None:
+        require_one_partition(partition, publication)
+        for finding in partition_findings(partition, publication):
+            say(finding.line())
+
     name = settings.slot_name
     slot = fetch_slot(conn, name)
     if slot is None:
@@ -404,11 +570,22 @@ def status(conn: Connection, settings: Settings) -> dict[str, Any]:
             "tables": publication_tables(conn, settings.publication_name),
         },
         "outbox_table": settings.outbox_table,
+        "partition": _partition_report(conn, settings),
         "oldest_unconfirmed": oldest_unconfirmed(conn, settings, slot),
         "failover": failover.report(facts, findings),
     }
     report["health"] = health(report)
     return report
+
+
+def _partition_report(conn: Connection, settings: Settings) -> dict[str, Any] | None:
+    facts = partition_facts(conn, settings)
+    if facts is None:
+        return None
+    return {
+        **asdict(facts),
+        "findings": [asdict(f) for f in partition_findings(facts, settings.publication_name)],
+    }
 
 
 def health(report: dict[str, Any]) -> str:
@@ -512,6 +689,10 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append(f"publication   {publication['name']} missing (run `cdc-relay setup`)")
     else:
         lines.append(f"publication   {publication['name']}: {', '.join(tables) or 'no tables'}")
+    partition = report.get("partition")
+    if partition:
+        lines.append("partition")
+        lines += [f"  {f['level']:<5} {f['text']}" for f in partition["findings"]]
     fo = report.get("failover")
     if fo and fo["findings"]:
         lines.append("failover")
@@ -621,6 +802,9 @@ def require_ready(conn: Connection, settings: Settings) -> SlotInfo:
             f"publication {settings.publication_name} does not exist: run `cdc-relay setup`"
         )
     _require_via_root(conn, settings)
+    partition = partition_facts(conn, settings)
+    if partition is not None:
+        require_one_partition(partition, settings.publication_name)
     if not _publication_covers(conn, settings.publication_name, settings):
         # Renamed, or dropped and recreated: the stream would carry none of its rows, and the
         # relay would confirm past them.
@@ -631,6 +815,30 @@ def require_ready(conn: Connection, settings: Settings) -> SlotInfo:
             f"{settings.outbox_table}; rows written to it before that were not streamed"
         )
     return slot
+
+
+def require_prunable(conn: Connection, settings: Settings) -> None:
+    """What prune checks before it trusts the slot: the publication carries the outbox table's
+    rows under the table's own name, as the relay streams them. Otherwise the slot's confirmed
+    position says nothing about those rows; the likely mistake is pruning a hash-partitioned
+    outbox through its root with one partition's slot (sql/outbox_hash.sql)."""
+    publication = settings.publication_name
+    tables = publication_tables(conn, publication)
+    carried = (
+        tables is not None
+        and _publication_covers(conn, publication, settings)
+        and (not _is_partitioned(conn, settings) or _publishes_via_root(conn, settings))
+    )
+    if carried:
+        return
+    has = "does not exist" if tables is None else f"has {', '.join(tables) or 'no tables'}"
+    raise PrerequisiteError(
+        f"publication {publication} does not carry {settings.outbox_table} ({has}), so slot "
+        f"{settings.slot_name} confirming a position says nothing about its rows and prune "
+        "could delete events never sent: run prune with the settings of the relay that "
+        "streams the table (CDC_RELAY_OUTBOX_TABLE, CDC_RELAY_SLOT_NAME, "
+        "CDC_RELAY_PUBLICATION_NAME); a hash-partitioned outbox is pruned per partition"
+    )
 
 
 def _require_via_root(conn: Connection, settings: Settings) -> None:

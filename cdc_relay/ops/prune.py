@@ -143,6 +143,7 @@ def prune(
             f"{missing[0]} does not exist: run `cdc-relay setup` first (prune must know "
             "which rows are the only copy of their event)"
         )
+    admin.require_prunable(conn, settings)
     with_age = bool(settings.column_created_at) and settings.column_created_at in columns
     if not with_age and older_than > timedelta(0):
         raise ConfigError(

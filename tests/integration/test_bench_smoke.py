@@ -49,3 +49,35 @@ def test_a_tiny_bench_run_writes_the_table(tmp_path: Path) -> None:
     # Both relays delivered every event of the latency run and have a latency figure.
     assert "(c) p99 latency" in text
     assert text.count(" / ") >= 2
+
+
+def test_a_tiny_scale_out_run_writes_its_table(tmp_path: Path) -> None:
+    output = tmp_path / "performance.md"
+    output.write_text("# Performance\n\nhand-written analysis stays\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.scale_out",
+            "--events",
+            "2000",
+            "--repeat",
+            "1",
+            "--slots",
+            "1,2",
+            "--output",
+            str(output),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = output.read_text()
+    assert "hand-written analysis stays" in text
+    # Bare loops: 1 and 2 slots over the whole outbox, 2 over half of it each, 1 decoding only;
+    # cdc-relay: one relay on the root, and one per partition.
+    rows = [line for line in text.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(rows) == 6, text
+    assert "Reader cdc-relay" in text

@@ -7,6 +7,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from cdc_relay import recipes
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -27,5 +29,5 @@ def test_wheel_contains_the_outbox_sql_and_the_console_script(tmp_path: Path):
     assert "CREATE TABLE IF NOT EXISTS {table}" in sql
     assert "cdc-relay = cdc_relay.cli:main" in scripts
     assert "cdc_relay/py.typed" in names
-    for recipe in ("add_event.sql", "inbox.sql", "outbox_partitioned.sql", "roles.sql"):
+    for recipe in recipes.RECIPES:
         assert f"cdc_relay/sql/{recipe}" in names

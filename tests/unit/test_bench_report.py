@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 
 from bench import acklog, latency
-from bench.report import Latency, Row, median, percentile, render_table, top_self_time
+from bench.report import (
+    Latency,
+    Row,
+    SlotCase,
+    SlotRun,
+    median,
+    percentile,
+    render_table,
+    scale_out_table,
+    top_self_time,
+)
 from bench.run import BEGIN_MARK, END_MARK, write_section
 
 
@@ -101,3 +111,29 @@ def test_the_hot_path_harness_publishes_every_event():
 
     seconds, published = run_once(make_frames(20))
     assert published == 200 and seconds > 0
+
+
+def test_the_scale_out_table_is_per_slot_and_in_total_against_one_slot() -> None:
+    one = SlotCase(1, "the whole outbox", [SlotRun((2.0,), (1000,), 2.0, relay_cpu=(8.0,))])
+    two = SlotCase(
+        2,
+        "1/2 of it",
+        [SlotRun((1.0, 1.4), (500, 500), 2.0), SlotRun((1.2, 1.4), (500, 500), 4.0)],
+    )
+    none = SlotCase(1, "none of it", [SlotRun((0.5,), (0,), 1.0)])
+    table = scale_out_table([one, two, none], events=1000, wal_bytes=2_000_000).splitlines()
+    assert len(table) == 5
+
+    def cells(line: str) -> list[str]:
+        return [cell.strip() for cell in line.split("|")[1:-1]]
+
+    # 2 s for 1,000 events of 2 MB: 2,000 µs/event, 1,000,000 µs/MB.
+    assert cells(table[2]) == [
+        "1", "the whole outbox", "2000.00", "1,000,000", "2000.00", "1,000,000", "2000.00",
+        "1.00", "8000.00", "2.0", "500",
+    ]  # fmt: skip
+    # Medians over runs: per slot (1.2 + 1.3) / 2, total (2.4 + 2.6) / 2; 1,000 events sent.
+    assert cells(table[3])[2:] == [
+        "1250.00", "625,000", "2500.00", "1,250,000", "2500.00", "1.25", "-", "3.0", "333",
+    ]  # fmt: skip
+    assert cells(table[4])[6] == "-"

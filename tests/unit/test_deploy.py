@@ -72,11 +72,19 @@ def test_the_alert_rules_use_only_exported_metrics_and_cover_the_risks():
     assert {"cdc_relay_last_ack_timestamp_seconds", "cdc_relay_replication_lag_bytes"} <= no_acks
 
 
-def k8s_documents() -> list[dict[str, Any]]:
+def k8s_documents(pattern: str = "*.yaml") -> list[dict[str, Any]]:
     docs = []
-    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+    for path in sorted((DEPLOY / "k8s").glob(pattern)):
         docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
     return docs
+
+
+def secret_keys() -> dict[str, set[str]]:
+    return {
+        d["metadata"]["name"]: set(d["stringData"])
+        for d in k8s_documents()
+        if d["kind"] == "Secret"
+    }
 
 
 def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -84,8 +92,8 @@ def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def test_the_k8s_sidecar_probes_and_secrets_match_the_relay():
-    docs = k8s_documents()
-    secrets = {d["metadata"]["name"]: set(d["stringData"]) for d in docs if d["kind"] == "Secret"}
+    docs = [*k8s_documents("deployment.yaml"), *k8s_documents("setup-job.yaml")]
+    secrets = secret_keys()
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     relay = next(c for c in containers(deployment) if c["name"] == "cdc-relay")
     ports = {p["name"]: p["containerPort"] for p in relay["ports"]}
@@ -146,13 +154,148 @@ def test_the_k8s_workloads_can_roll_out():
     docs = k8s_documents()
     assert [b for doc in docs for b in rollout_blockers(doc)] == []
     # The check itself catches the broken form.
-    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    deployment = next(d for d in k8s_documents("deployment.yaml") if d["kind"] == "Deployment")
     broken = json.loads(json.dumps(deployment))
     relay = next(c for c in containers(broken) if c["name"] == "cdc-relay")
     relay["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "relay-metrics"}}
     assert rollout_blockers(broken)
     del broken["spec"]["strategy"]  # RollingUpdate is also the default
     assert rollout_blockers(broken)
+
+
+SETTING_NAMES = {f"CDC_RELAY_{name.upper()}" for name in Settings.model_fields}
+_PARTITIONS = re.compile(r"SET cdc_relay\.partitions = (\d+)")
+Share = tuple[str, str, str]  # what one relay streams: outbox table, slot, publication
+
+
+def env_values(container: dict[str, Any]) -> dict[str, str | None]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def share_of(container: dict[str, Any]) -> Share:
+    """The table, slot and publication a relay container is configured for (the defaults
+    where unset)."""
+    env = env_values(container)
+    fields = Settings.model_fields
+
+    def get(name: str) -> str:
+        return env.get(f"CDC_RELAY_{name.upper()}") or str(fields[name].default)
+
+    return get("outbox_table"), get("slot_name"), get("publication_name")
+
+
+def runs_relay(container: dict[str, Any]) -> bool:
+    return "cdc-relay" in container.get("image", "") and container.get("args", ["run"]) == ["run"]
+
+
+def scale_out_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """Why a scale-out example would lose or duplicate events: a partition of the recipe
+    (sql/outbox_hash.sql, its count set by the setup Job) without a relay, two workloads on one
+    slot, publication or partition, a relay whose slot the Job never sets up, or topic
+    templates that would split an aggregate's events."""
+    job = next(d for d in docs if d["kind"] == "Job")
+    pod = job["spec"]["template"]["spec"]
+    steps = [*pod.get("initContainers", []), *pod["containers"]]
+    counts = [int(m) for c in steps for m in _PARTITIONS.findall(" ".join(c.get("args", [])))]
+    assert len(counts) == 1, "the Job must create the hash-partitioned outbox once"
+    partitions = {f"public.outbox_p{i}" for i in range(counts[0])}
+    set_up = {share_of(c) for c in steps if c.get("args", [])[:1] == ["setup"]}
+
+    relays: dict[str, dict[str, Any]] = {}
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            for container in containers(doc):
+                if runs_relay(container):
+                    relays[f"{doc['metadata']['name']}/{container['name']}"] = container
+    problems = []
+    for i, what in enumerate(("partition", "slot", "publication")):
+        owners: dict[str, list[str]] = {}
+        for name, container in relays.items():
+            owners.setdefault(share_of(container)[i], []).append(name)
+        problems += [
+            f"{what} {value} is shared by {', '.join(names)}"
+            for value, names in owners.items()
+            if len(names) > 1
+        ]
+    tables = {share_of(c)[0] for c in relays.values()}
+    problems += [f"partition {t} has no relay" for t in sorted(partitions - tables)]
+    problems += [f"{t} is not a partition of the recipe's outbox" for t in tables - partitions]
+    for name, container in relays.items():
+        if share_of(container) not in set_up:
+            problems.append(f"{name}: the setup Job never sets up {share_of(container)}")
+    templates = {env_values(c).get("CDC_RELAY_TOPIC_TEMPLATE") for c in relays.values()}
+    if len(templates) > 1 or any("{table}" in (t or "") for t in templates):
+        problems.append(
+            f"topic templates {sorted(map(str, templates))}: every relay needs the same one, "
+            "without {table}, so that an aggregate's events go to one topic"
+        )
+    return problems
+
+
+def test_the_scale_out_example_gives_every_partition_exactly_one_relay():
+    docs = k8s_documents("scale-out.yaml")
+    assert scale_out_problems(docs) == []
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    assert len(deployments) == 4
+    # Overlapping selectors would make the Deployments fight over each other's pods.
+    selectors = {frozenset(d["spec"]["selector"]["matchLabels"].items()) for d in deployments}
+    assert len(selectors) == len(deployments)
+    # The check itself catches the broken forms.
+    shared = json.loads(json.dumps(docs))
+    relay = containers(shared[2])[0]
+    for item in relay["env"]:
+        if item["name"] == "CDC_RELAY_SLOT_NAME":
+            item["value"] = "cdc_relay_p0"
+    assert any("slot cdc_relay_p0 is shared" in p for p in scale_out_problems(shared))
+    assert any("never sets up" in p for p in scale_out_problems(shared))
+    missing = [d for d in docs if d["metadata"]["name"] != "cdc-relay-p3"]
+    assert scale_out_problems(missing) == ["partition public.outbox_p3 has no relay"]
+    by_table = json.loads(json.dumps(docs))
+    containers(by_table[1])[0]["env"].append(
+        {"name": "CDC_RELAY_TOPIC_TEMPLATE", "value": "outbox.{table}.{aggregate_type}"}
+    )
+    assert any("topic templates" in p for p in scale_out_problems(by_table))
+
+
+def test_the_scale_out_relays_have_the_sidecars_probes_secrets_and_settings():
+    secrets = secret_keys()
+    docs = k8s_documents("scale-out.yaml")
+    job = next(d for d in docs if d["kind"] == "Job")
+    (create,) = [c for c in job["spec"]["template"]["spec"]["initContainers"] if c.get("command")]
+    assert create["command"] == ["python", "-c"]
+    compile(create["args"][0], "outbox-table", "exec")  # at least valid Python
+    assert 'recipes.read("outbox_hash.sql")' in create["args"][0]
+    for doc in docs:
+        pod = doc["spec"]["template"]["spec"]
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            for item in container.get("env", []):
+                # Every variable is one the relay reads: a typo would silently fall back to
+                # the default slot, shared by every relay.
+                assert item["name"] in SETTING_NAMES, item["name"]
+                ref = item.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["key"] in secrets[ref["name"]], ref
+                assert not (item["name"].endswith("DATABASE_URL") and "value" in item)
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        if doc["kind"] != "Deployment":
+            continue
+        assert doc["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+        assert (
+            pod["terminationGracePeriodSeconds"]
+            > Settings.model_fields["shutdown_timeout_seconds"].default
+        )
+        (relay,) = pod["containers"]
+        assert runs_relay(relay)
+        ports = {p["name"]: p["containerPort"] for p in relay["ports"]}
+        port = int(env_values(relay).get("CDC_RELAY_HTTP_PORT") or DEFAULT_PORT)
+        assert "readinessProbe" not in relay
+        for probe in ("livenessProbe", "startupProbe"):
+            assert relay[probe]["httpGet"]["path"] == "/healthz"
+            assert ports[relay[probe]["httpGet"]["port"]] == port
+        assert doc["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+        assert set(doc["spec"]["selector"]["matchLabels"].items()) <= set(
+            doc["spec"]["template"]["metadata"]["labels"].items()
+        )
 
 
 def test_compose_file_matches_the_compose_spec_and_the_relay():

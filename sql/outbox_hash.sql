@@ -1,0 +1,1 @@
+../cdc_relay/sql/outbox_hash.sql
