@@ -16,7 +16,8 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from cdc_relay.core.progress import Progress
+from cdc_relay.adapters.replication import system_identifier
+from cdc_relay.core.progress import Progress, transactional_id
 from cdc_relay.errors import ConfigError, DeliveryError
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,12 @@ _SHARED = (
     "ssl.",
 )
 _FIRST_STEP = 1_000
+
+
+def pipeline_id(configured: str, database_url: str, slot: str) -> str:
+    """The pipeline's transactional.id (CDC_RELAY_TRANSACTIONAL_ID), or the one derived from
+    the cluster's system identifier and the slot."""
+    return configured or transactional_id(system_identifier(database_url), slot)
 
 
 def client_config(producer_config: dict[str, Any]) -> dict[str, Any]:

@@ -210,6 +210,16 @@ def slot_invalidation_reason(view: dict[str, object]) -> str | None:
     return None
 
 
+def system_identifier(database_url: str) -> str:
+    """The cluster's system identifier, from IDENTIFY_SYSTEM over a short replication
+    connection (a role with REPLICATION may ask; pg_control_system() needs more)."""
+    stream = ReplicationStream.connect(database_url, application_name="cdc-relay-admin")
+    try:
+        return stream.identify_system()[0]
+    finally:
+        stream.close()
+
+
 def open_replication_connection(
     database_url: str, *, application_name: str = "cdc-relay"
 ) -> psycopg.Connection[tuple[object, ...]]:

@@ -19,6 +19,13 @@ from cdc_relay.core.lsn import Lsn, format_lsn, parse_lsn
 VERSION = 1
 
 
+def transactional_id(system_identifier: str, slot: str) -> str:
+    """The default transactional.id of a pipeline: stable across restarts and standbys (the
+    same cluster, the same slot), distinct for every slot (relays of a split outbox never fence
+    each other), and the key of its progress records."""
+    return f"cdc-relay-{system_identifier}-{slot}"
+
+
 @dataclass(frozen=True, slots=True)
 class Progress:
     lsn: Lsn  # the end LSN of the last PostgreSQL transaction committed in Kafka whole

@@ -12,7 +12,7 @@ from psycopg import sql
 
 from cdc_relay import recipes
 from cdc_relay.adapters.replication import alter_slot_failover, slot_invalidation_reason
-from cdc_relay.core.lsn import Lsn, parse_lsn
+from cdc_relay.core.lsn import Lsn, format_lsn, parse_lsn
 from cdc_relay.errors import PrerequisiteError, RelayError, SlotInvalidated, UnsupportedServer
 from cdc_relay.ops import control, failover
 from cdc_relay.settings import Settings
@@ -574,8 +574,33 @@ def status(conn: Connection, settings: Settings) -> dict[str, Any]:
         "oldest_unconfirmed": oldest_unconfirmed(conn, settings, slot),
         "failover": failover.report(facts, findings),
     }
+    if settings.exactly_once:
+        report["delivery"] = recorded_position(settings)
     report["health"] = health(report)
     return report
+
+
+def recorded_position(settings: Settings) -> dict[str, Any]:
+    """Exactly-once: the position the progress topic records (the truth; the slot is a
+    WAL-retention bookmark), or why it cannot be read."""
+    from cdc_relay.adapters import progress
+
+    out: dict[str, Any] = {"mode": settings.delivery, "progress_topic": settings.progress_topic}
+    try:
+        key = progress.pipeline_id(
+            settings.transactional_id, settings.database_url.get_secret_value(), settings.slot_name
+        )
+        out["transactional_id"] = key
+        recorded = progress.read_latest(
+            settings.producer_config(), settings.progress_topic, key.encode(), timeout=10
+        )
+    except RelayError as exc:
+        out["recorded"], out["error"] = None, str(exc)
+        return out
+    out["recorded"] = format_lsn(recorded.lsn) if recorded else None
+    if recorded is not None and recorded.txn_lsn is not None:
+        out["in_transaction"] = {"lsn": format_lsn(recorded.txn_lsn), "events": recorded.events}
+    return out
 
 
 def _partition_report(conn: Connection, settings: Settings) -> dict[str, Any] | None:
@@ -683,6 +708,19 @@ def format_status(report: dict[str, Any]) -> str:
             age = _human_seconds(oldest["age_seconds"])
             pending = f"oldest event {age} old (created {oldest['created_at']})"
         lines.append(f"  unconfirmed {pending}")
+    delivery = report.get("delivery")
+    if delivery:
+        recorded = delivery.get("recorded")
+        if delivery.get("error"):
+            shown = f"unknown ({delivery['error']})"
+        elif recorded is None:
+            shown = "none yet (nothing committed)"
+        else:
+            shown = recorded
+            part = delivery.get("in_transaction")
+            if part:
+                shown += f", and {part['events']} events of the transaction at {part['lsn']}"
+        lines.append(f"  recorded    {shown} (exactly-once: the progress topic is the truth)")
     publication = report["publication"]
     tables = publication["tables"]
     if tables is None:

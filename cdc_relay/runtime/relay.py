@@ -330,16 +330,11 @@ class Relay:
         """The transactional.id: the setting, or derived from the cluster's system identifier
         and the slot (stable across restarts and standbys, unique per pipeline)."""
         if self._transactional_id is None:
-            configured = self.settings.transactional_id
-            if configured:
-                self._transactional_id = configured
-            else:
-                stream = ReplicationStream.connect(self.settings.database_url.get_secret_value())
-                try:
-                    system_id, _ = stream.identify_system()
-                finally:
-                    stream.close()
-                self._transactional_id = f"cdc-relay-{system_id}-{self.settings.slot_name}"
+            self._transactional_id = progress.pipeline_id(
+                self.settings.transactional_id,
+                self.settings.database_url.get_secret_value(),
+                self.settings.slot_name,
+            )
         return self._transactional_id
 
     def _resume_transactions(

@@ -68,6 +68,21 @@ SIZES = {
 }
 
 
+ALO, EOS = "at-least-once", "exactly-once"
+
+
+def delivery_modes() -> tuple[str, ...]:
+    """The delivery modes the mode-dependent scenarios run in: both at full size; at CI size
+    at-least-once only, exactly-once having its smaller versions in the integration tests
+    (tests/integration/test_exactly_once.py), within the CI budget."""
+    return (ALO, EOS) if scale_name() == "full" else (ALO,)
+
+
+def named(scenario: str, delivery: str) -> str:
+    """The row name of a scenario in one mode (docs/reliability.md pivots them)."""
+    return f"{scenario} [{delivery}]"
+
+
 def scale_name() -> str:
     name = os.environ.get(SCALE_ENV, "ci").strip().lower() or "ci"
     if name not in SIZES:

@@ -30,7 +30,7 @@ from tests.faults.helpers import (
     reply_time,
     set_wal_sender_timeout,
 )
-from tests.faults.scale import sizes
+from tests.faults.scale import EOS, delivery_modes, named, sizes
 from tests.integration.conftest import make_outbox
 from tests.integration.relay_process import (
     RelayProcess,
@@ -76,10 +76,13 @@ def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def test_leader_of_the_busiest_partition_killed_and_restarted(db: str, cluster: KafkaCluster):
+@pytest.mark.parametrize("delivery", delivery_modes())
+def test_leader_of_the_busiest_partition_killed_and_restarted(
+    db: str, cluster: KafkaCluster, delivery: str
+):
     size = sizes()
     seed_ = seed()
-    box = make_outbox(db, cluster.bootstrap, max_in_flight_events=MAX_IN_FLIGHT)
+    box = make_outbox(db, cluster.bootstrap, max_in_flight_events=MAX_IN_FLIGHT, delivery=delivery)
     topic = box.topic()
     cluster.create_topic(topic)  # 3 partitions, led by one broker each
     writers = writers_for(db, seed_)
@@ -123,7 +126,7 @@ def test_leader_of_the_busiest_partition_killed_and_restarted(db: str, cluster: 
     violations = order_violations(delivered.records, consecutive=True)
     recoveries = [r["recovery_s"] for r in rounds]
     results.record(
-        "partition leader SIGKILLed (3 brokers)",
+        named("partition leader SIGKILLed (3 brokers)", delivery),
         **delivered.figures,
         faults=f"{len(rounds)} SIGKILLs of the busiest partition's leader, each restarted; "
         f"{WRITERS} writers, seed {seed_}",
@@ -139,6 +142,8 @@ def test_leader_of_the_busiest_partition_killed_and_restarted(db: str, cluster: 
     assert "Traceback" not in log, log
     assert delivered.lost == 0, f"seed {seed_}: {delivered.lost} events lost"
     assert not violations, f"seed {seed_}: {violations[:3]}"
+    if delivery == EOS:
+        assert delivered.duplicates == 0
 
 
 def test_all_three_brokers_killed_mid_stream_and_started_again(db: str, cluster: KafkaCluster):

@@ -13,9 +13,11 @@ import os
 import random
 import time
 
+import pytest
+
 from tests.faults import results
 from tests.faults.helpers import Writers, measure_delivery, order_violations
-from tests.faults.scale import sizes
+from tests.faults.scale import EOS, delivery_modes, named, sizes
 from tests.integration.conftest import make_outbox
 from tests.integration.relay_process import (
     RelayProcess,
@@ -34,12 +36,15 @@ MAX_IN_FLIGHT = 2_000
 SEED_ENV = "CDC_RELAY_FAULTS_SEED"
 
 
-def test_crash_loop_loses_nothing_and_keeps_aggregate_order(db: str, cluster: KafkaCluster):
+@pytest.mark.parametrize("delivery", delivery_modes())
+def test_crash_loop_loses_nothing_and_keeps_aggregate_order(
+    db: str, cluster: KafkaCluster, delivery: str
+):
     size = sizes()
     seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(1_000_000))
     rng = random.Random(seed)
     kafka = cluster.bootstrap
-    box = make_outbox(db, kafka, max_in_flight_events=MAX_IN_FLIGHT)
+    box = make_outbox(db, kafka, max_in_flight_events=MAX_IN_FLIGHT, delivery=delivery)
     Writers.prepare(db)
     writers = Writers(
         db, size.crash_loop_events, size.crash_loop_writers, size.crash_loop_seconds, seed
@@ -90,7 +95,7 @@ def test_crash_loop_loses_nothing_and_keeps_aggregate_order(db: str, cluster: Ka
     out_of_order = order_violations(records, consecutive=True)
 
     results.record(
-        "crash loop (SIGKILL)",
+        named("crash loop (SIGKILL)", delivery),
         **delivered.figures,
         faults=f"{len(kills)} SIGKILLs, {size.crash_loop_writers} writers, seed {seed}; 3 brokers",
         recovery_s=max(recoveries),
@@ -103,17 +108,20 @@ def test_crash_loop_loses_nothing_and_keeps_aggregate_order(db: str, cluster: Ka
     assert lost == 0, f"seed {seed}: {lost} events lost"
     assert not out_of_order, f"seed {seed}: {out_of_order[:3]}"
     assert duplicates <= resendable, f"seed {seed}: {duplicates} > {resendable}"
+    if delivery == EOS:
+        assert duplicates == 0, f"seed {seed}: {duplicates} duplicates in exactly-once mode"
 
 
+@pytest.mark.parametrize("delivery", delivery_modes())
 def test_a_crash_inside_a_large_transaction_resends_what_of_it_was_acknowledged(
-    db: str, kafka: str
+    db: str, kafka: str, delivery: str
 ):
     """Bug 9: the README's duplicate bound ("what was in flight plus one status interval") is
     wrong for large transactions. Only whole transactions are confirmed, so a crash in the
     middle of one sends again every event of it that Kafka had already acknowledged: up to the
     whole transaction. Measured here: the duplicates equal what had landed before the kill."""
     rows = sizes().large_txn_rows
-    box = make_outbox(db, kafka, max_in_flight_events=MAX_IN_FLIGHT)
+    box = make_outbox(db, kafka, max_in_flight_events=MAX_IN_FLIGHT, delivery=delivery)
     port = free_port()
     env = {**box.env, "CDC_RELAY_HTTP_PORT": str(port)}
     execute(
@@ -141,11 +149,18 @@ def test_a_crash_inside_a_large_transaction_resends_what_of_it_was_acknowledged(
         assert relay.stop() == 0
     delivered = measure_delivery(db, kafka, box.topic(), timeout=600)
     results.record(
-        "crash inside one large transaction",
+        named("crash inside one large transaction", delivery),
         **delivered.figures,
         faults=f"SIGKILL after {landed:,} of its {rows:,} events had landed",
         recovery_s=None,
-        notes="duplicates = what of the transaction had landed before the kill",
+        notes="at-least-once: duplicates = what of the transaction had landed before the kill"
+        if delivery != EOS
+        else "exactly-once: what had been committed (Kafka transactions of part of it) is "
+        "not sent again",
     )
     assert delivered.lost == 0
-    assert landed < rows and delivered.duplicates == landed
+    assert landed < rows
+    if delivery == EOS:
+        assert delivered.duplicates == 0
+    else:
+        assert delivered.duplicates == landed

@@ -3,13 +3,14 @@ taking over from a killed relay."""
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
 
 from tests.faults import results
 from tests.faults.helpers import measure_delivery, order_violations
-from tests.faults.scale import sizes
+from tests.faults.scale import EOS, delivery_modes, named, sizes
 from tests.integration.conftest import make_outbox
 from tests.integration.relay_process import (
     RelayProcess,
@@ -25,11 +26,14 @@ from tests.servers import TcpProxy, free_port, wait_until
 ACTIVE_PID = "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'cdc_relay'"
 
 
+@pytest.mark.parametrize("delivery", delivery_modes())
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
-def test_postgres_restart_or_crash_mid_stream(restartable_pg, db: str, kafka: str, mode: str):
+def test_postgres_restart_or_crash_mid_stream(
+    restartable_pg, db: str, kafka: str, mode: str, delivery: str
+):
     size = sizes()
     half = size.pg_restart_events // 2
-    box = make_outbox(db, kafka, reconnect_max_backoff_seconds=1)
+    box = make_outbox(db, kafka, reconnect_max_backoff_seconds=1, delivery=delivery)
     with RelayProcess(box.env) as relay:
         quarter = insert_events(db, count=half // 2, per_txn=20)
         insert_events(db, count=half - half // 2, per_txn=20, start=half // 2)
@@ -45,7 +49,10 @@ def test_postgres_restart_or_crash_mid_stream(restartable_pg, db: str, kafka: st
         log = relay.log()
     delivered = measure_delivery(db, kafka, box.topic())
     results.record(
-        f"PostgreSQL {'restart (-m fast)' if mode == 'fast' else 'crash (-m immediate)'}",
+        named(
+            f"PostgreSQL {'restart (-m fast)' if mode == 'fast' else 'crash (-m immediate)'}",
+            delivery,
+        ),
         **delivered.figures,
         faults=f"pg_ctl restart -m {mode} mid-stream",
         recovery_s=reconnect_s,
@@ -55,6 +62,10 @@ def test_postgres_restart_or_crash_mid_stream(restartable_pg, db: str, kafka: st
     assert "reconnecting" in log, log
     assert delivered.lost == 0
     assert delivered.seqs() == set(range(size.pg_restart_events))
+    if delivery == EOS:
+        # PostgreSQL resends from the position it last saved; the progress record says what
+        # of that is in Kafka already.
+        assert delivered.duplicates == 0
 
 
 def test_walsender_terminated_repeatedly_recovers_each_time(db: str, kafka: str):
@@ -90,8 +101,9 @@ def test_walsender_terminated_repeatedly_recovers_each_time(db: str, kafka: str)
     assert delivered.seqs() == set(range(total))
 
 
-def test_hot_standby_takes_over_within_the_retry_interval(db: str, kafka: str):
-    box = make_outbox(db, kafka)
+@pytest.mark.parametrize("delivery", delivery_modes())
+def test_hot_standby_takes_over_within_the_retry_interval(db: str, kafka: str, delivery: str):
+    box = make_outbox(db, kafka, delivery=delivery)
     assert "CDC_RELAY_STANDBY_RETRY_SECONDS" not in box.env  # the default interval
     with RelayProcess(box.env) as active:
         wait_until(lambda: slot_active(db), 60)
@@ -111,7 +123,7 @@ def test_hot_standby_takes_over_within_the_retry_interval(db: str, kafka: str):
             log = standby.log()
     delivered = measure_delivery(db, kafka, box.topic())
     results.record(
-        "hot standby takeover",
+        named("hot standby takeover", delivery),
         **delivered.figures,
         faults="SIGKILL of the active relay, standby on the same slot",
         recovery_s=takeover_s,
@@ -120,6 +132,59 @@ def test_hot_standby_takes_over_within_the_retry_interval(db: str, kafka: str):
     assert log.count("hot standby") == 1  # logged once, not per retry
     assert takeover_s <= 10, f"the standby took {takeover_s:.1f} s to take over"
     assert delivered.lost == 0
+    if delivery == EOS:
+        assert delivered.duplicates == 0
+
+
+@pytest.mark.parametrize("delivery", delivery_modes())
+def test_a_paused_relay_is_fenced_by_the_standby_that_takes_over(
+    db: str, kafka: str, delivery: str
+):
+    """A zombie: the active relay stopped with SIGSTOP (a long GC pause, a frozen VM) while
+    a standby takes its slot over, then resumed. In exactly-once mode it is fenced (the
+    standby's producer registered the same transactional.id) and publishes nothing; in
+    at-least-once mode it finds the slot taken and waits as a standby."""
+    dbname = db.rsplit("/", 1)[1]
+    execute(db, f"ALTER DATABASE \"{dbname}\" SET wal_sender_timeout = '3s'")
+    box = make_outbox(db, kafka, delivery=delivery, standby_retry_seconds=1)
+    events = sizes().pg_restart_events
+    with RelayProcess(box.env) as zombie:
+        wait_until(lambda: slot_active(db), 60)
+        zombie_pid = query(db, ACTIVE_PID)[0][0]
+        first = insert_events(db, count=events // 3, per_txn=10)
+        wait_confirmed_past(db, first)
+        insert_events(db, count=events // 3, per_txn=events // 3, start=events // 3)
+        zombie.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        paused = time.monotonic()
+        try:
+            with RelayProcess(box.env) as standby:
+                wait_until(lambda: query(db, ACTIVE_PID)[0][0] not in (None, zombie_pid), 60)
+                takeover_s = time.monotonic() - paused
+                end = insert_events(
+                    db, count=events - 2 * (events // 3), per_txn=10, start=2 * (events // 3)
+                )
+                wait_confirmed_past(db, end, timeout=180)
+                zombie.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+                wait_until(lambda: not zombie.running() or "hot standby" in zombie.log(), 60)
+                assert standby.stop() == 0
+        finally:
+            if zombie.running():
+                zombie.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        zombie_log = zombie.log()
+    delivered = measure_delivery(db, kafka, box.topic())
+    results.record(
+        named("zombie relay (SIGSTOP) while a standby takes over", delivery),
+        **delivered.figures,
+        faults="SIGSTOP of the active relay mid-transaction, standby takes the slot, SIGCONT",
+        recovery_s=takeover_s,
+        notes="the zombie "
+        + ("was fenced and stopped" if "fenced" in zombie_log else "waits as a standby")
+        + "; recovery: pause until the standby holds the slot (wal_sender_timeout 3 s)",
+    )
+    assert delivered.lost == 0 and "Traceback" not in zombie_log
+    assert delivered.seqs() == set(range(events))
+    if delivery == EOS:
+        assert delivered.duplicates == 0
 
 
 def test_a_half_open_replication_connection_is_noticed_and_replaced(pg, db: str, kafka: str):

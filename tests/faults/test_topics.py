@@ -20,6 +20,7 @@ import pytest
 
 from tests.faults import results
 from tests.faults.helpers import measure_delivery, order_violations
+from tests.faults.scale import EOS, delivery_modes, named
 from tests.integration.conftest import make_outbox
 from tests.integration.relay_process import (
     RelayProcess,
@@ -53,10 +54,14 @@ BIG_ROW = (
 )
 
 
+@pytest.mark.parametrize("delivery", delivery_modes())
 def test_a_record_over_the_topics_size_limit_is_dead_lettered_and_its_batch_mates_delivered(
-    db: str, kafka: str
+    db: str, kafka: str, delivery: str
 ):
-    box = make_outbox(db, kafka)
+    """Also the issue's "final delivery failure forcing a reset": the refused batch makes the
+    producer fatal (at-least-once) or its Kafka transaction abortable (exactly-once), and the
+    relay replays."""
+    box = make_outbox(db, kafka, delivery=delivery)
     create_topic(kafka, box.topic(), partitions=3, **{"max.message.bytes": str(TOPIC_LIMIT)})
     create_topic(kafka, box.dead_letter_topic)
     bigs = [str(uuid.uuid4()), str(uuid.uuid4())]
@@ -83,7 +88,7 @@ def test_a_record_over_the_topics_size_limit_is_dead_lettered_and_its_batch_mate
     lost = inserted - good_ids - dead_ids
     violations = order_violations(good, consecutive=False)
     results.record(
-        "topic max.message.bytes below a record",
+        named("topic max.message.bytes below a record (forces resets)", delivery),
         events=len(inserted),
         lost=len(lost),
         duplicates=len(good) - len(good_ids),
@@ -100,6 +105,8 @@ def test_a_record_over_the_topics_size_limit_is_dead_lettered_and_its_batch_mate
     assert kept == set(bigs)  # their rows are the only copies: prune keeps them
     assert not violations, violations[:3]
     assert "one record at a time" in log
+    if delivery == EOS:
+        assert len(good) == len(good_ids), "no duplicates in exactly-once mode"
 
 
 @pytest.fixture

@@ -14,8 +14,10 @@ from tests.faults.helpers import order_violations
 from tests.integration.conftest import make_outbox
 from tests.integration.relay_process import (
     RelayProcess,
+    cli,
     execute,
     insert_events,
+    lsn_int,
     query,
     slot_active,
     wait_confirmed_past,
@@ -48,6 +50,12 @@ def test_kills_inside_and_between_transactions_deliver_every_event_once(db: str,
         wait_confirmed_past(db, end, timeout=180)
         assert relay.stop() == 0
         log = relay.log()
+    shown = cli(box.env, "status", "--json")
+    assert shown.returncode == 0, shown.stderr
+    delivery = json.loads(shown.stdout)["delivery"]
+    assert delivery["mode"] == "exactly-once" and delivery["recorded"] is not None
+    assert first < lsn_int(delivery["recorded"]) <= end
+    assert "recorded    " in cli(box.env, "status").stdout
     inserted = {str(row[0]) for row in query(db, "SELECT id FROM outbox")}
     seen, records = counts(kafka, box.topic(), len(inserted))
     assert set(seen) == inserted, f"{len(inserted - set(seen))} lost"
