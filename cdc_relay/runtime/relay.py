@@ -35,6 +35,7 @@ from cdc_relay.errors import (
     SlotLost,
 )
 from cdc_relay.ops import admin, control, skip
+from cdc_relay.runtime.resume import ResumeCheck
 from cdc_relay.runtime.session import Session, settle_publisher
 from cdc_relay.settings import Settings, redact_kafka_config
 
@@ -107,6 +108,8 @@ class Relay:
         self._waiting_for_broker = False
         self._publisher: Publisher | None = None
         self._last_kafka_error: tuple[int, str] | None = None
+        # Failover: what each session resumes (same cluster? a new timeline? phantoms?).
+        self._resume = ResumeCheck(settings.slot_name, self.stats)
 
     def stop(self) -> None:
         """Ask the loop to finish: stop reading, drain acks (bounded), confirm, return."""
@@ -319,6 +322,7 @@ class Relay:
             admin.require_ready(conn, settings)
         stream = ReplicationStream.connect(settings.database_url.get_secret_value())
         try:
+            self._resume.identify(stream)  # failover check, before START_REPLICATION
             stream.start(
                 slot=settings.slot_name,
                 publication=settings.publication_name,
@@ -330,6 +334,7 @@ class Relay:
             with pool.connection() as conn:
                 slot = admin.require_slot(conn, settings)
                 timeout = admin.wal_sender_timeout(conn)
+                self._resume.resumed(conn, slot)  # failover: what was resumed, phantoms
             start = slot.confirmed or Lsn(0)
             max_silence = min(MAX_SILENCE, timeout / 4) if timeout else MAX_SILENCE
             self.stats.sessions += 1
