@@ -191,6 +191,12 @@ class ResumeCheck:
         confirmed = slot.confirmed
         text += f", confirmed lsn={slot.confirmed_flush_lsn}"
         before = pending.confirmed_before
+        if before is not None and branch is not None and before > branch.at:
+            # What was confirmed past the branch point is not on this server at all.
+            text += (
+                f"; this relay had confirmed {format_lsn(before)}, past the branch point (phantoms)"
+            )
+            before = branch.at
         if confirmed is not None and before is not None and confirmed < before:
             text += (
                 f"; {before - confirmed} bytes behind the {format_lsn(before)} this relay had "
