@@ -131,6 +131,7 @@ def test_primary_failover_under_load(pg: PgClientMixin, kafka: str, mode: str):
     with cluster(pg, synchronous=synchronous, standby_slots=mode != "unsafe") as c:
         url = multi_host_url([c.primary, c.standby], DATABASE, target_session_attrs="read-write")
         promoted_url = c.standby.url(dbname=DATABASE)
+        major = c.primary.major_version()
         box = make_outbox(url, kafka)
         Writers.prepare(url)
         writers = Writers(
@@ -235,15 +236,15 @@ def test_primary_failover_under_load(pg: PgClientMixin, kafka: str, mode: str):
         events=len(promoted_ids),
         lost=lost,
         duplicates=duplicates,
-        faults=f"pg_ctl stop -m immediate of the primary, standby promoted; "
+        faults=f"PostgreSQL {major}: pg_ctl stop -m immediate of the primary under load, "
+        f"standby promoted {promoted - killed:.0f} s later; "
         f"{size.failover_writers} writers, seed {seed}{lag}",
         recovery_s=recovery_s,
         notes=f"phantoms {phantoms} (in Kafka, not in the promoted database)"
         + (f", reported by the relay from {branch}" if phantom_lines else "")
         + f"; {len(writers.acked_ids)} acknowledged events, {acked_missing} of them missing "
         f"after the promotion; {writers.unknown} commits cut off; recovery: promotion to the "
-        f"relay holding the slot on the new primary (promoted {promoted - killed:.1f} s after "
-        "the kill)",
+        "relay holding the slot on the new primary",
         phantoms=phantoms,
         seed=seed,
     )
