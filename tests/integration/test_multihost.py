@@ -31,9 +31,6 @@ from tests.servers import (
     wait_until,
 )
 
-pytestmark = [pytest.mark.compat]
-
-
 @pytest.fixture
 def pair(pg: PgClientMixin) -> Iterator[tuple[PostgresServer, StandbyServer]]:
     assert isinstance(pg, PostgresServer)  # a standby is made with pg_basebackup
@@ -54,6 +51,7 @@ def where(conn: psycopg.Connection) -> tuple[int, bool]:
     return int(row[0]), bool(row[1])
 
 
+@pytest.mark.compat
 @pytest.mark.local_pg
 def test_every_connection_finds_the_primary_whichever_host_comes_first(pair):
     primary, standby = pair
@@ -119,6 +117,7 @@ def test_the_pool_is_back_within_a_second_of_the_database(pg: PgClientMixin):
             pool.close()
 
 
+@pytest.mark.compat
 @pytest.mark.local_pg
 @pytest.mark.pg_restart
 def test_without_failover_slots_a_failover_halts_on_the_missing_slot(pair, kafka: str):
