@@ -31,6 +31,7 @@ from tests.servers import (
     wait_until,
 )
 
+
 @pytest.fixture
 def pair(pg: PgClientMixin) -> Iterator[tuple[PostgresServer, StandbyServer]]:
     assert isinstance(pg, PostgresServer)  # a standby is made with pg_basebackup
