@@ -102,6 +102,12 @@ class SlotInvalidated(SlotLost):
         )
 
 
+class ForeignServer(PrerequisiteError):
+    """The server the relay reconnected to does not continue the history it streamed from (a
+    different cluster, or a timeline that does not descend from the previous session's): its
+    slot is not the one the relay confirmed."""
+
+
 class DatabaseUnavailable(RelayError):
     """The database cannot be reached."""
 

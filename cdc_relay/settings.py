@@ -89,7 +89,10 @@ class Settings(BaseSettings):
     )
 
     database_url: SecretStr = Field(
-        description="libpq URL or key=value DSN of the database that holds the outbox."
+        description="libpq URL or key=value DSN of the database that holds the outbox. With a "
+        "primary and standbys, name them all and ask for the writable one "
+        "(`postgresql://u@primary:5432,standby:5432/app?target_session_attrs=read-write`): every "
+        "connection of the relay then finds the current primary by itself after a failover."
     )
     kafka_bootstrap_servers: str | None = Field(
         default=None, description="Kafka bootstrap servers, `host:port[,host:port]`."

@@ -609,6 +609,17 @@ class PostgresServer(PgClientMixin, _ManagedMixin):
         return f"PostgresServer({self.host}:{self.port}, root={self.root})"
 
 
+def multi_host_url(servers: list[PostgresServer], dbname: str = "postgres", **params: str) -> str:
+    """One libpq URL naming every server (``host:port`` each, in this order), with the
+    superuser's credentials of the first and ``params`` as query parameters, e.g.
+    ``target_session_attrs="read-write"``."""
+    first = servers[0]
+    cred = quote(first.superuser, safe="") + ":" + quote(first.superuser_password, safe="")
+    hosts = ",".join(f"{s.host}:{s.port}" for s in servers)
+    query = "&".join(f"{k}={quote(v, safe='')}" for k, v in params.items())
+    return f"postgresql://{cred}@{hosts}/{quote(dbname, safe='')}" + (f"?{query}" if query else "")
+
+
 class StandbyServer(PostgresServer):
     """A physical streaming standby of a running ``primary`` (PostgreSQL 17+ for slot sync).
 
@@ -706,6 +717,28 @@ class StandbyServer(PostgresServer):
 
     def in_recovery(self) -> bool:
         return bool(self.query("SELECT pg_is_in_recovery()")[0][0])
+
+    def stream_through(self, host: str, port: int, timeout: float = 60) -> None:
+        """Stream from the primary over TCP at ``host:port`` (a TcpProxy in front of it, so
+        that a test can stall the standby's link) instead of its Unix socket: primary_conninfo
+        changed with ALTER SYSTEM and reloaded, which restarts the WAL receiver."""
+        primary = self.primary
+        conninfo = (
+            f"host={host} port={port} user={primary.superuser} "
+            f"password={primary.superuser_password} dbname=postgres application_name={self.name}"
+        )
+        self.execute(sql.SQL("ALTER SYSTEM SET primary_conninfo = {}").format(conninfo))
+        self.execute("SELECT pg_reload_conf()")
+
+        def through() -> bool:
+            rows = self.query("SELECT status, sender_port FROM pg_stat_wal_receiver")
+            return bool(rows) and rows[0] == ("streaming", port) and self.streaming()
+
+        wait_until(through, timeout, message=f"standby {self.name} does not stream via {port}")
+
+    def received_lsn(self) -> str:
+        """The end of the WAL this standby has received and flushed."""
+        return str(self.query("SELECT pg_last_wal_receive_lsn()::text")[0][0])
 
     def promote(self, timeout: float = 60) -> None:
         """``pg_ctl promote``, then wait until it accepts writes."""

@@ -13,14 +13,15 @@ import logging
 import re
 import select
 import time
+from dataclasses import dataclass
 from typing import Final
 
 import psycopg
 from psycopg import pq
 
-from cdc_relay.adapters.database import with_tcp_keepalives
+from cdc_relay.adapters.database import describe_connect_error, with_tcp_keepalives
 from cdc_relay.core.copydata import encode_standby_status, pg_time_us
-from cdc_relay.core.lsn import Lsn, format_lsn
+from cdc_relay.core.lsn import Lsn, format_lsn, parse_lsn
 from cdc_relay.errors import ReplicationError, SlotInUse, SlotInvalidated
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,44 @@ SQLSTATE_OBJECT_IN_USE = "55006"
 SQLSTATE_PREREQUISITE_STATE = "55000"
 # 18.6 reports a skipped publication as 55000; 42704 (undefined_object) is its natural code.
 _SKIPPED_PUBLICATION_SQLSTATES = frozenset({SQLSTATE_PREREQUISITE_STATE, "42704"})
+
+
+@dataclass(frozen=True, slots=True)
+class SystemIdentity:
+    """IDENTIFY_SYSTEM's answer: which cluster (its system identifier, the same on a primary and
+    its physical standbys), on which timeline, and its WAL flush position."""
+
+    system_id: str
+    timeline: int
+    xlogpos: Lsn
+    dbname: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineSwitch:
+    """One line of a timeline history file: ``timeline`` ended at ``switchpoint``, where its
+    child timeline branched off."""
+
+    timeline: int
+    switchpoint: Lsn
+
+
+def parse_timeline_history(content: str) -> list[TimelineSwitch]:
+    """The lines of a timeline history file (``<parent tli> <switchpoint> <reason>``, tab
+    separated, oldest first; comments and blank lines ignored), as TIMELINE_HISTORY sends it."""
+    switches = []
+    for line in content.splitlines():
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) < 2 or not fields[0].isdigit():
+            raise ReplicationError(f"unexpected line in a timeline history file: {line!r}")
+        try:
+            switchpoint = parse_lsn(fields[1])
+        except ValueError as exc:
+            raise ReplicationError(f"unexpected line in a timeline history file: {line!r}") from exc
+        switches.append(TimelineSwitch(int(fields[0]), switchpoint))
+    return switches
 
 
 class ReplicationStream:
@@ -68,16 +107,41 @@ class ReplicationStream:
     ) -> ReplicationStream:
         return cls(open_replication_connection(database_url, application_name=application_name))
 
-    def identify_system(self) -> tuple[str, int]:
-        """IDENTIFY_SYSTEM (before START_REPLICATION): the cluster's system identifier and the
-        server's current timeline."""
-        res = self._pg.exec_(b"IDENTIFY_SYSTEM")
+    def identify_system(self) -> SystemIdentity:
+        """IDENTIFY_SYSTEM (PostgreSQL docs, "Streaming Replication Protocol"), before
+        START_REPLICATION: the server this connection reached, as the walsender sees it."""
+        res = self._command(b"IDENTIFY_SYSTEM", "IDENTIFY_SYSTEM")
+        values = [res.get_value(0, i) for i in range(res.nfields)]
+        if len(values) < 3 or values[0] is None or values[1] is None or values[2] is None:
+            raise ReplicationError(f"IDENTIFY_SYSTEM answered {values!r}")
+        dbname = values[3] if len(values) > 3 else None
+        return SystemIdentity(
+            system_id=bytes(values[0]).decode(),
+            timeline=int(bytes(values[1])),
+            xlogpos=parse_lsn(bytes(values[2]).decode()),
+            dbname=bytes(dbname).decode() if dbname is not None else None,
+        )
+
+    def timeline_history(self, timeline: int) -> list[TimelineSwitch]:
+        """TIMELINE_HISTORY ``timeline`` (2 or later: timeline 1 has no history): where each of
+        its ancestors ended."""
+        res = self._command(
+            b"TIMELINE_HISTORY " + str(int(timeline)).encode(), f"TIMELINE_HISTORY {timeline}"
+        )
+        raw = res.get_value(0, 1) if res.nfields >= 2 else None
+        if raw is None:
+            raise ReplicationError(f"TIMELINE_HISTORY {timeline} sent no history file")
+        return parse_timeline_history(bytes(raw).decode("utf-8", "replace"))
+
+    def _command(self, command: bytes, what: str) -> pq.abc.PGresult:
+        """A replication command that answers one row (before START_REPLICATION)."""
+        try:
+            res = self._pg.exec_(command)
+        except psycopg.OperationalError as exc:
+            raise ReplicationError(f"{what}: connection lost: {_one_line(exc)}") from exc
         if res.status != pq.ExecStatus.TUPLES_OK or res.ntuples != 1:
-            raise _result_error(res, "IDENTIFY_SYSTEM failed", self._pg)
-        system_id, timeline = res.get_value(0, 0), res.get_value(0, 1)
-        if system_id is None or timeline is None:
-            raise ReplicationError("IDENTIFY_SYSTEM returned no system identifier")
-        return bytes(system_id).decode(), int(bytes(timeline))
+            raise _result_error(res, f"{what} failed", self._pg)
+        return res
 
     def start(self, *, slot: str, publication: str, start_lsn: Lsn, proto_version: int = 1) -> None:
         """Issue START_REPLICATION; the server resumes from the slot's confirmed position."""
@@ -215,7 +279,7 @@ def system_identifier(database_url: str) -> str:
     connection (a role with REPLICATION may ask; pg_control_system() needs more)."""
     stream = ReplicationStream.connect(database_url, application_name="cdc-relay-admin")
     try:
-        return stream.identify_system()[0]
+        return stream.identify_system().system_id
     finally:
         stream.close()
 
@@ -236,7 +300,9 @@ def open_replication_connection(
             connect_timeout=10,
         )
     except psycopg.Error as exc:
-        raise ReplicationError(f"cannot open the replication connection: {_one_line(exc)}") from exc
+        raise ReplicationError(
+            f"cannot open the replication connection: {describe_connect_error(exc)}"
+        ) from exc
 
 
 def alter_slot_failover(database_url: str, slot: str, *, failover: bool) -> None:

@@ -427,6 +427,7 @@ class Pipeline:
         if txn is None:
             raise ReplicationError("Commit without Begin in the replication stream")
         self.tracker.commit(txn, commit.end_lsn)
+        self.stats.transaction_read(commit.end_lsn, self._records_at_begin)
         if txn.pending == 0 and (
             self.stats.published + self.stats.dead_lettered != self._records_at_begin
         ):

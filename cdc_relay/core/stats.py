@@ -78,6 +78,10 @@ class RelayStats:
     sessions: int = 0
     resets: int = 0
     confirmed_lsn: int = 0
+    # The end LSN of the last transaction whose records were handed to the producer (0: none
+    # yet in this session): after a failover, what was produced past the new timeline's branch
+    # point was never on the new primary (runtime/resume.py).
+    produced_through: int = 0
     reconnects_by_cause: dict[str, int] = field(default_factory=dict)
     # Commit (Begin's commit time) → Kafka's ack of the transaction's last record, observed
     # once per transaction that carried outbox events.
@@ -100,6 +104,11 @@ class RelayStats:
 
     def count_reconnect(self, cause: str) -> None:
         self.reconnects_by_cause[cause] = self.reconnects_by_cause.get(cause, 0) + 1
+
+    def transaction_read(self, end_lsn: int, records_at_begin: int) -> None:
+        """A Commit was read; ``records_at_begin``: published + dead_lettered at its Begin."""
+        if self.published + self.dead_lettered != records_at_begin:
+            self.produced_through = end_lsn
 
     def count_delivery_error(self, kind: str) -> None:
         self.delivery_errors[kind] = self.delivery_errors.get(kind, 0) + 1

@@ -809,7 +809,10 @@ def require_slot(conn: Connection, settings: Settings) -> SlotInfo:
 def usable_slot(conn: Connection, settings: Settings, slot: SlotInfo | None) -> SlotInfo:
     name = settings.slot_name
     if slot is None:
-        raise PrerequisiteError(f"replication slot {name} does not exist: run `cdc-relay setup`")
+        raise PrerequisiteError(
+            f"replication slot {name} does not exist: run `cdc-relay setup`. "
+            + _missing_slot_hint(conn)
+        )
     current_db = conn.execute("SELECT current_database()").fetchone()
     if slot.plugin != "pgoutput" or (current_db and slot.database != current_db[0]):
         raise PrerequisiteError(
@@ -819,6 +822,25 @@ def usable_slot(conn: Connection, settings: Settings, slot: SlotInfo | None) -> 
     if slot.lost:
         raise SlotInvalidated(name, slot.invalidation_reason)
     return slot
+
+
+def _missing_slot_hint(conn: Connection) -> str:
+    """What a missing slot may mean: the relay never creates it, because after a failover the
+    events since its last confirmation would be skipped."""
+    version = server_version(conn)
+    if version >= failover.FAILOVER_SLOTS_SINCE:
+        how = (
+            "to a standby that had not synchronised it (no failover slot, or the standby lacked "
+            "sync_replication_slots)"
+        )
+    else:
+        how = f"(PostgreSQL {version // 10000} has no failover slots: a promoted standby lacks it)"
+    return (
+        "The relay never creates it itself: if this server was just promoted in a failover "
+        f"{how}, the events committed after the relay's last confirmation on the old primary "
+        "were never published; setup starts a new slot at the current position, and that gap "
+        "is to be republished from the outbox table (README: Failover)"
+    )
 
 
 def require_ready(conn: Connection, settings: Settings) -> SlotInfo:

@@ -231,8 +231,9 @@ def _explain_primary(
                 "warn",
                 "synchronized_standby_slots does not name "
                 + ", ".join(missing)
-                + ": the relay may confirm changes that standby has not received, and after a "
-                "failover to it those events are lost. On the primary: ALTER SYSTEM SET "
+                + ": the relay may publish and confirm changes that standby has not received, "
+                "and after a failover to it those events are phantoms (in Kafka, never in the "
+                "promoted database). On the primary: ALTER SYSTEM SET "
                 f"synchronized_standby_slots = '{wanted}'; SELECT pg_reload_conf()",
             )
         )
@@ -259,6 +260,44 @@ def _explain_primary(
     if listed and not missing and all(facts.physical_slots.get(n) for n in listed):
         out.append(Finding("ok", "synchronized_standby_slots = " + ",".join(listed)))
     return out
+
+
+def unprotected_standby_slots(facts: ServerFacts) -> list[str]:
+    """Physical slots through which standbys stream from this primary (active in
+    pg_replication_slots, or behind a walsender of pg_stat_replication) that
+    synchronized_standby_slots does not name: the relay may get ahead of those standbys."""
+    if not facts.has_failover_slots or facts.in_recovery:
+        return []
+    streaming = {name for name, active in facts.physical_slots.items() if active}
+    streaming |= {standby.slot_name for standby in facts.standbys if standby.slot_name}
+    return sorted(streaming - set(facts.synchronized_standby_slots))
+
+
+def unsafe_configuration(
+    facts: ServerFacts, *, slot_name: str, slot_failover: bool | None
+) -> str | None:
+    """What `run` warns about once at start, on a primary whose failover slot may get ahead of
+    a standby that could be promoted; None when there is nothing to say."""
+    if not slot_failover:
+        return None
+    missing = unprotected_standby_slots(facts)
+    if not missing:
+        return None
+    listed = facts.synchronized_standby_slots
+    where = (
+        f"synchronized_standby_slots does not name {', '.join(missing)}"
+        if listed
+        else "synchronized_standby_slots is empty"
+    )
+    wanted = ",".join(sorted({*listed, *missing}))
+    return (
+        f"slot {slot_name} is a failover slot, but {where} while physical standbys stream "
+        f"through {', '.join(missing)}: the relay may publish and confirm changes such a standby "
+        "has not received, and if it is promoted those events are phantoms (in Kafka, never in "
+        "the new primary's database; the relay logs their WAL range after the failover). On the "
+        f"primary: ALTER SYSTEM SET synchronized_standby_slots = '{wanted}'; SELECT "
+        "pg_reload_conf()"
+    )
 
 
 def _explain_standby(

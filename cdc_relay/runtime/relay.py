@@ -38,6 +38,7 @@ from cdc_relay.errors import (
     SlotLost,
 )
 from cdc_relay.ops import admin, control, skip
+from cdc_relay.runtime.resume import ResumeCheck
 from cdc_relay.runtime.session import Session, settle_publisher
 from cdc_relay.settings import Settings, redact_kafka_config
 
@@ -114,6 +115,8 @@ class Relay:
         # system identifier), and whether the current producer has registered it.
         self._transactional_id: str | None = None
         self._transactions_ready = False
+        # Failover: what each session resumes (same cluster? a new timeline? phantoms?).
+        self._resume = ResumeCheck(settings.slot_name, self.stats)
 
     def stop(self) -> None:
         """Ask the loop to finish: stop reading, drain acks (bounded), confirm, return."""
@@ -403,6 +406,7 @@ class Relay:
             admin.require_ready(conn, settings)
         stream = ReplicationStream.connect(settings.database_url.get_secret_value())
         try:
+            self._resume.identify(stream)  # failover check, before START_REPLICATION
             stream.start(
                 slot=settings.slot_name,
                 publication=settings.publication_name,
@@ -414,6 +418,7 @@ class Relay:
             with pool.connection() as conn:
                 slot = admin.require_slot(conn, settings)
                 timeout = admin.wal_sender_timeout(conn)
+                self._resume.resumed(conn, slot)  # failover: what was resumed, phantoms
             start = slot.confirmed or Lsn(0)
             max_silence = min(MAX_SILENCE, timeout / 4) if timeout else MAX_SILENCE
             if settings.exactly_once:

@@ -34,14 +34,23 @@ class Txn:
 class Writers:
     """``threads`` connections inserting ``total`` events in transactions of PER_TXN distinct
     aggregates, paced to take about ``seconds``. A row lock on ``agg_seq`` orders writers of one
-    aggregate, so each aggregate's ``seq`` (1, 2, 3, ...) is its commit order."""
+    aggregate, so each aggregate's ``seq`` (1, 2, 3, ...) is its commit order.
+
+    ``reconnect``: ride through a failover: a lost connection is opened again (through the same,
+    multi-host URL) until ``reconnect_timeout``; the transaction in flight then has an unknown
+    outcome (counted in ``unknown``), and the writer goes on with the next one. ``acked_ids``
+    holds the event ids of every transaction whose COMMIT returned."""
 
     url: str
     total: int
     threads: int
     seconds: float
     rng_seed: int
+    reconnect: bool = False
+    reconnect_timeout: float = 60.0
     txns: list[Txn] = field(default_factory=list)
+    acked_ids: set[str] = field(default_factory=set)
+    unknown: int = 0
     errors: list[BaseException] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -78,42 +87,68 @@ class Writers:
         with self.lock:
             return sum(t.events for t in self.txns)
 
+    def _connect(self) -> psycopg.Connection[Any]:
+        deadline = time.monotonic() + (self.reconnect_timeout if self.reconnect else 0)
+        while True:
+            try:
+                return psycopg.connect(self.url, connect_timeout=5)
+            except psycopg.OperationalError:
+                if time.monotonic() >= deadline or self._stop.is_set():
+                    raise
+                self._stop.wait(0.1)
+
     def run(self, index: int) -> None:
         rng = random.Random(self.rng_seed + index)
         share = self.total // self.threads + (index < self.total % self.threads)
         pace = self.seconds / max(1, share / PER_TXN)
         started = time.monotonic()
         done = 0
+        conn: psycopg.Connection[Any] | None = None
         try:
-            with psycopg.connect(self.url) as conn:
-                while done < share and not self._stop.is_set():
-                    n = min(PER_TXN, share - done)
-                    aggregates = rng.sample(range(AGGREGATES), n)
-                    try:
-                        with conn.transaction():
-                            conn.execute(
-                                "WITH s AS (UPDATE agg_seq SET seq = seq + 1 "
-                                "WHERE agg = ANY(%s) RETURNING agg, seq) "
-                                "INSERT INTO outbox (id, aggregate_type, aggregate_id, "
-                                "event_type, payload) SELECT gen_random_uuid(), 'order', "
-                                "'a-' || s.agg, 'Tested', jsonb_build_object('seq', s.seq) "
-                                "FROM s",
-                                ([a for a in aggregates],),
-                            )
-                            commit_started = time.monotonic()
-                    except psycopg.errors.DeadlockDetected:
-                        continue  # rolled back: nothing inserted, try again
+            while done < share and not self._stop.is_set():
+                if conn is None or conn.closed:
+                    conn = self._connect()
+                n = min(PER_TXN, share - done)
+                aggregates = rng.sample(range(AGGREGATES), n)
+                try:
+                    with conn.transaction():
+                        ids = conn.execute(
+                            "WITH s AS (UPDATE agg_seq SET seq = seq + 1 "
+                            "WHERE agg = ANY(%s) RETURNING agg, seq) "
+                            "INSERT INTO outbox (id, aggregate_type, aggregate_id, "
+                            "event_type, payload) SELECT gen_random_uuid(), 'order', "
+                            "'a-' || s.agg, 'Tested', jsonb_build_object('seq', s.seq) "
+                            "FROM s RETURNING id",
+                            ([a for a in aggregates],),
+                        ).fetchall()
+                        commit_started = time.monotonic()
                     row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
                     assert row is not None
                     conn.commit()
+                except psycopg.errors.DeadlockDetected:
+                    conn.rollback()
+                    continue  # rolled back: nothing inserted, try again
+                except psycopg.OperationalError:
+                    if not self.reconnect:
+                        raise
+                    # The server went away: this transaction may or may not have committed.
                     with self.lock:
-                        self.txns.append(Txn(n, commit_started, lsn_int(row[0])))
-                    done += n
-                    ahead = started + pace * (done / PER_TXN) - time.monotonic()
-                    if ahead > 0:
-                        self._stop.wait(ahead)
+                        self.unknown += 1
+                    conn.close()
+                    conn = None
+                    continue
+                with self.lock:
+                    self.txns.append(Txn(n, commit_started, lsn_int(row[0])))
+                    self.acked_ids.update(str(r[0]) for r in ids)
+                done += n
+                ahead = started + pace * (done / PER_TXN) - time.monotonic()
+                if ahead > 0:
+                    self._stop.wait(ahead)
         except BaseException as exc:
             self.errors.append(exc)
+        finally:
+            if conn is not None:
+                conn.close()
 
 
 def order_violations(

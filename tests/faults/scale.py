@@ -28,6 +28,12 @@ class Sizes:
     all_down_seconds: float  # all three brokers dead
     two_down_seconds: float  # two brokers dead: min.insync.replicas cannot be met
     two_down_backlog: int  # events written while the two are down
+    # a PostgreSQL primary failover (tests/faults/test_failover.py)
+    failover_events: int
+    failover_writers: int
+    failover_seconds: float  # writers pace themselves to take about this long
+    failover_lag_seconds: float  # asynchronous: the standby's link stalled before the kill
+    failover_promote_after: float  # seconds from the kill to the promotion (a manager's delay)
 
 
 SIZES = {
@@ -47,6 +53,11 @@ SIZES = {
         all_down_seconds=8,
         two_down_seconds=10,
         two_down_backlog=20_000,
+        failover_events=3_000,
+        failover_writers=4,
+        failover_seconds=15,
+        failover_lag_seconds=2,
+        failover_promote_after=3,
     ),
     "full": Sizes(
         crash_loop_events=100_000,
@@ -64,6 +75,11 @@ SIZES = {
         all_down_seconds=20,
         two_down_seconds=30,
         two_down_backlog=200_000,
+        failover_events=30_000,
+        failover_writers=8,
+        failover_seconds=60,
+        failover_lag_seconds=5,
+        failover_promote_after=10,
     ),
 }
 
