@@ -3,15 +3,18 @@
 (a) ceiling, stream: a bare loop reading the pgoutput stream of the backlog;
 (b) ceiling, broker: a bare producer sending as many records of the same shape;
 (c) cdc-relay end to end: `cdc-relay run` until the slot is confirmed past the backlog;
-(d) the classic polling relay (bench/polling.py) at its best batch size from a small sweep.
-Then latency at a steady rate for (c) and (d), and the relay's peak RSS draining a large
-backlog and one large transaction. Prints a markdown table and writes it to docs/performance.md
+(d) the classic polling relay (bench/polling.py) at its best batch size from a small sweep;
+(e) cdc-relay in exactly-once delivery (Apache Kafka only: Tansu has no transactions).
+Then latency at a steady rate for (c), (d) and (e) (for (e), commit → visible to a
+read_committed consumer), and the relay's peak RSS draining a large backlog and one large
+transaction. Prints a markdown table and writes it to docs/performance.md
 (between the bench markers; the hand-written analysis around them is kept).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -29,7 +32,9 @@ import psycopg
 
 from bench import acklog, contenders, latency, report
 from bench.report import Latency, Row
+from bench.visible import VisibleLog
 from bench.workload import (
+    AGGREGATE_TYPE,
     POLLING_TABLE,
     Workload,
     create_polling_table,
@@ -70,8 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument(
         "--only",
-        default="abcd",
-        help="throughput contenders to run, e.g. 'ac' ((a) always runs: it finds the backlog end)",
+        default="abcde",
+        help="throughput contenders to run, e.g. 'ac' ((a) always runs: it finds the backlog end; "
+        "(e), exactly-once, needs --broker kafka)",
     )
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument(
@@ -220,6 +226,7 @@ ROW_A = "(a) ceiling, stream"
 ROW_B = "(b) ceiling, broker"
 ROW_C = "(c) cdc-relay"
 ROW_D = "(d) polling relay"
+ROW_E = "(e) cdc-relay, exactly-once"
 
 
 def run_all(
@@ -286,13 +293,20 @@ def run_all(
         rows.append(row_b)
 
     # (c)
-    def run_c(i: int, profile: Path | None = None) -> contenders.RelayRun:
+    def run_c(
+        i: int, profile: Path | None = None, delivery: str = "at-least-once"
+    ) -> contenders.RelayRun:
         bootstrap = fresh_broker(broker)
         slot = contenders.copy_slot(admin, ORIGIN_SLOT)
         try:
             env = contenders.relay_env_for(
-                url, bootstrap, slot=slot, topic_prefix=f"{run_id}-c{i}", kafka_config=kafka_config
+                url,
+                bootstrap,
+                slot=slot,
+                topic_prefix=f"{run_id}-{delivery[0]}{i}",
+                kafka_config=kafka_config,
             )
+            env["CDC_RELAY_DELIVERY"] = delivery
             return contenders.relay_drain(
                 url,
                 env,
@@ -306,23 +320,38 @@ def run_all(
         finally:
             contenders.drop_slot(admin, slot)
 
-    runs_c = repeat(args.repeat, ROW_C, run_c)
+    def relay_row(name: str, runs: list[contenders.RelayRun], what: str) -> Row:
+        def cpu_us(seconds: Callable[[contenders.RelayRun], float]) -> float:
+            return report.median([seconds(r) / workload.events * 1e6 for r in runs])
 
-    def cpu_us(seconds: Callable[[contenders.RelayRun], float]) -> float:
-        return report.median([seconds(r) / workload.events * 1e6 for r in runs_c])
+        row = Row(
+            name,
+            note=f"{what}; CPU µs/event: "
+            f"relay {cpu_us(lambda r: r.cpu_seconds):.1f} "
+            f"(Python thread {cpu_us(lambda r: r.main_thread_cpu_seconds):.1f}), "
+            f"walsender {cpu_us(lambda r: r.walsender_cpu_seconds):.1f}, "
+            f"broker {cpu_us(lambda r: r.broker_cpu_seconds):.1f}; start-up (process start → "
+            f"streaming) {report.median([r.startup_seconds for r in runs]):.2f} s",
+            rss_mb=max(r.peak_rss_mb for r in runs),
+        )
+        row.rates = [r.timed.rate for r in runs]
+        return row
 
-    row_c = Row(
+    row_c = relay_row(
         ROW_C,
-        note="`cdc-relay run` start → slot confirmed past the backlog; CPU µs/event: "
-        f"relay {cpu_us(lambda r: r.cpu_seconds):.1f} "
-        f"(Python thread {cpu_us(lambda r: r.main_thread_cpu_seconds):.1f}), "
-        f"walsender {cpu_us(lambda r: r.walsender_cpu_seconds):.1f}, "
-        f"broker {cpu_us(lambda r: r.broker_cpu_seconds):.1f}; start-up (process start → "
-        f"streaming) {report.median([r.startup_seconds for r in runs_c]):.2f} s",
-        rss_mb=max(r.peak_rss_mb for r in runs_c),
+        repeat(args.repeat, ROW_C, run_c),
+        "`cdc-relay run` start → slot confirmed past the backlog",
     )
-    row_c.rates = [r.timed.rate for r in runs_c]
     rows.append(row_c)
+    row_e: Row | None = None
+    if "e" in args.only and args.broker == "kafka":
+        row_e = relay_row(
+            ROW_E,
+            repeat(args.repeat, ROW_E, lambda i: run_c(i, delivery="exactly-once")),
+            "`CDC_RELAY_DELIVERY=exactly-once`; start → slot confirmed past the backlog "
+            "(after the Kafka commit covering it)",
+        )
+        rows.append(row_e)
     profile_lines: list[str] = []
     if args.profile:
         say(f"profiling one extra (c) run with py-spy into {args.profile}")
@@ -367,7 +396,16 @@ def run_all(
     # latency
     if not args.skip_latency:
         row_c.latency = latency_relay(args, workload, run_id, broker, url, admin)
-        say(f"(c) latency: {row_c.latency}")
+        if row_e is not None:
+            row_e.latency = latency_relay(
+                args, workload, run_id, broker, url, admin, delivery="exactly-once", visible=True
+            )
+            # The same measure for at-least-once, to set the exactly-once figure beside.
+            visible_alo = latency_relay(args, workload, run_id, broker, url, admin, visible=True)
+            row_e.note += (
+                "; latency here is commit → consumed by a read_committed consumer "
+                f"(at-least-once, measured the same way: {visible_alo.cell()} ms)"
+            )
         if row_d is not None:
             row_d.latency = latency_polling(args, workload, run_id, broker, url, best)
             say(f"(d) latency: {row_d.latency}")
@@ -404,44 +442,67 @@ def latency_relay(
     broker: Broker,
     url: str,
     admin: psycopg.Connection[Any],
+    *,
+    delivery: str = "at-least-once",
+    visible: bool = False,
 ) -> Latency:
+    """Latency of `cdc-relay run` at a steady rate: commit → ack seen by the relay's delivery
+    callback, or with ``visible``, commit → consumed by a read_committed consumer (what
+    exactly-once readers wait for: the Kafka transaction's commit)."""
+    tag = f"l{delivery[0]}{'v' if visible else 'a'}"
     bootstrap = fresh_broker(broker)
-    slot = f"bench_latency_{run_id}"
+    slot = f"bench_latency_{tag}_{run_id}"
     admin.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+    prefix = f"{run_id}-{tag}"
     env = contenders.relay_env_for(
-        url, bootstrap, slot=slot, topic_prefix=f"{run_id}-lc", kafka_config=args.kafka_config
+        url, bootstrap, slot=slot, topic_prefix=prefix, kafka_config=args.kafka_config
     )
-    ack_log = contenders.scratch_dir() / "acks.txt"
+    env["CDC_RELAY_DELIVERY"] = delivery
+    scratch = contenders.scratch_dir()
+    ack_log = scratch / "acks.txt"
     env["BENCH_ACK_LOG"] = str(ack_log)
+    module = "cdc_relay" if visible else "bench.relay_probe"
     first_seq = 10_000_000
-    with (ack_log.parent / "relay.log").open("wb") as log:
+    consumer = VisibleLog(bootstrap, f"{prefix}.{AGGREGATE_TYPE}")
+    what = f"(c) {delivery}, commit → {'visible' if visible else 'ack'}"
+    with (scratch / "relay.log").open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.relay_probe", "run"],
+            [sys.executable, "-m", module, "run"],
             env=env,
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
     try:
-        wait_until(
-            lambda: slot_state(admin, slot)[0],
-            60,
-            message="the relay did not start streaming",
-        )
-        say(f"(c) latency: {args.rate} events/s for {args.latency_seconds:.0f} s")
-        committed = steady_writes(args, workload, url, "outbox", first_seq)
-        end = lsn_int(str(admin.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]))  # type: ignore[index]
-        wait_until(lambda: slot_state(admin, slot)[1] >= end, 60, message="(c) did not catch up")
+        with contextlib.ExitStack() as stack:
+            if visible:
+                stack.enter_context(consumer)
+            wait_until(
+                lambda: slot_state(admin, slot)[0],
+                60,
+                message="the relay did not start streaming",
+            )
+            say(f"{what}: {args.rate} events/s for {args.latency_seconds:.0f} s")
+            committed = steady_writes(args, workload, url, "outbox", first_seq)
+            end = lsn_int(str(admin.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]))  # type: ignore[index]
+            wait_until(
+                lambda: slot_state(admin, slot)[1] >= end, 60, message=f"{what}: no catching up"
+            )
+            if visible:
+                consumer.wait_for(set(committed), 60)
         proc.terminate()
         if proc.wait(60) != 0:
-            raise RuntimeError(f"the relay failed: {(ack_log.parent / 'relay.log').read_text()}")
+            raise RuntimeError(f"the relay failed: {(scratch / 'relay.log').read_text()}")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
         contenders.drop_slot(admin, slot)
+    seen = consumer.seen if visible else acklog.read(ack_log)
     counted_from = first_seq + int(WARMUP_SECONDS * args.rate)
-    return Latency.of(latency.latencies(committed, acklog.read(ack_log), counted_from=counted_from))
+    result = Latency.of(latency.latencies(committed, seen, counted_from=counted_from))
+    say(f"{what}: {result}")
+    return result
 
 
 def slot_state(admin: psycopg.Connection[Any], slot: str) -> tuple[bool, int]:
@@ -519,27 +580,33 @@ def rss_runs(
 ) -> list[Row]:
     rows = []
     n = args.rss_events
-    cases: list[tuple[str, Callable[[psycopg.Connection[Any], int], None]]] = [
-        (
-            f"(c) cdc-relay, {n:,}-event backlog (txns of {workload.txn_size})",
-            lambda conn, first: fill_outbox(
-                conn,
-                "outbox",
-                first=first,
-                count=n,
-                txn_size=workload.txn_size,
-                aggregates=workload.aggregates,
-                pad=workload.pad,
-            ),
-        ),
-        (
-            f"(c) cdc-relay, one {n:,}-row transaction",
-            lambda conn, first: insert_one_transaction(
-                conn, "outbox", count=n, aggregates=workload.aggregates, pad=workload.pad
-            ),
-        ),
+
+    def backlog(conn: psycopg.Connection[Any], first: int) -> None:
+        fill_outbox(
+            conn,
+            "outbox",
+            first=first,
+            count=n,
+            txn_size=workload.txn_size,
+            aggregates=workload.aggregates,
+            pad=workload.pad,
+        )
+
+    def one_transaction(conn: psycopg.Connection[Any], first: int) -> None:
+        insert_one_transaction(
+            conn, "outbox", count=n, aggregates=workload.aggregates, pad=workload.pad
+        )
+
+    Fill = Callable[[psycopg.Connection[Any], int], None]
+    cases: list[tuple[str, Fill, str]] = [
+        (f"(c) cdc-relay, {n:,}-event backlog (txns of {workload.txn_size})", backlog, ""),
+        (f"(c) cdc-relay, one {n:,}-row transaction", one_transaction, ""),
     ]
-    for i, (name, fill) in enumerate(cases):
+    if "e" in args.only and args.broker == "kafka":
+        cases.append(
+            (f"(e) cdc-relay exactly-once, one {n:,}-row transaction", one_transaction, "e")
+        )
+    for i, (name, fill, mode) in enumerate(cases):
         slot = f"bench_rss{i}_{run_id}"
         admin.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
         try:
@@ -555,6 +622,8 @@ def rss_runs(
                 topic_prefix=f"{run_id}-rss{i}",
                 kafka_config=args.kafka_config,
             )
+            if mode == "e":
+                env["CDC_RELAY_DELIVERY"] = "exactly-once"
             drained = contenders.relay_drain(
                 url, env, slot=slot, end_lsn=end, expected=n, timeout=1200
             )
@@ -619,6 +688,17 @@ def targets(rows: list[Row], args: argparse.Namespace) -> list[str]:
     if lat:
         verdict = "met" if lat.p99_ms <= 25 else "MISSED"
         out.append(f"- (c) p99 latency {lat.p99_ms:.1f} ms (target ≤ 25 ms): {verdict}")
+    e = named(ROW_E).rate
+    if e and c:
+        verdict = "met" if e / c >= 0.8 else "MISSED"
+        out.append(f"- (e)/(c) = {e / c:.2f} (exactly-once, target ≥ 0.8): {verdict}")
+    lat = named(ROW_E).latency
+    if lat:
+        verdict = "met" if lat.p99_ms <= 50 else "MISSED"
+        out.append(
+            f"- (e) p99 commit → visible to read_committed {lat.p99_ms:.1f} ms "
+            f"(target ≤ 50 ms): {verdict}"
+        )
     for row in rows:
         if "peak RSS" in row.note and row.rss_mb is not None:
             verdict = "met" if row.rss_mb <= 150 else "MISSED"
