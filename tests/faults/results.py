@@ -59,28 +59,63 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+_MODES = ("at-least-once", "exactly-once")
+
+
+def _split(name: str) -> tuple[str, str | None]:
+    """("crash loop", "exactly-once") of "crash loop [exactly-once]"; no mode: (name, None)."""
+    for mode in _MODES:
+        suffix = f" [{mode}]"
+        if name.endswith(suffix):
+            return name[: -len(suffix)], mode
+    return name, None
+
+
+def _both(runs: dict[str | None, dict[str, Any]], key: str) -> str:
+    """One figure of a scenario's runs: once if equal (or run once), else per mode."""
+    values = {mode: _fmt(run.get(key)) for mode, run in runs.items()}
+    if len(set(values.values())) == 1:
+        return next(iter(values.values()))
+    return " / ".join(f"{v} ({_short(mode)})" for mode, v in values.items())
+
+
+def _short(mode: str | None) -> str:
+    return {"at-least-once": "ALO", "exactly-once": "EOS"}.get(mode or "", "-")
+
+
 def table(scenarios: dict[str, dict[str, Any]]) -> str:
+    """One row per scenario; a scenario run in both delivery modes (named "... [mode]") shows
+    each mode's duplicates in its own column, the other figures per mode where they differ.
+    A scenario run once, in the default mode, counts as at-least-once."""
+    grouped: dict[str, dict[str | None, dict[str, Any]]] = {}
+    for name, figures in scenarios.items():
+        base, mode = _split(name)
+        grouped.setdefault(base, {})[mode] = figures
     rows = [
-        "| scenario | events | faults injected | lost | duplicates | recovery time (s) | notes |",
-        "| --- | ---: | --- | ---: | ---: | ---: | --- |",
+        "| scenario | events | faults injected | lost | duplicates, at-least-once "
+        "| duplicates, exactly-once | recovery time (s) | notes |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |",
     ]
-    for name in sorted(scenarios):
-        s = scenarios[name]
-        rows.append(
-            "| "
-            + " | ".join(
-                [
-                    name,
-                    _fmt(s.get("events")),
-                    _fmt(s.get("faults")),
-                    _fmt(s.get("lost")),
-                    _fmt(s.get("duplicates")),
-                    _fmt(s.get("recovery_s")),
-                    _fmt(s.get("notes", "")),
-                ]
-            )
-            + " |"
+    for name in sorted(grouped):
+        runs = dict(sorted(grouped[name].items(), key=lambda kv: _MODES.index(kv[0] or _MODES[0])))
+        alo = runs.get("at-least-once", runs.get(None))
+        eos = runs.get("exactly-once")
+        notes = (
+            "; ".join(f"{_short(m)}: {_fmt(r.get('notes', ''))}" for m, r in runs.items())
+            if len(runs) > 1
+            else _fmt(next(iter(runs.values())).get("notes", ""))
         )
+        cells = [
+            name,
+            _both(runs, "events"),
+            _both(runs, "faults"),
+            _both(runs, "lost"),
+            _fmt(alo.get("duplicates")) if alo else "-",
+            _fmt(eos.get("duplicates")) if eos else "-",
+            _both(runs, "recovery_s"),
+            notes,
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
