@@ -141,4 +141,5 @@ class OptionalBuildExt(build_ext):
             (folder / MANIFEST).unlink(missing_ok=True)
 
 
-setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})
+if __name__ == "__main__":  # as setuptools runs it (tests import it to check _why_not)
+    setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})
