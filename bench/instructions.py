@@ -131,12 +131,16 @@ def _region(frames: list[bytes], part: str) -> Callable[[], int]:
 
 
 def _child(transactions: int, part: str) -> None:
-    from cdc_relay.core import native
+    try:
+        from cdc_relay.core import native
 
+        core = native.describe()
+    except ImportError:  # a tree from before the compiled core (a baseline)
+        core = "pure-Python core"
     frames = hotpath.make_frames(transactions)
     work = _region(frames, part)
     events = functools.reduce(lambda _none, _item: work(), (0,), 0)
-    print(json.dumps({"events": events, "core": native.describe()}))
+    print(json.dumps({"events": events, "core": core}))
 
 
 # --------------------------------------------------------------------------- the parent

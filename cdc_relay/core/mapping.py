@@ -128,8 +128,11 @@ class TablePlan:
         "_headers_idx",
         "_id_idx",
         "_key_idx",
+        "_last_aggregate_type",
         "_last_created_at",
+        "_last_event_type",
         "_last_timestamp_ms",
+        "_last_topic",
         "_payload_idx",
         "_payload_is_bytea",
         "_table",
@@ -165,6 +168,11 @@ class TablePlan:
         self._topics: dict[tuple[bytes, bytes], str] = {}
         self._last_created_at = b""
         self._last_timestamp_ms = 0  # what parse_timestamp_ms(b"") gives
+        # The last row's routing columns and topic: rows in a row mostly share them, and two
+        # bytes comparisons cost less than the cache key's tuple and hashes.
+        self._last_aggregate_type: bytes | None = None
+        self._last_event_type: bytes | None = None
+        self._last_topic = ""
         used = [
             self._id_idx,
             self._type_idx,
@@ -196,7 +204,15 @@ class TablePlan:
             and not self._payload_is_bytea
             and (self._headers_idx is None or values[self._headers_idx] is None)
         ):
-            topic = self._topics.get((aggregate_type, event_type))
+            topic: str | None
+            if aggregate_type == self._last_aggregate_type and event_type == self._last_event_type:
+                topic = self._last_topic
+            else:
+                topic = self._topics.get((aggregate_type, event_type))
+                if topic is not None:
+                    self._last_aggregate_type = aggregate_type
+                    self._last_event_type = event_type
+                    self._last_topic = topic
             if topic is not None:
                 timestamp_ms = 0
                 if self._created_at_idx is not None:
