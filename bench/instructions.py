@@ -11,7 +11,12 @@ child per part and prints instructions per event:
 - ``decode``: ``Decoder.decode`` of each frame's pgoutput message, in place;
 - ``map``: ``TablePlan.map`` of each decoded insert;
 - ``ack``: the ack tracker's work per event: begin/commit per transaction, a record counted
-  in flight and its delivery callback per event.
+  in flight and its delivery callback per event;
+- ``kafka``: ``session`` with the relay's real producer (cdc_relay/adapters/kafka.py, the
+  relay's producer settings) against librdkafka's in-process mock broker
+  (``test.mock.num.brokers``), polled until every record is acknowledged: real ``produce()``
+  calls and real delivery reports. Only the main thread is counted (what `make bench` calls
+  the relay's Python thread); librdkafka's own threads, and the mock broker's, are not.
 
 Only the measured region is counted: the child enters it through ``functools.reduce``, a C
 function that nothing else here calls, and callgrind collects inside it alone
@@ -35,7 +40,7 @@ from typing import Any
 
 from bench import hotpath
 
-PARTS = ("session", "pipeline", "decode", "map", "ack")
+PARTS = ("session", "pipeline", "decode", "map", "ack", "kafka")
 TOGGLE = "functools_reduce"
 
 
@@ -53,6 +58,8 @@ def _region(frames: list[bytes], part: str) -> Callable[[], int]:
 
     if part == "session":
         return lambda: hotpath.run_once(frames)[1]
+    if part == "kafka":
+        return _with_mock_kafka(frames)
     if part == "pipeline":
         pipeline = Pipeline(PipelineConfig(outbox_table=("public", "outbox")), start=Lsn(0))
 
@@ -130,6 +137,43 @@ def _region(frames: list[bytes], part: str) -> Callable[[], int]:
     raise ValueError(part)
 
 
+def _with_mock_kafka(frames: list[bytes]) -> Callable[[], int]:
+    import threading
+
+    from cdc_relay.adapters.kafka import Publisher
+    from cdc_relay.core.lsn import Lsn
+    from cdc_relay.core.pipeline import Pipeline, PipelineConfig
+    from cdc_relay.runtime.session import Session
+    from cdc_relay.settings import relay_producer_defaults
+
+    config = relay_producer_defaults("")
+    del config["bootstrap.servers"]  # the mock cluster's own
+    config["test.mock.num.brokers"] = 1
+    publisher = Publisher(config, on_error=lambda error: None)
+    pipeline = Pipeline(PipelineConfig(outbox_table=("public", "outbox")), start=Lsn(0))
+    session = Session(
+        pipeline=pipeline,
+        stream=hotpath._FrameStream(frames),
+        publisher=publisher,
+        stop=threading.Event(),
+    )
+    publisher.wait_for_broker(10.0)
+
+    def run() -> int:
+        stats = pipeline.stats
+        while True:  # as Session.step: read a batch, serve delivery reports
+            before = stats.published
+            session.read_batch()
+            publisher.poll(0)
+            if stats.published == before:
+                break
+        while pipeline.tracker.in_flight_events:
+            publisher.poll(0.05)
+        return stats.published
+
+    return run
+
+
 def _child(transactions: int, part: str) -> None:
     try:
         from cdc_relay.core import native
@@ -161,6 +205,9 @@ def _count(transactions: int, part: str, pure: bool, keep: Path | None) -> tuple
                 "--tool=callgrind",
                 "--collect-atstart=no",
                 f"--toggle-collect={TOGGLE}",
+                # Threads apart: the main thread's file ends in -01 (the only one for the
+                # other parts, which start no thread).
+                "--separate-threads=yes",
                 f"--callgrind-out-file={out}",
                 sys.executable,
                 "-m",
@@ -176,7 +223,7 @@ def _count(transactions: int, part: str, pure: bool, keep: Path | None) -> tuple
             check=True,
         )
         report = json.loads(result.stdout.strip().splitlines()[-1])
-        text = out.read_text()
+        text = Path(f"{out}-01").read_text()
     match = re.search(r"^(?:summary|totals): (\d+)", text, re.MULTILINE)
     if match is None:
         raise RuntimeError(f"no totals in {out}")
