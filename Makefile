@@ -87,13 +87,34 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-install: postgres $(STAMP) $(PG_STAMP)
+# The compiled core (setup.py; the modules cdc_relay/core/native.py lists, compiled by mypyc):
+# built again whenever a core source changed since the last build, so that no stale extension
+# shadows an edited module (the loader refuses a stale one anyway, and runs the pure-Python
+# core, with a warning). Without a C compiler the build installs the pure-Python core.
+CORE_STAMP := $(VENV)/.core-built
+CORE_CHECK := import sys; from cdc_relay.core import native as n; sys.exit(not n.check_build(n.FOLDER)[0])
+
+$(CORE_STAMP): $(STAMP) setup.py $(wildcard cdc_relay/core/*.py)
+	@$(PY) -c '$(CORE_CHECK)' 2>/dev/null || $(PY) -m pip install -q --no-deps -e .
+	@$(PY) -c 'from cdc_relay.core import native; print("cdc-relay:", native.describe_why())'
+	@touch $@
+
+install: postgres $(STAMP) $(CORE_STAMP) $(PG_STAMP)
+
+# The unit tests of the core (and of what drives it), run a second time on the pure-Python core
+# while the suite runs on the compiled one (when built): both implementations pass the same
+# tests, and tests/unit/test_native.py checks that they give the same results.
+CORE_TESTS := $(addprefix tests/unit/test_,copydata.py pgoutput.py mapping.py acks.py verdicts.py \
+	pipeline.py pipeline_properties.py session.py native.py)
+CORE_NAME = $$($(PY) -c 'from cdc_relay.core import native; print(native.describe())')
 
 # Every run goes on after a failure, so that one result shows every version; the exit status
 # says whether any failed.
 test: install kafka
 	@status=0; \
-	echo "== the whole suite on PostgreSQL $(PG_DEFAULT)"; \
+	echo "== the core's unit tests on the pure-Python core (CDC_RELAY_PURE_PYTHON=1)"; \
+	CDC_RELAY_PURE_PYTHON=1 $(PY) -m pytest -q $(CORE_TESTS) || status=1; \
+	echo "== the whole suite on PostgreSQL $(PG_DEFAULT), $(CORE_NAME)"; \
 	CDC_RELAY_TEST_PG=$(PG_DEFAULT) $(PY) -m pytest -q || status=1; \
 	for v in $(filter-out $(PG_DEFAULT),$(PG_VERSIONS)); do \
 		echo "== the compatibility subset on PostgreSQL $$v"; \
@@ -109,7 +130,8 @@ test-matrix: install kafka
 	done; \
 	exit $$status
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) $(CORE_STAMP)
+	CDC_RELAY_PURE_PYTHON=1 $(PY) -m pytest -q $(CORE_TESTS)
 	$(PY) -m pytest -q tests/unit
 
 # `make test` runs the same suite at CI size (CDC_RELAY_FAULTS_SCALE=ci, the default), and the
@@ -119,7 +141,7 @@ test-faults: install kafka
 	CDC_RELAY_FAULTS_SCALE=full $(PY) -m pytest -q tests/unit/test_pipeline_properties.py
 	$(PY) -m tests.faults.results
 
-lint: $(STAMP)
+lint: $(STAMP) $(CORE_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
@@ -146,4 +168,5 @@ bench: install kafka
 	CDC_RELAY_TEST_PG=$${CDC_RELAY_TEST_PG:-15} $(PY) -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info build dist
+	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info build dist \
+		cdc_relay/core/*.so cdc_relay/core/native.json

@@ -41,6 +41,7 @@ from bench.workload import (
     fill_outbox,
     insert_one_transaction,
 )
+from cdc_relay.core import native
 from cdc_relay.settings import relay_producer_defaults
 from tests.integration.relay_process import cli, lsn_int
 from tests.kafka_servers import KafkaBroker
@@ -176,7 +177,9 @@ def machine_facts(pg: PostgresServer, broker: Broker) -> list[str]:
         f"(libpq {psycopg.pq.version()}), confluent-kafka {confluent_kafka.__version__} "
         f"(librdkafka {confluent_kafka.libversion()[0]}), PostgreSQL {pg_version}, "
         + describe_broker(broker),
-        f"cdc-relay at {rev or 'unknown revision'}, {platform.platform()}",
+        # The relay under test inherits this environment (CDC_RELAY_PURE_PYTHON included).
+        f"cdc-relay at {rev or 'unknown revision'} ({native.describe_why()}), "
+        f"{platform.platform()}",
     ]
 
 

@@ -21,6 +21,7 @@ import psycopg
 
 from cdc_relay import __version__
 from cdc_relay.adapters.database import connect, describe_psycopg_error
+from cdc_relay.core import native
 from cdc_relay.errors import ConfigError, RelayError
 from cdc_relay.logs import REDACT, configure_logging
 from cdc_relay.ops import admin
@@ -48,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         "Configured by CDC_RELAY_* environment variables.",
         parents=[common],
     )
-    parser.add_argument("--version", action="version", version=f"cdc-relay {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"cdc-relay {__version__} ({native.describe()})"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     setup = commands.add_parser(
         "setup", parents=[common], help="check the database, create the publication and slot"
@@ -214,6 +217,7 @@ def _run(settings: Settings, stop_requested: threading.Event) -> int:
     from cdc_relay.adapters.metrics import registry_for
     from cdc_relay.runtime.relay import Relay
 
+    log.debug("cdc-relay %s, %s", __version__, native.describe_why())
     relay = Relay(settings, stop_requested=stop_requested)
     server = None
     if settings.http_port:

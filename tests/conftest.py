@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from cdc_relay.core import native
 from tests import kafka_servers, pg_versions
 from tests.kafka_servers import KafkaBroker, proxied_kafka_broker
 from tests.servers import (
@@ -52,6 +53,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "local_pg: makes servers of its own from the session's binaries (a standby)"
     )
+    config.addinivalue_line(
+        "markers",
+        "compiled_core: checks the compiled core against the pure-Python one; deselected when "
+        "the pure-Python core runs (not built, or CDC_RELAY_PURE_PYTHON=1)",
+    )
     # A plain SIGTERM would end the run without finalizers or atexit: turn it into a
     # KeyboardInterrupt so fixtures stop the servers they started.
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
@@ -81,6 +87,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         ):
             dropped.append(item)
             reasons.add(f"need servers the tests start ({DATABASE_URL_ENV} is set)")
+            continue
+        if item.get_closest_marker("compiled_core") and not native.compiled():
+            dropped.append(item)
+            reasons.add(f"need the compiled core (this run: {native.describe_why()})")
             continue
         if min_pg is not None:
             major = major if major is not None else _session_pg_major()

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 DeliveryCallback = Callable[[Any, Any], None]
 LIBRDKAFKA_LOGGER = "cdc_relay.librdkafka"
 
+_ANY_PARTITION = -1  # RD_KAFKA_PARTITION_UA: the partitioner chooses (by key)
+
 # Errors that produce() raises before any network for a record it will never take.
 _PRODUCE_RECORD_ERRORS = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError._INVALID_ARG})
 # Another producer with our transactional.id: we are the zombie.
@@ -72,13 +74,18 @@ class Publisher:
         producer = self._producer
         while True:
             try:
+                # Positionally, in the order of produce()'s C signature: its keyword parsing
+                # cost ~4,500 instructions per record (docs/performance.md, "The compiled
+                # core"). tests/unit/test_kafka_publisher.py pins the order.
                 producer.produce(
                     record.topic,
                     record.value,
                     record.key,
-                    headers=record.headers,  # type: ignore[arg-type]  # list is invariant
-                    timestamp=record.timestamp_ms,
-                    on_delivery=on_delivery,
+                    _ANY_PARTITION,
+                    on_delivery,  # "callback"
+                    None,  # "on_delivery", an alias of "callback"
+                    record.timestamp_ms,
+                    record.headers,  # type: ignore[arg-type]  # list is invariant
                 )
                 return
             except BufferError:

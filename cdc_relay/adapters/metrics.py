@@ -19,6 +19,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from cdc_relay import __version__
+from cdc_relay.core import native
 from cdc_relay.core.stats import RelayStats
 
 WAL_STATUSES = ("reserved", "extended", "unreserved", "lost")
@@ -66,10 +67,11 @@ class RelayCollector(Collector):
         stats = self._stats
         info = GaugeMetricFamily(
             "cdc_relay_info",
-            "The relay's version, slot and publication.",
-            labels=["version", "slot", "publication"],
+            "The relay's version, slot and publication, and its core: mypyc (compiled) or "
+            "pure-Python.",
+            labels=["version", "slot", "publication", "core"],
         )
-        info.add_metric([__version__, self._slot, self._publication], 1)
+        info.add_metric([__version__, self._slot, self._publication, native.IMPLEMENTATION], 1)
         yield info
 
         published = CounterMetricFamily(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeAlias
 
 from cdc_relay.core.lsn import Lsn
 from cdc_relay.errors import DecodeError
@@ -35,6 +35,10 @@ XLOG_DATA_HEADER_SIZE: Final = 1 + _XLOG_HEADER.size
 KEEPALIVE_SIZE: Final = 1 + _KEEPALIVE.size
 
 XLOG_DATA_TYPE: Final = ord("w")
+
+# mypyc resolves a dataclass field's annotation among the module's globals, where a builtin
+# such as memoryview is not: an alias is.
+_View: TypeAlias = memoryview
 _K: Final = ord("k")
 
 
@@ -49,7 +53,7 @@ class XLogData:
     start_lsn: Lsn
     wal_end: Lsn
     send_time: int
-    payload: memoryview
+    payload: _View
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,17 +13,28 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from types import FunctionType
+from typing import Final
 
 from cdc_relay.core.pgoutput import ColumnValue, Relation
 from cdc_relay.errors import MappingError
 
-BYTEA_OID = 17
+BYTEA_OID: Final = 17
+
+
+def _probe() -> None:
+    """Never called: its type tells whether this module runs compiled."""
+
+
+# Whether this module was compiled by mypyc (see pgoutput.py, which does the same).
+_COMPILED: Final = not isinstance(_probe, FunctionType)
+_setattr: Final = object.__setattr__
 
 # Kafka's own rule for topic names (kafka.common.internals.Topic).
-_LEGAL_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-_TOPIC_CACHE_LIMIT = 10_000
-_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_ONE_MS = timedelta(milliseconds=1)
+_LEGAL_TOPIC: Final = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_TOPIC_CACHE_LIMIT: Final = 10_000
+_UNIX_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS: Final = timedelta(milliseconds=1)
 
 Headers = list[tuple[str, bytes]]
 
@@ -55,6 +66,31 @@ class OutboxRecord:
     headers: Headers
     timestamp_ms: int
 
+    def __init__(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers,
+        timestamp_ms: int,
+    ) -> None:
+        # Written out, where dataclass would generate it: compiled, the generated __init__ of a
+        # frozen dataclass stays interpreted code (15 times slower than this one, which stores
+        # the fields natively); interpreted, this does what the generated one does (and the
+        # hot path does not call it: see TablePlan.map).
+        if _COMPILED:
+            self.topic = topic  # type: ignore[misc]
+            self.key = key  # type: ignore[misc]
+            self.value = value  # type: ignore[misc]
+            self.headers = headers  # type: ignore[misc]
+            self.timestamp_ms = timestamp_ms  # type: ignore[misc]
+        else:
+            _setattr(self, "topic", topic)
+            _setattr(self, "key", key)
+            _setattr(self, "value", value)
+            _setattr(self, "headers", headers)
+            _setattr(self, "timestamp_ms", timestamp_ms)
+
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
@@ -66,19 +102,21 @@ class Rejected:
     headers: Headers
 
 
-# A frozen dataclass's __init__ sets each field through object.__setattr__ (~0.8 µs for five);
-# the hot path builds OutboxRecord through the slots' descriptors: still frozen, equal to
-# one built by __init__, at half the cost.
-_new = object.__new__
-_SET_TOPIC = OutboxRecord.__dict__["topic"].__set__
-_SET_KEY = OutboxRecord.__dict__["key"].__set__
-_SET_VALUE = OutboxRecord.__dict__["value"].__set__
-_SET_HEADERS = OutboxRecord.__dict__["headers"].__set__
-_SET_TIMESTAMP = OutboxRecord.__dict__["timestamp_ms"].__set__
-
-
 def legal_topic(name: str) -> bool:
     return bool(_LEGAL_TOPIC.match(name)) and name not in (".", "..")
+
+
+# Interpreted, a frozen dataclass's __init__ sets each field through object.__setattr__ (~0.8 µs
+# for five); the hot path builds OutboxRecord through the slots' descriptors: still frozen,
+# equal to one built by __init__, at half the cost. (Compiled, a native class has no such
+# descriptors, and needs none: its __init__ is a C function.)
+if not _COMPILED:
+    _new = object.__new__
+    _SET_TOPIC = vars(OutboxRecord)["topic"].__set__
+    _SET_KEY = vars(OutboxRecord)["key"].__set__
+    _SET_VALUE = vars(OutboxRecord)["value"].__set__
+    _SET_HEADERS = vars(OutboxRecord)["headers"].__set__
+    _SET_TIMESTAMP = vars(OutboxRecord)["timestamp_ms"].__set__
 
 
 class TablePlan:
@@ -90,8 +128,11 @@ class TablePlan:
         "_headers_idx",
         "_id_idx",
         "_key_idx",
+        "_last_aggregate_type",
         "_last_created_at",
+        "_last_event_type",
         "_last_timestamp_ms",
+        "_last_topic",
         "_payload_idx",
         "_payload_is_bytea",
         "_table",
@@ -127,6 +168,11 @@ class TablePlan:
         self._topics: dict[tuple[bytes, bytes], str] = {}
         self._last_created_at = b""
         self._last_timestamp_ms = 0  # what parse_timestamp_ms(b"") gives
+        # The last row's routing columns and topic: rows in a row mostly share them, and two
+        # bytes comparisons cost less than the cache key's tuple and hashes.
+        self._last_aggregate_type: bytes | None = None
+        self._last_event_type: bytes | None = None
+        self._last_topic = ""
         used = [
             self._id_idx,
             self._type_idx,
@@ -158,7 +204,15 @@ class TablePlan:
             and not self._payload_is_bytea
             and (self._headers_idx is None or values[self._headers_idx] is None)
         ):
-            topic = self._topics.get((aggregate_type, event_type))
+            topic: str | None
+            if aggregate_type == self._last_aggregate_type and event_type == self._last_event_type:
+                topic = self._last_topic
+            else:
+                topic = self._topics.get((aggregate_type, event_type))
+                if topic is not None:
+                    self._last_aggregate_type = aggregate_type
+                    self._last_event_type = event_type
+                    self._last_topic = topic
             if topic is not None:
                 timestamp_ms = 0
                 if self._created_at_idx is not None:
@@ -172,18 +226,18 @@ class TablePlan:
                             timestamp_ms = parse_timestamp_ms(created_at)
                             self._last_created_at = created_at
                             self._last_timestamp_ms = timestamp_ms
+                headers = [
+                    ("id", event_id),
+                    ("event_type", event_type),
+                    ("aggregate_type", aggregate_type),
+                ]
+                if _COMPILED:
+                    return OutboxRecord(topic, key, value, headers, timestamp_ms)
                 record = _new(OutboxRecord)
                 _SET_TOPIC(record, topic)
                 _SET_KEY(record, key)
                 _SET_VALUE(record, value)
-                _SET_HEADERS(
-                    record,
-                    [
-                        ("id", event_id),
-                        ("event_type", event_type),
-                        ("aggregate_type", aggregate_type),
-                    ],
-                )
+                _SET_HEADERS(record, headers)
                 _SET_TIMESTAMP(record, timestamp_ms)
                 return record
         return self._map_general(values)
@@ -297,7 +351,7 @@ class TablePlan:
             return Rejected("the headers column is not a JSON object", None, None, [])
         extra: Headers = []
         for name, item in parsed.items():
-            if isinstance(item, str) and not isinstance(item, _JsonNumber):
+            if isinstance(item, str):
                 extra.append((name, item.encode("utf-8")))
             else:
                 extra.append((name, json_text(item).encode("utf-8")))
@@ -309,16 +363,19 @@ class TablePlan:
         return parse_timestamp_ms(raw)
 
 
-class _JsonNumber(str):
-    """A JSON number kept as its source text."""
+class _JsonNumber:
+    """A JSON number kept as its source text (not a str subclass: mypyc compiles none)."""
 
-    __slots__ = ()
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
 
 
 def json_text(value: object) -> str:
     """Compact JSON text of a parsed value whose numbers are _JsonNumber (kept verbatim)."""
     if isinstance(value, _JsonNumber):
-        return str(value)
+        return value.text
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
     if value is True:

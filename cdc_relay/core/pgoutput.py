@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import FunctionType
 from typing import ClassVar, Final, NewType, TypeAlias, final
 
 from cdc_relay.core.lsn import Lsn
@@ -55,6 +56,18 @@ Xid = NewType("Xid", int)
 
 MIN_PROTO_VERSION: Final = 1
 MAX_PROTO_VERSION: Final = 4
+
+
+def _probe() -> None:
+    """Never called: its type tells whether this module runs compiled."""
+
+
+# Whether this module was compiled by mypyc (cdc_relay/core/native.py), which makes its functions
+# builtins. The hot path differs in a few places, each the fastest way for its implementation:
+# interpreted, C calls (struct) and the slot descriptors of frozen dataclasses; compiled,
+# byte arithmetic and native constructors.
+_COMPILED: Final = not isinstance(_probe, FunctionType)
+_setattr: Final = object.__setattr__
 
 
 # --------------------------------------------------------------------------- values
@@ -103,11 +116,16 @@ TupleValues: TypeAlias = tuple[ColumnValue, ...]
 # --------------------------------------------------------------------------- messages
 
 
-@dataclass(frozen=True, slots=True)
-class Column:
-    """One column of a Relation message."""
-
+# The class constants of Column, Truncate and LogicalMessage live in base classes: mypyc
+# would take a ClassVar in a dataclass body for a field.
+class _ColumnFlags:
+    __slots__ = ()
     KEY_FLAG: ClassVar[int] = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Column(_ColumnFlags):
+    """One column of a Relation message."""
 
     flags: int
     name: str
@@ -128,6 +146,19 @@ class Begin:
     commit_time: int
     xid: Xid
 
+    def __init__(self, final_lsn: Lsn, commit_time: int, xid: Xid) -> None:
+        # Written out, where dataclass would generate it: compiled, the generated __init__ of
+        # a frozen dataclass stays interpreted code (15 times slower than this one, which
+        # stores the fields natively); interpreted, this does what the generated one does.
+        if _COMPILED:
+            self.final_lsn = final_lsn  # type: ignore[misc]
+            self.commit_time = commit_time  # type: ignore[misc]
+            self.xid = xid  # type: ignore[misc]
+        else:
+            _setattr(self, "final_lsn", final_lsn)
+            _setattr(self, "commit_time", commit_time)
+            _setattr(self, "xid", xid)
+
 
 @dataclass(frozen=True, slots=True)
 class Commit:
@@ -137,6 +168,19 @@ class Commit:
     commit_lsn: Lsn
     end_lsn: Lsn
     commit_time: int
+
+    def __init__(self, flags: int, commit_lsn: Lsn, end_lsn: Lsn, commit_time: int) -> None:
+        # Written out for mypyc, as Begin's.
+        if _COMPILED:
+            self.flags = flags  # type: ignore[misc]
+            self.commit_lsn = commit_lsn  # type: ignore[misc]
+            self.end_lsn = end_lsn  # type: ignore[misc]
+            self.commit_time = commit_time  # type: ignore[misc]
+        else:
+            _setattr(self, "flags", flags)
+            _setattr(self, "commit_lsn", commit_lsn)
+            _setattr(self, "end_lsn", end_lsn)
+            _setattr(self, "commit_time", commit_time)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +224,18 @@ class Insert:
     relid: Oid
     new: TupleValues
 
+    def __init__(self, xid: Xid | None, relid: Oid, new: TupleValues) -> None:
+        # Written out for mypyc, as Begin's (the interpreted hot path builds none this way:
+        # see _read_insert).
+        if _COMPILED:
+            self.xid = xid  # type: ignore[misc]
+            self.relid = relid  # type: ignore[misc]
+            self.new = new  # type: ignore[misc]
+        else:
+            _setattr(self, "xid", xid)
+            _setattr(self, "relid", relid)
+            _setattr(self, "new", new)
+
 
 @dataclass(frozen=True, slots=True)
 class Update:
@@ -206,12 +262,15 @@ class Delete:
     key: TupleValues | None
 
 
-@dataclass(frozen=True, slots=True)
-class Truncate:
-    """'T': tables were truncated together."""
-
+class _TruncateOptions:
+    __slots__ = ()
     CASCADE: ClassVar[int] = 1
     RESTART_IDENTITY: ClassVar[int] = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Truncate(_TruncateOptions):
+    """'T': tables were truncated together."""
 
     xid: Xid | None
     relids: tuple[Oid, ...]
@@ -226,11 +285,14 @@ class Truncate:
         return bool(self.options & self.RESTART_IDENTITY)
 
 
-@dataclass(frozen=True, slots=True)
-class LogicalMessage:
-    """'M': a pg_logical_emit_message() (option ``messages 'true'``)."""
-
+class _MessageFlags:
+    __slots__ = ()
     TRANSACTIONAL_FLAG: ClassVar[int] = 1
+
+
+@dataclass(frozen=True, slots=True)
+class LogicalMessage(_MessageFlags):
+    """'M': a pg_logical_emit_message() (option ``messages 'true'``)."""
 
     xid: Xid | None
     flags: int
@@ -383,8 +445,14 @@ _U64: Final = struct.Struct(">Q").unpack_from
 _I64: Final = struct.Struct(">q").unpack_from
 _RELID_ACTION: Final = struct.Struct(">IB").unpack_from
 
-_T, _N, _U, _B = b"tnub"
-_NEW, _KEY, _OLD = b"NKO"
+# Final, so that mypyc makes them C constants rather than module globals.
+_T: Final = 0x74  # t
+_N: Final = 0x6E  # n
+_U: Final = 0x75  # u
+_B: Final = 0x62  # b
+_NEW: Final = 0x4E  # N
+_KEY: Final = 0x4B  # K
+_OLD: Final = 0x4F  # O
 
 
 def _read_tuple(buf: bytes, pos: int) -> tuple[TupleValues, int]:
@@ -424,6 +492,43 @@ def _read_tuple(buf: bytes, pos: int) -> tuple[TupleValues, int]:
                 return tuple(values), pos
     except (IndexError, struct.error):
         pass
+    raise _tuple_error(buf, start)
+
+
+def _read_tuple_compiled(buf: bytes, pos: int) -> tuple[TupleValues, int]:
+    """``_read_tuple`` as mypyc compiles best: lengths by byte arithmetic (a struct call is a
+    Python call), every bound checked (cheap in C). Same result, same errors."""
+    start = pos
+    end = len(buf)
+    if end - pos >= 2:
+        ncols = (buf[pos] << 8) | buf[pos + 1]
+        pos += 2
+        values: list[ColumnValue] = [None] * ncols
+        for i in range(ncols):
+            if pos >= end:
+                break
+            kind = buf[pos]
+            if kind in (_T, _B):
+                if end - pos < 5:
+                    break
+                length = (
+                    (buf[pos + 1] << 24) | (buf[pos + 2] << 16) | (buf[pos + 3] << 8) | buf[pos + 4]
+                )
+                stop = pos + 5 + length
+                if stop > end:
+                    break
+                data = buf[pos + 5 : stop]
+                values[i] = data if kind == _T else Binary(data)
+                pos = stop
+            elif kind == _N:
+                pos += 1
+            elif kind == _U:
+                values[i] = UNCHANGED
+                pos += 1
+            else:
+                break
+        else:
+            return tuple(values), pos
     raise _tuple_error(buf, start)
 
 
@@ -515,7 +620,10 @@ class _Cursor:
         return text
 
     def tuple_data(self) -> TupleValues:
-        values, self.pos = _read_tuple(self.buf, self.pos)
+        if _COMPILED:
+            values, self.pos = _read_tuple_compiled(self.buf, self.pos)
+        else:
+            values, self.pos = _read_tuple(self.buf, self.pos)
         return values
 
     def remaining(self) -> int:
@@ -533,15 +641,19 @@ class _Cursor:
 _Reader: TypeAlias = Callable[[bytes, int, Xid | None, int], PgOutputMessage]
 
 
-# A frozen dataclass's __init__ sets each field through object.__setattr__; the hot path
-# builds Insert through the slots' descriptors instead: still frozen, equal, twice as fast.
-_new = object.__new__
-_SET_INSERT_XID = Insert.__dict__["xid"].__set__
-_SET_INSERT_RELID = Insert.__dict__["relid"].__set__
-_SET_INSERT_NEW = Insert.__dict__["new"].__set__
+# Interpreted, a frozen dataclass's __init__ sets each field through object.__setattr__; the
+# hot path builds Insert through the slots' descriptors instead: still frozen, equal, twice
+# as fast. (Compiled, a native class has no such descriptors, and needs none.)
+if not _COMPILED:
+    _new = object.__new__
+    _SET_INSERT_XID = vars(Insert)["xid"].__set__
+    _SET_INSERT_RELID = vars(Insert)["relid"].__set__
+    _SET_INSERT_NEW = vars(Insert)["new"].__set__
 
 
 def _read_insert(buf: bytes, pos: int, xid: Xid | None, proto: int) -> Insert:
+    if _COMPILED:
+        return _read_insert_compiled(buf, pos, xid)
     try:
         relid, action = _RELID_ACTION(buf, pos)
     except struct.error:
@@ -557,6 +669,21 @@ def _read_insert(buf: bytes, pos: int, xid: Xid | None, proto: int) -> Insert:
     _SET_INSERT_RELID(msg, relid)
     _SET_INSERT_NEW(msg, new)
     return msg
+
+
+def _read_insert_compiled(buf: bytes, pos: int, xid: Xid | None) -> Insert:
+    """``_read_insert`` as mypyc compiles best (see _read_tuple_compiled)."""
+    end = len(buf)
+    if end - pos < 5:
+        raise _Malformed("truncated Insert message", pos)
+    relid = Oid((buf[pos] << 24) | (buf[pos + 1] << 16) | (buf[pos + 2] << 8) | buf[pos + 3])
+    action = buf[pos + 4]
+    if action != _NEW:
+        raise _Malformed(f"Insert: expected 'N', got {action:#04x}", pos + 4)
+    new, pos = _read_tuple_compiled(buf, pos + 5)
+    if pos != end:
+        raise _Malformed(f"{end - pos} trailing bytes after Insert message", pos)
+    return Insert(xid, relid, new)
 
 
 def _read_begin(buf: bytes, pos: int, xid: Xid | None, proto: int) -> Begin:
@@ -824,7 +951,10 @@ class Decoder:
                 return _read_insert(buf, offset + 1, None, self._proto_version)
             return self._decode_any(buf, offset)
         except _Malformed as exc:
-            raise DecodeError(exc.message, offset=exc.offset - offset, lsn=lsn) from None
+            error = DecodeError(exc.message, offset=exc.offset - offset, lsn=lsn)
+            # ``raise error from None``, spelt out: mypyc compiles a raise's "from" away.
+            error.__cause__ = None
+            raise error  # noqa: B904 - from None, set just above
 
     def _decode_any(self, buf: bytes, start: int) -> PgOutputMessage:
         if len(buf) <= start:

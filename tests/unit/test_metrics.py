@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cdc_relay.adapters.http import HEARTBEAT_STALE_SECONDS, MetricsServer, health, readiness
 from cdc_relay.adapters.metrics import METRIC_NAMES, registry_for
+from cdc_relay.core import native
 from cdc_relay.core.copydata import pg_time_us
 from cdc_relay.core.lsn import Lsn
 from cdc_relay.core.mapping import OutboxRecord
@@ -64,7 +65,8 @@ def test_stats_become_metrics_at_scrape_time():
     assert m[("cdc_relay_slot_wal_status", (("status", "extended"),))] == 1
     assert m[("cdc_relay_slot_wal_status", (("status", "reserved"),))] == 0
     assert m[("cdc_relay_streaming", ())] == 1
-    assert m[("cdc_relay_info", (("publication", "p1"), ("slot", "s1"), ("version", "0.1.0")))] == 1
+    info = (("core", native.IMPLEMENTATION), ("publication", "p1"), ("slot", "s1"))
+    assert m[("cdc_relay_info", (*info, ("version", "0.1.0")))] == 1
     # Read live: a later change shows in the next scrape.
     stats.published_by_topic["outbox.event.order"] += 1
     stats.tracker = None
