@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 
-from tests.integration.relay_process import execute, lsn_int, query
+from tests.integration.relay_process import SLOT, execute, lsn_int, query
 from tests.kafka_helpers import ConsumedRecord, by_partition, consume_all
 
 AGGREGATES = 200
@@ -201,10 +201,17 @@ def relay_warnings(log: str) -> list[str]:
     return list(seen)
 
 
-def reply_time(url: str) -> Any:
-    """The walsender's last status reply from the relay (pg_stat_replication.reply_time)."""
+def reply_time(url: str, slot: str = SLOT) -> Any:
+    """The last status reply from the relay that holds ``slot``
+    (pg_stat_replication.reply_time of the walsender streaming it). Matched by the slot's
+    active_pid, not by application_name: the walsender of an earlier test's relay, still
+    waiting for its wal_sender_timeout, carries the same name and a reply time that no longer
+    moves."""
     rows = query(
-        url, "SELECT reply_time FROM pg_stat_replication WHERE application_name = 'cdc-relay'"
+        url,
+        "SELECT r.reply_time FROM pg_stat_replication r"
+        " JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = %s",
+        (slot,),
     )
     return rows[0][0] if rows else None
 
