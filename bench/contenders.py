@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -62,6 +63,30 @@ def drop_slot(conn: psycopg.Connection[Any], name: str) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"slot {name} stayed active")
         time.sleep(0.05)
+
+
+class ConsumerBeside:
+    """bench/beside.py in its own process, started before the relay: a consumer reading the
+    topic on the same machine while the backlog drains."""
+
+    def __init__(self, bootstrap: str, topic: str, expected: int) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.beside", bootstrap, topic, str(expected)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
+    def finish(self, timeout: float = 300) -> float:
+        """Wait until it has read every record; its CPU seconds."""
+        out, err = self._proc.communicate(timeout=timeout)
+        if self._proc.returncode != 0:
+            raise RuntimeError(f"the consumer beside failed: {err.decode()[-2000:]}")
+        return float(json.loads(out)["cpu_seconds"])
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(30)
 
 
 # ------------------------------------------------------------------ (a) ceiling, stream

@@ -57,6 +57,7 @@ class Row:
     note: str = ""
     latency: Latency | None = None
     rss_mb: float | None = None
+    cpu_us: dict[str, float] = field(default_factory=dict)  # CPU µs/event of each process
 
     @property
     def rate(self) -> float | None:
