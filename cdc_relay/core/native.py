@@ -34,6 +34,7 @@ COMPILED_MODULES: Final = (
     "pgoutput",
     "mapping",
     "acks",
+    "pipeline",
 )
 
 PURE_PYTHON_ENV: Final = "CDC_RELAY_PURE_PYTHON"
