@@ -35,6 +35,9 @@ COMPILED_MODULES: Final = (
     "mapping",
     "acks",
     "pipeline",
+    "stats",
+    "transactions",
+    "progress",
 )
 
 PURE_PYTHON_ENV: Final = "CDC_RELAY_PURE_PYTHON"
