@@ -5,24 +5,28 @@ The relay may deliver an event twice (after a crash, what was in flight is sent 
 consumer may also re-read after a rebalance). A consumer that records the event id (the Kafka
 header ``id``) in the same database transaction as the event's effects, with
 ``INSERT ... ON CONFLICT DO NOTHING``, sees each duplicate come back as "already processed" and
-skips it. The table is created by sql/inbox.sql.
+skips it. The table is created by sql/inbox.sql. Given the record's headers, process_once
+also continues the producer's trace (cdc_relay.tracing) when OpenTelemetry is installed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeAlias, overload
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, overload
 
 import psycopg
 from psycopg import sql
 
+from cdc_relay import tracing
 from cdc_relay.core.names import split_table_name
 from cdc_relay.errors import MissingEventId
 from cdc_relay.outbox import AsyncTarget, SyncTarget, require_transaction
+from cdc_relay.tracing import KafkaHeaders as KafkaHeaders  # defined there, kept importable here
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 DEFAULT_INBOX = "public.processed_events"
-
-KafkaHeaders: TypeAlias = Sequence[tuple[str, bytes | str | None]] | None
 
 
 def event_id_of(headers: KafkaHeaders) -> str:
@@ -91,15 +95,26 @@ def process_once(
     *,
     consumer: str = "",
     table: str = DEFAULT_INBOX,
+    headers: KafkaHeaders = None,
+    topic: str | None = None,
+    key: bytes | str | None = None,
 ) -> bool:
     """Run ``handler`` (which writes through ``conn``) and record the event, in one transaction,
     unless the event was processed before. Returns whether the handler ran.
 
     Opens a transaction (a savepoint when the caller already has one), so an exception from the
     handler rolls back its effects and the claim together: the event is retried next time.
+
+    With the record's ``headers`` (and its ``topic`` and ``key`` for the span's attributes), a
+    record that carries a ``traceparent`` is processed inside a CONSUMER span whose parent is
+    the producer's span (tracing.process_span); a duplicate's span says so.
     """
-    with conn.transaction():
+    with (
+        tracing.process_span(headers, topic=topic, key=key, event_id=event_id) as span,
+        conn.transaction(),
+    ):
         if not claim(conn, event_id, consumer=consumer, table=table):
+            _mark_duplicate(span)
             return False
         handler()
     return True
@@ -112,10 +127,21 @@ async def process_once_async(
     *,
     consumer: str = "",
     table: str = DEFAULT_INBOX,
+    headers: KafkaHeaders = None,
+    topic: str | None = None,
+    key: bytes | str | None = None,
 ) -> bool:
     """process_once for an AsyncConnection and an async handler."""
-    async with conn.transaction():
-        if not await claim(conn, event_id, consumer=consumer, table=table):
-            return False
-        await handler()
+    # The span is the current one of this task only (contextvars), also across the awaits.
+    with tracing.process_span(headers, topic=topic, key=key, event_id=event_id) as span:
+        async with conn.transaction():
+            if not await claim(conn, event_id, consumer=consumer, table=table):
+                _mark_duplicate(span)
+                return False
+            await handler()
     return True
+
+
+def _mark_duplicate(span: Span | None) -> None:
+    if span is not None:
+        span.set_attribute(tracing.DUPLICATE_ATTRIBUTE, True)
