@@ -18,6 +18,7 @@ import psycopg
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
+from cdc_relay import tracing
 from cdc_relay.core.mapping import ColumnMapping
 from cdc_relay.core.names import split_table_name
 from cdc_relay.errors import NotInTransaction
@@ -164,10 +165,16 @@ def add_event(
     """Insert one outbox event in the caller's current transaction and return its id.
 
     Never commits. ``payload`` is any JSON-serialisable value, or bytes of already-encoded JSON;
-    ``headers`` (a JSON object) become Kafka headers. Raises NotInTransaction on an autocommit
-    connection outside ``conn.transaction()``. With an AsyncConnection or AsyncCursor, await it.
+    ``headers`` (a JSON object) become Kafka headers; inside an OpenTelemetry span they also
+    carry its W3C ``traceparent`` and ``tracestate`` (cdc_relay.tracing). Raises
+    NotInTransaction on an autocommit connection outside ``conn.transaction()``. With an
+    AsyncConnection or AsyncCursor, await it.
     """
     new_id = event_id or uuid.uuid4()
+    if table.columns.headers is not None:
+        # The current span's traceparent/tracestate, when there is one (a no-op without
+        # OpenTelemetry); a traceparent the caller set is kept.
+        headers = tracing.with_trace_context(headers)
     query, params = _insert(
         table, new_id, aggregate_type, aggregate_id, event_type, payload, headers
     )

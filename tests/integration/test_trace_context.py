@@ -39,7 +39,7 @@ def place_order(conn: psycopg.Connection, order_id: str) -> uuid.UUID:
             aggregate_id=order_id,
             event_type="OrderPlaced",
             payload={"order": order_id},
-            headers=tracing.with_trace_context({"tenant": "acme"}),
+            headers={"tenant": "acme"},  # add_event adds the span's traceparent
         )
 
 
