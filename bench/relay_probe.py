@@ -1,8 +1,10 @@
 """`cdc-relay run` with one hook for the latency runs: the time of each acknowledgement.
 
 ``python -m bench.relay_probe run`` (env BENCH_ACK_LOG=<file>) wraps the delivery callback
-(a transaction of the ack tracker, called for every record's delivery report) to note when
-each ack was seen; the rest is the unchanged relay.
+that the publisher hands to librdkafka with each record (a transaction of the ack tracker) to
+note when each ack was seen; the rest is the unchanged relay. The wrap is done in the publisher,
+a Python class: the ack tracker's classes may be compiled (cdc_relay/core/native.py), and a
+compiled class's methods cannot be replaced.
 """
 
 from __future__ import annotations
@@ -14,20 +16,23 @@ import time
 from typing import Any
 
 from bench.acklog import AckLog
+from cdc_relay.adapters.kafka import Publisher
 from cdc_relay.cli import main
-from cdc_relay.core.acks import Transaction
 
 
 def install(log: AckLog) -> None:
-    original = Transaction.__call__
+    produce = Publisher.produce
     entries = log.entries
 
-    def on_delivery(self: Transaction, err: Any, msg: Any) -> None:
-        if err is None:
-            entries.append((msg.value(), time.time()))
-        original(self, err, msg)
+    def noting_produce(self: Publisher, record: Any, on_delivery: Any, *rest: Any) -> None:
+        def noted(err: Any, msg: Any) -> None:
+            if err is None:
+                entries.append((msg.value(), time.time()))
+            on_delivery(err, msg)
 
-    Transaction.__call__ = on_delivery  # type: ignore[method-assign]
+        produce(self, record, noted, *rest)
+
+    Publisher.produce = noting_produce  # type: ignore[method-assign, assignment]
     atexit.register(log.write)
 
 
