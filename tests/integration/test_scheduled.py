@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from cdc_relay import recipes
 from cdc_relay.outbox import NotInTransaction, add_event
@@ -32,7 +33,7 @@ from cdc_relay.scheduled import ScheduledTable, cancel_event, create_sql, schedu
 from tests.integration.conftest import Outbox
 from tests.integration.relay_process import RelayProcess, execute, query
 from tests.kafka_helpers import consume_all
-from tests.servers import wait_until
+from tests.servers import PgClientMixin, wait_until
 
 SCHEDULED = ("public", "outbox_scheduled")
 OUTBOX = ("public", "outbox")
@@ -639,6 +640,31 @@ def test_a_lost_connection_is_counted_and_the_mover_carries_on(tables: str):
         wait_until(lambda: _count(tables, "outbox") == 2, timeout=30)
     assert mover.stats.errors_total >= 1
     assert mover.stats.last_error is not None
+
+
+def test_the_privileges_a_mover_needs(tables: str, pg: PgClientMixin):
+    """What the relay's run role must be granted for the mover: SELECT, UPDATE (for FOR UPDATE)
+    and DELETE on the scheduled table, INSERT on the outbox; nothing else."""
+    role = f"mover_{uuid.uuid4().hex[:8]}"
+    dbname = str(conninfo_to_dict(tables)["dbname"])
+    execute(tables, "ALTER TABLE outbox DROP COLUMN n")  # the default outbox, as it ships
+    execute(tables, f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+    try:
+        execute(tables, f"GRANT USAGE ON SCHEMA public TO {role}")
+        execute(tables, f"GRANT SELECT, DELETE ON outbox_scheduled TO {role}")
+        execute(tables, f"GRANT INSERT ON outbox TO {role}")
+        _schedule_many(tables, [("a", _server_now(tables) - timedelta(seconds=1))])
+        mover = _mover(pg.url(user=role, password="pw", dbname=dbname))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="outbox_scheduled"):
+            mover.move_due()  # FOR UPDATE needs UPDATE
+        execute(tables, f"GRANT UPDATE ON outbox_scheduled TO {role}")
+        mover = _mover(pg.url(user=role, password="pw", dbname=dbname))
+        assert mover.move_due() == 1
+        assert mover.sample().scheduled == 0
+        assert mover.next_due_in() is None
+    finally:
+        execute(tables, f"DROP OWNED BY {role}")
+        execute(tables, f"DROP ROLE {role}")
 
 
 # --------------------------------------------------------------------------- end to end
