@@ -101,6 +101,21 @@ def move_sql(
     )
 
 
+def outbox_root(conn: psycopg.Connection[Any], outbox_table: tuple[str, str]) -> tuple[str, str]:
+    """The table to insert into: the outbox itself, or the root of the partitioned table it is a
+    partition of. A relay of a hash-partitioned outbox streams one partition
+    (CDC_RELAY_OUTBOX_TABLE=public.outbox_p3), but a moved row belongs to the partition of its
+    aggregate: inserting into the root lets PostgreSQL route it. An outbox that does not exist
+    is returned as given (the move then fails, and says so)."""
+    row = conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.oid = pg_partition_root(to_regclass(%s))",
+        (sql.Identifier(*outbox_table).as_string(conn),),
+    ).fetchone()
+    return (row[0], row[1]) if row is not None else outbox_table
+
+
 def next_due_sql(scheduled_table: tuple[str, str]) -> sql.Composed:
     """Seconds from now (the server's clock) to the earliest deliver_at; NULL when empty."""
     return sql.SQL(
@@ -173,7 +188,9 @@ class ScheduledMover:
         self._stop = stop
         self._overdue_after = overdue_after
         self._stats_interval = stats_interval
-        self._move = move_sql(scheduled_table, outbox_table, columns)
+        self._outbox_table = outbox_table
+        self._columns = columns
+        self._move: sql.Composed | None = None  # once the outbox's root is known
         self._next_due = next_due_sql(scheduled_table)
         self._conn: psycopg.Connection[Any] | None = None
         self._thread: threading.Thread | None = None
@@ -191,6 +208,9 @@ class ScheduledMover:
             )
             for statement in _SESSION_SETTINGS:
                 conn.execute(statement)
+            if self._move is None:
+                target = outbox_root(conn, self._outbox_table)
+                self._move = move_sql(self._scheduled_table, target, self._columns)
             self._conn = conn
         return self._conn
 
@@ -198,7 +218,9 @@ class ScheduledMover:
         """One transaction: move at most ``batch`` due rows into the outbox; returns how many."""
         # Autocommit: the one statement is the transaction, so its delete and insert commit
         # together or not at all.
-        cursor = self._connection().execute(self._move, {"batch": self._batch})
+        conn = self._connection()
+        assert self._move is not None  # built by _connection()
+        cursor = conn.execute(self._move, {"batch": self._batch})
         moved = max(cursor.rowcount, 0)
         self.stats.moved_total += moved
         return moved

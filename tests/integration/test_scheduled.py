@@ -642,6 +642,24 @@ def test_a_lost_connection_is_counted_and_the_mover_carries_on(tables: str):
     assert mover.stats.last_error is not None
 
 
+def test_a_relay_of_one_hash_partition_moves_into_the_root(db: str):
+    """With a hash-partitioned outbox each relay streams one partition; its mover inserts into
+    the partitioned root, so every moved row lands in its aggregate's partition."""
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("SET cdc_relay.partitions = 2")
+        conn.execute(recipes.read("outbox_hash.sql"))
+    _create_tables(db, outbox=False)
+    past = _server_now(db) - timedelta(seconds=1)
+    ids = _schedule_many(db, [(f"o-{i}", past) for i in range(40)])
+    mover = ScheduledMover(db, SCHEDULED, ("public", "outbox_p0"), 1.0, 500, threading.Event())
+    assert mover.move_due() == 40
+    assert {r[0] for r in query(db, "SELECT id FROM outbox")} == set(ids)
+    per_partition = dict(
+        query(db, "SELECT tableoid::regclass::text, count(*) FROM outbox GROUP BY 1")
+    )
+    assert set(per_partition) == {"outbox_p0", "outbox_p1"}
+
+
 def test_the_privileges_a_mover_needs(tables: str, pg: PgClientMixin):
     """What the relay's run role must be granted for the mover: SELECT, UPDATE (for FOR UPDATE)
     and DELETE on the scheduled table, INSERT on the outbox; nothing else."""
