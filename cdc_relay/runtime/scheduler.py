@@ -154,6 +154,26 @@ def sample_stats(
     return stats
 
 
+def report(
+    conn: psycopg.Connection[Any], scheduled_table: tuple[str, str], *, overdue_after: float
+) -> dict[str, Any] | None:
+    """For `cdc-relay status`: the scheduled table's counts, or None when it does not exist."""
+    exists = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL",
+        (sql.Identifier(*scheduled_table).as_string(conn),),
+    ).fetchone()
+    if not exists or not exists[0]:
+        return None
+    stats = sample_stats(conn, scheduled_table, ScheduledStats(), overdue_after=overdue_after)
+    return {
+        "table": ".".join(scheduled_table),
+        "scheduled": stats.scheduled,
+        "due": stats.due,
+        "overdue": stats.overdue,
+        "oldest_due_age_seconds": round(stats.oldest_due_age_seconds, 3),
+    }
+
+
 class ScheduledMover:
     """Moves due scheduled rows into the outbox until ``stop`` is set.
 
@@ -161,7 +181,7 @@ class ScheduledMover:
     ``interval`` bounds every sleep, so also how late a row can be that was scheduled (or
     committed) less than that before its deliver_at; ``batch`` bounds one transaction.
     ``overdue_after``: how far past its deliver_at a row counts as overdue in the stats.
-    ``stats_interval``: how often the loop samples the table's counts.
+    ``stats_interval``: how often the loop samples the table's counts into ``stats``.
     """
 
     def __init__(
@@ -176,6 +196,7 @@ class ScheduledMover:
         columns: ColumnMapping = DEFAULT_COLUMNS,
         overdue_after: float = 5.0,
         stats_interval: float = 5.0,
+        stats: ScheduledStats | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
@@ -194,7 +215,9 @@ class ScheduledMover:
         self._next_due = next_due_sql(scheduled_table)
         self._conn: psycopg.Connection[Any] | None = None
         self._thread: threading.Thread | None = None
-        self.stats = ScheduledStats()
+        # The relay passes one ScheduledStats for all its sessions, so that the counters of the
+        # metrics never go down when a session's mover is replaced.
+        self.stats = stats if stats is not None else ScheduledStats()
 
     # ---------------------------------------------------------------- one pass
 

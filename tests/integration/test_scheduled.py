@@ -27,7 +27,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from cdc_relay import recipes
+from cdc_relay.core.schedule import ScheduledStats
 from cdc_relay.outbox import NotInTransaction, add_event
+from cdc_relay.runtime import scheduler
 from cdc_relay.runtime.scheduler import ScheduledMover
 from cdc_relay.scheduled import ScheduledTable, cancel_event, create_sql, schedule_event
 from tests.integration.conftest import Outbox
@@ -460,7 +462,9 @@ def test_payload_bytes_and_headers_are_those_add_event_would_have_written(tables
 MOVER_SCRIPT = textwrap.dedent(
     """
     import signal, sys, threading
-    from cdc_relay.runtime.scheduler import ScheduledMover
+    from cdc_relay.core.schedule import ScheduledStats
+from cdc_relay.runtime import scheduler
+from cdc_relay.runtime.scheduler import ScheduledMover
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     mover = ScheduledMover(
@@ -604,11 +608,20 @@ def test_two_movers_at_once_never_double_a_row_and_keep_each_aggregates_order(
 
 
 def test_stats_count_what_waits_and_what_is_overdue(tables: str):
+    with psycopg.connect(tables, autocommit=True) as conn:
+        assert scheduler.report(conn, ("public", "nothing_here"), overdue_after=5.0) is None
     now = _server_now(tables)
     plan = [("a", now - timedelta(seconds=30)), ("b", now - timedelta(seconds=1))]
     plan += [("c", now + timedelta(hours=1))] * 3
     _schedule_many(tables, plan)
-    mover = _mover(tables, overdue_after=5.0)
+    with psycopg.connect(tables, autocommit=True) as conn:
+        status = scheduler.report(conn, SCHEDULED, overdue_after=5.0)
+    assert status is not None
+    assert status["table"] == "public.outbox_scheduled"
+    assert (status["scheduled"], status["due"], status["overdue"]) == (5, 2, 1)
+    # The relay keeps one ScheduledStats across sessions: counters carry on.
+    kept = ScheduledStats(moved_total=7)
+    mover = _mover(tables, overdue_after=5.0, stats=kept)
     stats = mover.sample()
     assert (stats.scheduled, stats.due, stats.overdue) == (5, 2, 1)
     assert 30 <= stats.oldest_due_age_seconds < 60
@@ -620,7 +633,7 @@ def test_stats_count_what_waits_and_what_is_overdue(tables: str):
         0,
         0.0,
     )
-    assert stats.moved_total == 2
+    assert stats is kept and stats.moved_total == 7 + 2
     next_due = mover.next_due_in()
     assert next_due is not None and 3500 < next_due <= 3600
 
