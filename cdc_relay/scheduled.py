@@ -92,7 +92,6 @@ def create_sql(
         payload_type=sql.SQL(payload_type),
         headers_type=sql.SQL(headers_type),
         due_index=sql.Identifier(f"{name}_due_idx"),
-        aggregate_index=sql.Identifier(f"{name}_aggregate_idx"),
         schedule_function=sql.Identifier(schema, SCHEDULE_FUNCTION),
         cancel_function=sql.Identifier(schema, CANCEL_FUNCTION),
     )

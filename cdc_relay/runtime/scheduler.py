@@ -7,10 +7,10 @@ either commits both or neither, so no row is lost or doubled; two movers at once
 that overlaps) skip each other's rows. The relay then publishes the outbox INSERTs from the WAL:
 delivery, order and exactly-once into Kafka are those of any other outbox event.
 
-Order: rows move in (deliver_at, seq) order, seq being the scheduling order, and a row moves
-only once no earlier row of its aggregate is left in the scheduled table (one held by another
-transaction's lock holds back the later rows of its aggregate, not the others). So per
-aggregate, the outbox order, hence the Kafka order, is deliver_at then scheduling order.
+Order: rows move in (deliver_at, seq) order, seq being the scheduling order, and a row never
+moves before an earlier row of its aggregate (one held by another transaction's lock holds back
+the later rows of its aggregate, not the others). So per aggregate, the outbox order, hence the
+Kafka order, is deliver_at then scheduling order.
 
 The moved row's created_at is the outbox column's default, the move transaction's start: when
 the event entered the outbox (the Kafka timestamp), never before its deliver_at. Its deliver_at
@@ -62,28 +62,40 @@ def move_sql(
     if columns.headers is not None:
         targets.append(columns.headers)
         sources.append("headers")
-        movable = sql.SQL("")
+        movable = sql.SQL("true")
     else:
-        # An outbox without a headers column cannot carry them: such rows stay (and show as
-        # overdue) rather than lose their headers.
-        movable = sql.SQL(" AND s.headers IS NULL")
+        # An outbox without a headers column cannot carry them: such rows stay (held, and
+        # overdue in the stats) rather than lose their headers.
+        movable = sql.SQL("headers IS NULL")
+    # visible: the first `batch` due rows in order, as this statement's snapshot sees them (no
+    # lock). locked: those of them this pass could lock; the others are held by another
+    # transaction (a mover's move, a service's cancel) or cannot move. A locked row moves unless
+    # an earlier row of its aggregate is among the others: per aggregate, nothing overtakes.
+    # Every committed row earlier than a visible one is visible too (a prefix), so no earlier
+    # row can hide outside the set; only a row whose transaction commits after the snapshot can,
+    # and that is a row scheduled after this pass began.
     return sql.SQL(
         """
-        WITH due AS (
-            SELECT s.id, s.aggregate_type, s.aggregate_id, s.deliver_at, s.seq
-            FROM {scheduled} s
-            WHERE s.deliver_at <= now(){movable}
-            ORDER BY s.deliver_at, s.seq
+        WITH visible AS MATERIALIZED (
+            SELECT id, aggregate_type, aggregate_id, deliver_at, seq, {movable} AS movable
+            FROM {scheduled}
+            WHERE deliver_at <= now()
+            ORDER BY deliver_at, seq
             LIMIT %(batch)s
+        ), locked AS MATERIALIZED (
+            SELECT s.id FROM {scheduled} s
+            WHERE s.id IN (SELECT id FROM visible WHERE movable)
             FOR UPDATE SKIP LOCKED
+        ), others AS (
+            SELECT v.aggregate_type, v.aggregate_id, v.deliver_at, v.seq FROM visible v
+            WHERE v.id NOT IN (SELECT id FROM locked)
         ), ready AS (
-            SELECT d.id FROM due d
+            SELECT v.id FROM visible v JOIN locked l ON l.id = v.id
             WHERE NOT EXISTS (
-                SELECT 1 FROM {scheduled} e
-                WHERE e.aggregate_type = d.aggregate_type
-                  AND e.aggregate_id = d.aggregate_id
-                  AND (e.deliver_at, e.seq) < (d.deliver_at, d.seq)
-                  AND e.id NOT IN (SELECT id FROM due)
+                SELECT 1 FROM others o
+                WHERE o.aggregate_type = v.aggregate_type
+                  AND o.aggregate_id = v.aggregate_id
+                  AND (o.deliver_at, o.seq) < (v.deliver_at, v.seq)
             )
         ), moved AS (
             DELETE FROM {scheduled} s USING ready r WHERE s.id = r.id

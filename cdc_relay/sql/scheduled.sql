@@ -12,7 +12,7 @@
 -- publication: scheduling, cancelling and moving emit nothing by themselves.
 --
 -- seq is the scheduling order: rows with the same deliver_at are moved in seq order, and a row
--- is moved only once no earlier row (by deliver_at, then seq) of its aggregate is left.
+-- is never moved before an earlier row (by deliver_at, then seq) of its aggregate.
 CREATE TABLE IF NOT EXISTS {table} (
     id             uuid        PRIMARY KEY,
     aggregate_type text        NOT NULL,
@@ -26,9 +26,6 @@ CREATE TABLE IF NOT EXISTS {table} (
 );
 -- The mover's scan (what is due, in order) and its next wake-up (min(deliver_at)).
 CREATE INDEX IF NOT EXISTS {due_index} ON {table} (deliver_at, seq);
--- The per-aggregate order check: an earlier row of the same aggregate still waiting.
-CREATE INDEX IF NOT EXISTS {aggregate_index}
-    ON {table} (aggregate_type, aggregate_id, deliver_at, seq);
 
 -- cdc_relay_schedule_event: schedule from SQL, for services not written in Python (Python:
 -- cdc_relay.scheduled.schedule_event). Call it inside the transaction that writes the business

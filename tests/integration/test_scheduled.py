@@ -462,9 +462,7 @@ def test_payload_bytes_and_headers_are_those_add_event_would_have_written(tables
 MOVER_SCRIPT = textwrap.dedent(
     """
     import signal, sys, threading
-    from cdc_relay.core.schedule import ScheduledStats
-from cdc_relay.runtime import scheduler
-from cdc_relay.runtime.scheduler import ScheduledMover
+    from cdc_relay.runtime.scheduler import ScheduledMover
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     mover = ScheduledMover(
@@ -521,7 +519,7 @@ def _mover_is_moving(url: str) -> bool:
     rows = query(
         url,
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'cdc-relay-scheduler' "
-        "AND state = 'active' AND query LIKE '%%WITH due AS%%'",
+        "AND state = 'active' AND query LIKE '%%SKIP LOCKED%%'",
     )
     return rows[0][0] > 0
 
