@@ -671,18 +671,30 @@ def test_a_relay_of_one_hash_partition_moves_into_the_root(db: str):
     assert set(per_partition) == {"outbox_p0", "outbox_p1"}
 
 
-def test_the_privileges_a_mover_needs(tables: str, pg: PgClientMixin):
+def test_the_privileges_a_mover_and_a_service_need(tables: str, pg: PgClientMixin):
     """What the relay's run role must be granted for the mover: SELECT, UPDATE (for FOR UPDATE)
-    and DELETE on the scheduled table, INSERT on the outbox; nothing else."""
-    role = f"mover_{uuid.uuid4().hex[:8]}"
+    and DELETE on the scheduled table, INSERT on the outbox; nothing else. A service: INSERT to
+    schedule (no sequence privilege for the identity column), SELECT and DELETE to cancel."""
+    role, service = f"mover_{uuid.uuid4().hex[:8]}", f"service_{uuid.uuid4().hex[:8]}"
     dbname = str(conninfo_to_dict(tables)["dbname"])
     execute(tables, "ALTER TABLE outbox DROP COLUMN n")  # the default outbox, as it ships
     execute(tables, f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+    execute(tables, f"CREATE ROLE {service} LOGIN PASSWORD 'pw'")
     try:
-        execute(tables, f"GRANT USAGE ON SCHEMA public TO {role}")
+        execute(tables, f"GRANT USAGE ON SCHEMA public TO {role}, {service}")
+        execute(tables, f"GRANT INSERT ON outbox_scheduled TO {service}")
+        service_url = pg.url(user=service, password="pw", dbname=dbname)
+        _schedule_many(service_url, [("a", _server_now(tables) - timedelta(seconds=1))])
+        [cancelled] = _schedule_many(service_url, [("b", _server_now(tables))])
+        with psycopg.connect(service_url) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                cancel_event(conn, cancelled)
+            conn.rollback()
+            execute(tables, f"GRANT SELECT, DELETE ON outbox_scheduled TO {service}")
+            assert cancel_event(conn, cancelled) is True
+            conn.commit()
         execute(tables, f"GRANT SELECT, DELETE ON outbox_scheduled TO {role}")
         execute(tables, f"GRANT INSERT ON outbox TO {role}")
-        _schedule_many(tables, [("a", _server_now(tables) - timedelta(seconds=1))])
         mover = _mover(pg.url(user=role, password="pw", dbname=dbname))
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="outbox_scheduled"):
             mover.move_due()  # FOR UPDATE needs UPDATE
@@ -692,8 +704,9 @@ def test_the_privileges_a_mover_needs(tables: str, pg: PgClientMixin):
         assert mover.sample().scheduled == 0
         assert mover.next_due_in() is None
     finally:
-        execute(tables, f"DROP OWNED BY {role}")
-        execute(tables, f"DROP ROLE {role}")
+        for name in (role, service):
+            execute(tables, f"DROP OWNED BY {name}")
+            execute(tables, f"DROP ROLE {name}")
 
 
 # --------------------------------------------------------------------------- end to end
