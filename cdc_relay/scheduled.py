@@ -29,6 +29,7 @@ from cdc_relay.outbox import (
     AsyncTarget,
     Payload,
     SyncTarget,
+    _add_event_async,
     encode_payload,
     require_transaction,
 )
@@ -188,17 +189,10 @@ def schedule_event(
         table, new_id, aggregate_type, aggregate_id, event_type, payload, headers, deliver_at
     )
     if isinstance(conn, psycopg.AsyncConnection | psycopg.AsyncCursor):
-        return _execute_async(conn, query, params, new_id)
+        # add_event's own async path (the transaction check, then the insert): the same steps.
+        return _add_event_async(conn, query, params, new_id)
     require_transaction(conn)
     conn.execute(query, params)
-    return new_id
-
-
-async def _execute_async(
-    conn: AsyncTarget, query: sql.Composed, params: list[Any], new_id: uuid.UUID
-) -> uuid.UUID:
-    require_transaction(conn)
-    await conn.execute(query, params)
     return new_id
 
 
