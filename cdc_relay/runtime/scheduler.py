@@ -4,8 +4,9 @@ The relay runs one while it holds its replication slot (a hot standby moves noth
 is one statement, hence one transaction: a data-modifying CTE deletes at most ``batch`` due rows
 (``FOR UPDATE SKIP LOCKED``) and inserts what it deleted into the outbox. A crash anywhere
 either commits both or neither, so no row is lost or doubled; two movers at once (a takeover
-that overlaps) skip each other's rows. The relay then publishes the outbox INSERTs from the WAL:
-delivery, order and exactly-once into Kafka are those of any other outbox event.
+that overlaps, or one relay per hash partition) skip each other's rows. The relay then
+publishes the outbox INSERTs from the WAL: delivery, order and exactly-once into Kafka are those
+of any other outbox event.
 
 Order: rows move in (deliver_at, seq) order, seq being the scheduling order, and a row never
 moves before an earlier row of its aggregate (one held by another transaction's lock holds back
@@ -13,8 +14,8 @@ the later rows of its aggregate, not the others). So per aggregate, the outbox o
 Kafka order, is deliver_at then scheduling order.
 
 The moved row's created_at is the outbox column's default, the move transaction's start: when
-the event entered the outbox (the Kafka timestamp), never before its deliver_at. Its deliver_at
-is where it was scheduled; docs/scheduled.md says why.
+the event entered the outbox (the Kafka timestamp), never before its deliver_at. deliver_at
+itself is not carried over (docs/scheduled.md says why).
 
 The decisions (how long to sleep, how to back off) are cdc_relay.core.schedule's; this module
 only talks to the database.
@@ -136,13 +137,16 @@ def next_due_sql(scheduled_table: tuple[str, str]) -> sql.Composed:
 
 
 def stats_sql(scheduled_table: tuple[str, str]) -> sql.Composed:
-    """scheduled, due, overdue (parameter ``overdue_after``, seconds), the oldest row's age past
-    its deliver_at (negative when none is due). Counts the whole table: sample it, do not poll."""
+    """scheduled, due, overdue (parameter ``overdue_after``, seconds), the oldest due row's age
+    past its deliver_at (NULL when none is due). The due figures read only the due range of the
+    (deliver_at, seq) index; the total counts the whole table (an index scan): sample it, do not
+    poll it."""
     return sql.SQL(
-        "SELECT count(*), count(*) FILTER (WHERE deliver_at <= now()), "
+        "SELECT (SELECT count(*) FROM {table}), count(*), "
         "count(*) FILTER (WHERE deliver_at < now() - make_interval(secs => %(overdue_after)s)), "
-        "extract(epoch FROM now() - min(deliver_at))::float8 FROM {}"
-    ).format(sql.Identifier(*scheduled_table))
+        "extract(epoch FROM now() - min(deliver_at))::float8 "
+        "FROM {table} WHERE deliver_at <= now()"
+    ).format(table=sql.Identifier(*scheduled_table))
 
 
 def sample_stats(
