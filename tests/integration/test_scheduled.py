@@ -27,6 +27,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from cdc_relay import recipes
+from cdc_relay.core.mapping import ColumnMapping
 from cdc_relay.core.schedule import ScheduledStats
 from cdc_relay.outbox import NotInTransaction, add_event
 from cdc_relay.runtime import scheduler
@@ -457,6 +458,52 @@ def test_payload_bytes_and_headers_are_those_add_event_would_have_written(tables
     )
     assert text.encode() == payload
     assert json.loads(header_text) == headers
+
+
+def test_an_outbox_without_headers_never_gets_a_row_that_has_them(db: str):
+    """With CDC_RELAY_COLUMN_HEADERS empty the outbox cannot carry headers: a row that has them
+    stays (overdue, holding back its aggregate) instead of losing them; the others move."""
+    execute(
+        db,
+        "CREATE TABLE bare (id uuid PRIMARY KEY, aggregate_type text NOT NULL, "
+        "aggregate_id text NOT NULL, event_type text NOT NULL, payload jsonb NOT NULL, "
+        "created_at timestamptz NOT NULL DEFAULT now())",
+    )
+    _create_tables(db, outbox=False)
+    past = _server_now(db) - timedelta(seconds=10)
+    with psycopg.connect(db) as conn:
+        with_headers, after_it, other = (
+            schedule_event(
+                conn,
+                aggregate_type="order",
+                aggregate_id=aggregate_id,
+                event_type="E",
+                payload={},
+                headers=headers,
+                deliver_at=past + timedelta(seconds=offset),
+            )
+            for aggregate_id, headers, offset in (
+                ("a", {"x": 1}, 0),
+                ("a", None, 1),
+                ("b", None, 2),
+            )
+        )
+        conn.commit()
+    mover = ScheduledMover(
+        db,
+        SCHEDULED,
+        ("public", "bare"),
+        1.0,
+        500,
+        threading.Event(),
+        columns=ColumnMapping(headers=None),
+        overdue_after=5.0,
+    )
+    assert mover.move_due() == 1
+    assert query(db, "SELECT id FROM bare") == [(other,)]
+    stats = mover.sample()
+    assert (stats.scheduled, stats.overdue) == (2, 2)
+    assert {r[0] for r in query(db, "SELECT id FROM outbox_scheduled")} == {with_headers, after_it}
 
 
 MOVER_SCRIPT = textwrap.dedent(
