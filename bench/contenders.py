@@ -193,6 +193,10 @@ class RelayRun:
     walsender_cpu_seconds: float  # the walsender that decoded for it
     broker_cpu_seconds: float  # the broker, over the run
     startup_seconds: float  # from process start until its walsender was streaming
+    # CPU seconds of the relay (all threads, and its Python thread) by then: imports,
+    # connections, checks; subtracted for the per-event cost of streaming itself.
+    startup_cpu_seconds: float = 0.0
+    startup_main_cpu_seconds: float = 0.0
 
 
 _PUBLISHED = re.compile(r"published=(\d+)")
@@ -247,6 +251,7 @@ def _relay_drain(
     broker_cpu = cpu_seconds(broker_pid) if broker_pid else 0.0
     walsender_cpu = 0.0
     startup: float | None = None
+    startup_cpu = startup_main_cpu = 0.0
     spy: subprocess.Popen[bytes] | None = None
     with psycopg.connect(url, autocommit=True) as conn:
         started = time.perf_counter()
@@ -278,6 +283,8 @@ def _relay_drain(
             ).fetchone()
             if startup is None and row and row[1]:
                 startup = time.perf_counter() - started
+                startup_cpu = cpu_seconds(relay.pid)
+                startup_main_cpu = cpu_seconds(relay.pid, thread=relay.pid)
             if row and row[0] and lsn_int(str(row[0])) >= end_lsn:
                 if row[1]:
                     walsender_cpu = cpu_seconds(int(row[1]))
@@ -313,6 +320,8 @@ def _relay_drain(
         walsender_cpu,
         broker_cpu,
         startup or seconds,
+        startup_cpu,
+        startup_main_cpu,
     )
 
 
