@@ -337,6 +337,7 @@ class Pipeline:
         self.delivery: Transaction | None = None  # the open transaction: callback of its records
         self.reset_reason: str | None = None
         self._plans: dict[int, TablePlan] = {}
+        self._unlisted: dict[int, str] = {}  # relid -> name of tables that are no source
         self._tables = {(t.schema, t.name): t.mapping for t in config.table_sources}
         self._message_plan: MessagePlan | None = None
         if config.message_prefix:
@@ -408,6 +409,7 @@ class Pipeline:
         if type(message) is Insert:
             plan = self._plans.get(message.relid)
             if plan is None:
+                self._unmapped(message.relid)
                 return None
             outcome = plan.map(message.new)
             delivery = self.delivery
@@ -504,13 +506,9 @@ class Pipeline:
                     "Rename it back, or point CDC_RELAY_OUTBOX_TABLE at it and run "
                     "`cdc-relay setup`"
                 )
-            if self.config.unlisted_tables_halt:
-                raise PrerequisiteError(
-                    f"the publication now carries {relation.namespace}.{relation.name}, which "
-                    "CDC_RELAY_OUTBOX_TABLE does not list: its rows would be passed over and "
-                    "confirmed, so the relay stops before them. Add the table to "
-                    "CDC_RELAY_OUTBOX_TABLE and start the relay again (README: adding a table)"
-                )
+            # Not a source. A Relation alone says nothing yet: pgoutput also describes the
+            # partition a row is in when it publishes the row under its root's name.
+            self._unlisted[relation.relid] = f"{relation.namespace}.{relation.name}"
             return
         # A new Relation message follows every schema change: re-resolve the columns. A table
         # that lost a mapped column cannot deliver anything, so that is fatal, not per row.
@@ -520,6 +518,18 @@ class Pipeline:
             raise PrerequisiteError(str(exc)) from None
         plan.counts = self.stats.published_by_source.setdefault(plan.table, {})
         self._plans[relation.relid] = plan
+
+    def _unmapped(self, relid: int) -> None:
+        """A row of a table that is no source: passed over, unless the publication lists its
+        tables, where it can only be one added while this relay ran."""
+        name = self._unlisted.get(relid)
+        if name is not None and self.config.unlisted_tables_halt:
+            raise PrerequisiteError(
+                f"the publication now carries {name}, which CDC_RELAY_OUTBOX_TABLE does not "
+                "list: its rows would be passed over and confirmed, so the relay stops before "
+                "them. Add the table to CDC_RELAY_OUTBOX_TABLE and start the relay again "
+                "(README: adding a table)"
+            )
 
     def _message(self, message: LogicalMessage, buf: bytes) -> OutboxRecord | list[Action] | None:
         """A logical decoding message: an event when its prefix is the relay's, treated
