@@ -181,15 +181,23 @@ def add_event(
     query, params = _insert(
         table, new_id, aggregate_type, aggregate_id, event_type, payload, headers
     )
+    return _write(conn, query, params, new_id)
+
+
+def _write(
+    conn: SyncTarget | AsyncTarget, query: sql.Composed | str, params: list[Any], new_id: uuid.UUID
+) -> uuid.UUID | Awaitable[uuid.UUID]:
+    """Execute the event's statement in the caller's transaction (awaitable on an async
+    connection); NotInTransaction where it would commit on its own."""
     if isinstance(conn, psycopg.AsyncConnection | psycopg.AsyncCursor):
-        return _add_event_async(conn, query, params, new_id)
+        return _write_async(conn, query, params, new_id)
     require_transaction(conn)
     conn.execute(query, params)
     return new_id
 
 
-async def _add_event_async(
-    conn: AsyncTarget, query: sql.Composed, params: list[Any], new_id: uuid.UUID
+async def _write_async(
+    conn: AsyncTarget, query: sql.Composed | str, params: list[Any], new_id: uuid.UUID
 ) -> uuid.UUID:
     require_transaction(conn)
     await conn.execute(query, params)
@@ -303,14 +311,4 @@ def emit_event(
     """
     new_id = event_id or uuid.uuid4()
     params = _emit(prefix, new_id, aggregate_type, aggregate_id, event_type, payload, headers)
-    if isinstance(conn, psycopg.AsyncConnection | psycopg.AsyncCursor):
-        return _emit_event_async(conn, params, new_id)
-    require_transaction(conn)
-    conn.execute(_EMIT, params)
-    return new_id
-
-
-async def _emit_event_async(conn: AsyncTarget, params: list[Any], new_id: uuid.UUID) -> uuid.UUID:
-    require_transaction(conn)
-    await conn.execute(_EMIT, params)
-    return new_id
+    return _write(conn, _EMIT, params, new_id)

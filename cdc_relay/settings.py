@@ -277,13 +277,7 @@ class Settings(BaseSettings):
     @field_validator("kafka_config", mode="before")
     @classmethod
     def _parse_kafka_config(cls, value: object) -> object:
-        if isinstance(value, str):
-            if not value.strip():
-                return {}
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"is not valid JSON ({exc.msg} at position {exc.pos})") from None
+        value = _json_text(value)
         if not isinstance(value, dict):
             raise ValueError("must be a JSON object of librdkafka properties")
         for key, item in value.items():
@@ -350,13 +344,7 @@ class Settings(BaseSettings):
     @field_validator("table_columns", mode="before")
     @classmethod
     def _parse_table_columns(cls, value: object) -> object:
-        if isinstance(value, str):
-            if not value.strip():
-                return {}
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"is not valid JSON ({exc.msg} at position {exc.pos})") from None
+        value = _json_text(value)
         if not isinstance(value, dict):
             raise ValueError('must be a JSON object: {"schema.table": {"role": "column"}}')
         for table, roles in value.items():
@@ -596,6 +584,18 @@ class Settings(BaseSettings):
     @property
     def table_name(self) -> str:
         return self._first_table()[1]
+
+
+def _json_text(value: object) -> object:
+    """A setting given as JSON text, parsed (blank: an empty object); anything else as is."""
+    if not isinstance(value, str):
+        return value
+    if not value.strip():
+        return {}
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"is not valid JSON ({exc.msg} at position {exc.pos})") from None
 
 
 def _table_list(value: str) -> list[str]:

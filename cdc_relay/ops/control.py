@@ -28,7 +28,7 @@ def create_sql(settings: Settings) -> sql.Composed:
 
 EMIT_FUNCTIONS = (
     "cdc_relay_emit_event(text,text,text,jsonb,jsonb)",
-    "cdc_relay_emit_event_bytes(text,text,text,bytea,jsonb)",
+    "cdc_relay_emit_event_bytes(text,text,text,bytea,jsonb)",  # the one with the prefix
 )
 
 
@@ -44,19 +44,19 @@ def emit_sql(settings: Settings) -> sql.Composed:
 
 def emit_function_state(conn: Connection, settings: Settings) -> str:
     """``missing``, ``current`` (emits with the configured prefix) or ``other prefix``."""
-    schema = settings.control_schema
-    prefix = sql.Literal(settings.message_prefix).as_string(conn)
-    state = "current"
+    schema = sql.Identifier(settings.control_schema).as_string(conn)
+    sources = []
     for function in EMIT_FUNCTIONS:
-        name = f"{sql.Identifier(schema).as_string(conn)}.{function}"
         row = conn.execute(
-            "SELECT p.prosrc FROM pg_proc p WHERE p.oid = to_regprocedure(%s)", (name,)
+            "SELECT p.prosrc FROM pg_proc p WHERE p.oid = to_regprocedure(%s)",
+            (f"{schema}.{function}",),
         ).fetchone()
         if row is None:
             return "missing"
-        if f"prefix constant text := {prefix};" not in row[0]:
-            state = "other prefix"
-    return state
+        sources.append(str(row[0]))
+    # cdc_relay_emit_event calls cdc_relay_emit_event_bytes, which holds the prefix.
+    prefix = sql.Literal(settings.message_prefix).as_string(conn)
+    return "current" if f"prefix constant text := {prefix};" in sources[1] else "other prefix"
 
 
 KEEP_FUNCTION = "cdc_relay_keep"

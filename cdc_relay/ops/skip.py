@@ -84,8 +84,10 @@ def find_event(conn: Connection, settings: Settings, lsn: Lsn) -> str:
             return found
         last = parse_lsn(rows[-1][0]) if rows else None
         if len(rows) < limit or last is None or last > lsn:
+            tables = ", ".join(settings.qualified_tables) or "an outbox table"
+            also = " and no event message" if settings.messages else ""
             raise PrerequisiteError(
-                f"no outbox event at {format_lsn(lsn)} in the stream of "
+                f"no insert into {tables} at {format_lsn(lsn)}{also} in the stream of "
                 f"slot {settings.slot_name}: check the position in the relay's halt message"
             )
         limit *= 2

@@ -67,28 +67,6 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION {schema}.cdc_relay_emit_event(
-    aggregate_type text,
-    aggregate_id   text,
-    event_type     text,
-    payload        jsonb,
-    headers        jsonb DEFAULT NULL
-) RETURNS uuid
-LANGUAGE plpgsql
-VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    prefix constant text := {prefix};
-    event_id uuid := gen_random_uuid();
-BEGIN
-    PERFORM pg_logical_emit_message(true, prefix, {schema}.cdc_relay_event_frame(
-        event_id::text, aggregate_type, aggregate_id, event_type,
-        convert_to(payload::text, 'UTF8'), headers));
-    RETURN event_id;
-END
-$$;
-
 CREATE OR REPLACE FUNCTION {schema}.cdc_relay_emit_event_bytes(
     aggregate_type text,
     aggregate_id   text,
@@ -108,4 +86,18 @@ BEGIN
         event_id::text, aggregate_type, aggregate_id, event_type, payload, headers));
     RETURN event_id;
 END
+$$;
+
+CREATE OR REPLACE FUNCTION {schema}.cdc_relay_emit_event(
+    aggregate_type text,
+    aggregate_id   text,
+    event_type     text,
+    payload        jsonb,
+    headers        jsonb DEFAULT NULL
+) RETURNS uuid
+LANGUAGE sql
+VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT {schema}.cdc_relay_emit_event_bytes($1, $2, $3, convert_to($4::text, 'UTF8'), $5)
 $$;

@@ -10,6 +10,7 @@ import uuid
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from cdc_relay.core.lsn import format_lsn
 from cdc_relay.outbox import add_event, emit_event
@@ -262,3 +263,34 @@ def test_exactly_once_delivers_message_events_once_in_order(db: str, kafka: str)
         assert relay.stop() == 0
     assert [json.loads(r.value or b"")["seq"] for r in records] == list(range(30))
     assert format_lsn(confirmed_lsn(db))  # confirmed past every transaction
+
+
+def test_a_service_role_without_any_privilege_can_emit_events(pg, db: str, kafka: str):
+    box = make_outbox(db, kafka)
+    dbname = str(conninfo_to_dict(db)["dbname"])
+    role = f"svc_{uuid.uuid4().hex[:8]}"
+    execute(db, f"CREATE ROLE {role} LOGIN PASSWORD 'pw-svc'")
+    try:
+        service = pg.url(user=role, password="pw-svc", dbname=dbname)
+        with RelayProcess(box.env) as relay:
+            with psycopg.connect(service) as conn:
+                from_python = emit_event(
+                    conn, aggregate_type="order", aggregate_id="k", event_type="E", payload=1
+                )
+                row = conn.execute("SELECT cdc_relay_emit_event('order', 'k', 'E', '2')").fetchone()
+                conn.commit()
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    add_event(conn, aggregate_type="order", aggregate_id="k", event_type="E",
+                              payload=3)  # fmt: skip
+            end = current_lsn(db)
+            records = consume_all(kafka, [box.topic("order")], expected=2, timeout=60, linger=1)
+            wait_confirmed_past(db, end)
+            assert relay.stop() == 0
+        assert row is not None
+        assert [r.header("id") for r in records] == [
+            str(from_python).encode(),
+            str(row[0]).encode(),
+        ]
+    finally:
+        execute(db, f"DROP OWNED BY {role}")
+        execute(db, f"DROP ROLE {role}")
