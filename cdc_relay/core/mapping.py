@@ -142,7 +142,6 @@ class TablePlan:
         "_topics",
         "_type_idx",
         "_width",
-        "counts",
         "table",
     )
 
@@ -158,9 +157,6 @@ class TablePlan:
         self.table = f"{relation.namespace}.{relation.name}"
         self._table = relation.name
         self._schema = relation.namespace
-        # Events handed to the producer, per topic: the pipeline puts its stats' counter of
-        # this table here (one dict per source, so the hot path counts with one lookup).
-        self.counts: dict[str, int] = {}
         self._id_idx = positions[mapping.id]
         self._type_idx = positions[mapping.aggregate_type]
         self._key_idx = positions[mapping.aggregate_id]
@@ -418,7 +414,6 @@ class MessagePlan:
         "_last_topic",
         "_template",
         "_topics",
-        "counts",
         "prefix",
         "table",
     )
@@ -432,7 +427,6 @@ class MessagePlan:
         self._last_aggregate_type: bytes | None = None
         self._last_event_type = b""
         self._last_topic = ""
-        self.counts: dict[str, int] = {}
 
     def map(self, content: bytes) -> OutboxRecord | Rejected:
         """Turn one message's content into a record, or a Rejected verdict. Never raises."""

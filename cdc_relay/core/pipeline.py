@@ -307,6 +307,23 @@ class State(enum.Enum):
 # --------------------------------------------------------------------------- the pipeline
 
 
+class _Sources:
+    """What the pipeline knows of its sources besides the plans of the tables it has seen.
+    One attribute of the pipeline, not four: past 30 attributes CPython 3.11 gives an instance
+    a dictionary of its own, and every attribute read of the hot path gets slower."""
+
+    __slots__ = ("message_counts", "message_plan", "tables", "unlisted")
+
+    def __init__(self, config: PipelineConfig, stats: RelayStats) -> None:
+        self.tables = {(t.schema, t.name): t.mapping for t in config.table_sources}
+        self.unlisted: dict[int, str] = {}  # relid -> name, of tables that are no source
+        self.message_plan: MessagePlan | None = None
+        self.message_counts: dict[str, int] = {}
+        if config.message_prefix:
+            self.message_plan = MessagePlan(config.message_prefix, config.topic_template)
+            self.message_counts = stats.published_by_source.setdefault(self.message_plan.table, {})
+
+
 class Pipeline:
     """One replication session's decisions, from the slot's confirmed position ``start``.
 
@@ -336,13 +353,10 @@ class Pipeline:
         self.state = State.STREAMING
         self.delivery: Transaction | None = None  # the open transaction: callback of its records
         self.reset_reason: str | None = None
-        self._plans: dict[int, TablePlan] = {}
-        self._unlisted: dict[int, str] = {}  # relid -> name of tables that are no source
-        self._tables = {(t.schema, t.name): t.mapping for t in config.table_sources}
-        self._message_plan: MessagePlan | None = None
-        if config.message_prefix:
-            self._message_plan = plan = MessagePlan(config.message_prefix, config.topic_template)
-            plan.counts = self.stats.published_by_source.setdefault(plan.table, {})
+        # relid -> the table's plan and its stats' per-topic counter (a tuple: reading an
+        # attribute of a compiled plan from here costs more, per event, than unpacking it).
+        self._plans: dict[int, tuple[TablePlan, dict[str, int]]] = {}
+        self._sources = _Sources(config, self.stats)
         self._failures: list[Failure] = []
         # Per transaction: whether inserts take the careful path (skips, refusals, isolation).
         self._careful = False
@@ -407,16 +421,19 @@ class Pipeline:
             # The frame's start position is unpacked only here, never per event.
             raise DecodeError(exc.reason, offset=exc.offset, lsn=xlog_data_start(buf)) from None
         if type(message) is Insert:
-            plan = self._plans.get(message.relid)
-            if plan is None:
+            entry = self._plans.get(message.relid)
+            if entry is None:
                 self._unmapped(message.relid)
                 return None
+            plan, by_topic = entry
             outcome = plan.map(message.new)
             delivery = self.delivery
             if delivery is None:
                 raise ReplicationError("Insert outside a transaction in the replication stream")
             if self._careful or type(outcome) is not OutboxRecord:
-                return self._insert_carefully(outcome, delivery, plan, xlog_data_start(buf))
+                return self._insert_carefully(
+                    outcome, delivery, plan, by_topic, xlog_data_start(buf)
+                )
             # tracker.sent() and the counters, inlined: this runs once per event.
             key, value = outcome.key, outcome.value
             tracker = self.tracker
@@ -424,7 +441,6 @@ class Pipeline:
             tracker.in_flight_events += 1
             delivery.pending += 1
             self.stats.published += 1
-            by_topic = plan.counts
             by_topic[outcome.topic] = by_topic.get(outcome.topic, 0) + 1
             return outcome
         if type(message) is Begin:
@@ -494,10 +510,11 @@ class Pipeline:
         self.stats.transaction_acknowledged(txn.commit_time, self._wall_clock())
 
     def _relation(self, relation: Relation) -> None:
-        mapping = self._tables.get((relation.namespace, relation.name))
+        mapping = self._sources.tables.get((relation.namespace, relation.name))
         if mapping is None:
-            plan = self._plans.pop(relation.relid, None)
-            if plan is not None:
+            entry = self._plans.pop(relation.relid, None)
+            if entry is not None:
+                plan = entry[0]
                 # The outbox itself under a new name: skipping its rows would confirm past
                 # them, so stop before this transaction instead.
                 raise PrerequisiteError(
@@ -508,7 +525,7 @@ class Pipeline:
                 )
             # Not a source. A Relation alone says nothing yet: pgoutput also describes the
             # partition a row is in when it publishes the row under its root's name.
-            self._unlisted[relation.relid] = f"{relation.namespace}.{relation.name}"
+            self._sources.unlisted[relation.relid] = f"{relation.namespace}.{relation.name}"
             return
         # A new Relation message follows every schema change: re-resolve the columns. A table
         # that lost a mapped column cannot deliver anything, so that is fatal, not per row.
@@ -516,13 +533,13 @@ class Pipeline:
             plan = TablePlan(relation, mapping, self.config.topic_template)
         except RelayError as exc:
             raise PrerequisiteError(str(exc)) from None
-        plan.counts = self.stats.published_by_source.setdefault(plan.table, {})
-        self._plans[relation.relid] = plan
+        counts = self.stats.published_by_source.setdefault(plan.table, {})
+        self._plans[relation.relid] = (plan, counts)
 
     def _unmapped(self, relid: int) -> None:
         """A row of a table that is no source: passed over, unless the publication lists its
         tables, where it can only be one added while this relay ran."""
-        name = self._unlisted.get(relid)
+        name = self._sources.unlisted.get(relid)
         if name is not None and self.config.unlisted_tables_halt:
             raise PrerequisiteError(
                 f"the publication now carries {name}, which CDC_RELAY_OUTBOX_TABLE does not "
@@ -534,7 +551,7 @@ class Pipeline:
     def _message(self, message: LogicalMessage, buf: bytes) -> OutboxRecord | list[Action] | None:
         """A logical decoding message: an event when its prefix is the relay's, treated
         exactly as an inserted row (one record in flight in its transaction)."""
-        plan = self._message_plan
+        plan = self._sources.message_plan
         if plan is None or message.prefix != plan.prefix:
             return None  # another application's messages
         if not message.transactional:
@@ -543,11 +560,12 @@ class Pipeline:
         if delivery is None:
             raise ReplicationError("transactional Message outside a transaction in the stream")
         outcome = plan.map(message.content)
+        counts = self._sources.message_counts
         if self._careful or type(outcome) is not OutboxRecord:
-            return self._insert_carefully(outcome, delivery, plan, xlog_data_start(buf))
+            return self._insert_carefully(outcome, delivery, plan, counts, xlog_data_start(buf))
         # As the insert path (which stays inlined: it is the hotter one).
         self.tracker.sent(delivery, record_size(outcome.key, outcome.value))
-        self._count_published(outcome.topic, plan.counts)
+        self._count_published(outcome.topic, counts)
         return outcome
 
     def _non_transactional(
@@ -570,7 +588,7 @@ class Pipeline:
             self._begin(Begin(message.lsn, sent_at, Xid(0)))
         txn = self.delivery
         assert txn is not None
-        actions = self._insert_carefully(rejected, txn, plan, lsn)
+        actions = self._insert_carefully(rejected, txn, plan, self._sources.message_counts, lsn)
         if own and self.state is State.STREAMING:
             actions += self._commit(Commit(0, message.lsn, message.lsn, txn.commit_time)) or []
         return actions
@@ -580,6 +598,7 @@ class Pipeline:
         outcome: OutboxRecord | Rejected,
         txn: Transaction,
         plan: TablePlan | MessagePlan,
+        counts: dict[str, int],
         lsn: Lsn,
     ) -> list[Action]:
         """An insert off the hot path: a row that cannot be mapped, an operator skip, an event
@@ -596,14 +615,15 @@ class Pipeline:
             if not kafka.open:
                 kafka.began(self._now, self._counted())
                 self._careful = self._needs_care()
-                return [BeginTransaction(), *self._insert(outcome, txn, plan, lsn)]
-        return self._insert(outcome, txn, plan, lsn)
+                return [BeginTransaction(), *self._insert(outcome, txn, plan, counts, lsn)]
+        return self._insert(outcome, txn, plan, counts, lsn)
 
     def _insert(
         self,
         outcome: OutboxRecord | Rejected,
         txn: Transaction,
         plan: TablePlan | MessagePlan,
+        counts: dict[str, int],
         lsn: Lsn,
     ) -> list[Action]:
         memory = self.memory
@@ -620,7 +640,7 @@ class Pipeline:
             rejected = Rejected(error, outcome.key, outcome.value, outcome.headers)
             return self._dead_letter(rejected, txn, lsn, plan.table, include_value=not size_error)
         self.tracker.sent(txn, record_size(outcome.key, outcome.value))
-        self._count_published(outcome.topic, plan.counts)
+        self._count_published(outcome.topic, counts)
         alone = outcome.topic in self._isolated_topics
         return [Produce(outcome, txn, alone=alone, lsn=lsn, source=plan.table)]
 
@@ -638,9 +658,9 @@ class Pipeline:
             with contextlib.suppress(DecodeError):
                 message = Decoder(PROTO_VERSION).decode(buf, offset=XLOG_DATA_HEADER_SIZE)
                 if type(message) is Insert and message.relid in self._plans:
-                    return self._plans[message.relid].table
-                if type(message) is LogicalMessage and self._message_plan is not None:
-                    return self._message_plan.table
+                    return self._plans[message.relid][0].table
+                if type(message) is LogicalMessage and self._sources.message_plan is not None:
+                    return self._sources.message_plan.table
         return self.config.table_name
 
     # ------------------------------------------------------------------ dead letters
