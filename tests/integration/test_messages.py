@@ -195,6 +195,21 @@ def test_a_non_transactional_message_with_our_prefix_is_not_an_event(
         )
         assert confirmed_lsn(db) < after, "the slot moved past the halting message"
         assert consume_all(kafka, [box.dead_letter_topic], timeout=5, idle=1) == []
+        # The way past it, as for a bad row: skip records its position, the relay then
+        # dead-letters exactly that message and delivers what follows.
+        (halt,) = [line for line in errors if "cdc-relay skip --lsn" in line]
+        position = halt.rsplit("cdc-relay skip --lsn ", 1)[1].strip()
+        skipped = cli(box.env, "skip", "--lsn", position)
+        assert skipped.returncode == 0, skipped.stderr
+        assert str(loose) in skipped.stdout
+        with RelayProcess(box.env) as relay:
+            wait_confirmed_past(db, end)
+            assert relay.stop() == 0
+        after_skip = consume_all(kafka, [box.topic("order")], expected=2, timeout=30, linger=1)
+        assert [r.value for r in after_skip] == [b"1", b"2"]
+        (dead,) = consume_all(kafka, [box.dead_letter_topic], expected=1, timeout=30, linger=1)
+        assert dead.header("id") == str(loose).encode()
+        assert dead.header("error") == b"skipped by the operator (cdc-relay skip)"
 
 
 def execute_returning_content(url: str, event_id: uuid.UUID) -> bytes:
