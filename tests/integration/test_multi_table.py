@@ -88,6 +88,8 @@ def test_two_tables_route_by_table_with_their_own_mapping_and_metrics_by_table(d
     done = cli(env, "setup", "--create-table")
     assert done.returncode == 0, done.stderr
     assert "created publication cdc_relay for public.outbox, billing.outbox" in done.stdout
+    again = cli(env, "setup")
+    assert again.returncode == 0 and "nothing to change: already set up" in again.stdout
     status = json.loads(cli(env, "status", "--json").stdout)
     assert [t["table"] for t in status["sources"]["tables"] if t["published"]] == [
         "public.outbox",
