@@ -158,3 +158,16 @@ def test_exactly_once_counts_message_events_like_rows():
     p.feed(frames.commit(0x2F0, 0x300))
     commit = p.idle(1.0)
     assert commit and commit[0].progress.lsn == 0x300  # type: ignore[union-attr]
+
+
+def test_exactly_once_dead_letters_a_non_transactional_message_in_a_kafka_transaction():
+    p = pipeline(exactly_once=True)
+    content = frames.message_event("k", b"v", event_id="nt")
+    actions = p.feed(frames.message(content, 0x400, transactional=False))
+    assert isinstance(actions, list)
+    assert type(actions[0]).__name__ == "BeginTransaction"
+    (dead,) = [a for a in actions if type(a) is Produce]
+    assert dead.record.topic == DLQ
+    dead.delivery(None, Msg(dead.record))
+    (commit,) = p.idle(1.0)
+    assert commit.progress.lsn == 0x400  # type: ignore[union-attr]
