@@ -187,6 +187,16 @@ def test_a_non_transactional_message_with_our_prefix_is_not_an_event(
         assert b"not tied to a commit" in (dead.header("error") or b"")
         assert dead.header("source_table") == f"message:{PREFIX}".encode()
         assert dead.value == b"loose"
+        # Its own transaction was confirmed past it: a restarted relay does not see it again.
+        with psycopg.connect(db) as conn:
+            emit_event(conn, aggregate_type="order", aggregate_id="k", event_type="E", payload=3)
+            conn.commit()
+        later = current_lsn(db)
+        with RelayProcess(box.env) as relay:
+            wait_confirmed_past(db, later)
+            assert relay.stop() == 0
+        again = consume_all(kafka, [box.dead_letter_topic], expected=1, timeout=30, linger=2)
+        assert len(again) == 1
     else:
         assert [r.value for r in good] == [b"1"]
         errors = [line for line in log.splitlines() if "error" in line.lower()]
