@@ -25,6 +25,7 @@ PUBLICATION = "cdc_relay"
 _XLOG_DATA = ord("w")
 _COMMIT = ord("C")
 _INSERT = ord("I")
+_MESSAGE = ord("M")
 _HEADER = 25  # 'w' + start LSN + end LSN + send time
 
 
@@ -92,9 +93,17 @@ class ConsumerBeside:
 # ------------------------------------------------------------------ (a) ceiling, stream
 
 
-def stream_ceiling(url: str, slot: str, transactions: int) -> tuple[Timed, int, int]:
+def stream_ceiling(
+    url: str, slot: str, transactions: int, *, messages: bool = False
+) -> tuple[Timed, int, int]:
     """Read the pgoutput stream of the backlog and nothing else: stop at its last Commit.
-    Returns the timing, the number of Inserts seen and the last Commit's end LSN."""
+    Returns the timing, the number of events seen (Inserts; with ``messages``, the stream
+    carries logical decoding messages too and those are counted instead) and the last Commit's
+    end LSN."""
+    event = _MESSAGE if messages else _INSERT
+    options = f"proto_version '1', publication_names '{PUBLICATION}'"
+    if messages:
+        options += ", messages 'true'"
     inserts = 0
     commits = 0
     end_lsn = 0
@@ -103,10 +112,7 @@ def stream_ceiling(url: str, slot: str, transactions: int) -> tuple[Timed, int, 
     conn = psycopg.connect(url, autocommit=True, replication="database")
     try:
         pg = conn.pgconn
-        pg.send_query(
-            f"START_REPLICATION SLOT {slot} LOGICAL 0/0 "
-            f"(proto_version '1', publication_names '{PUBLICATION}')".encode()
-        )
+        pg.send_query(f"START_REPLICATION SLOT {slot} LOGICAL 0/0 ({options})".encode())
         result = pg.get_result()
         if result is None or result.status != pq.ExecStatus.COPY_BOTH:
             raise RuntimeError(f"START_REPLICATION failed: {pg.get_error_message()}")
@@ -117,7 +123,7 @@ def stream_ceiling(url: str, slot: str, transactions: int) -> tuple[Timed, int, 
             if data[0] != _XLOG_DATA:
                 continue
             kind = data[_HEADER]
-            if kind == _INSERT:
+            if kind == event:
                 inserts += 1
             elif kind == _COMMIT:
                 commits += 1

@@ -4,7 +4,10 @@
 (b) ceiling, broker: a bare producer sending as many records of the same shape;
 (c) cdc-relay end to end: `cdc-relay run` until the slot is confirmed past the backlog;
 (d) the classic polling relay (bench/polling.py) at its best batch size from a small sweep;
-(e) cdc-relay in exactly-once delivery (Apache Kafka only: Tansu has no transactions).
+(e) cdc-relay in exactly-once delivery (Apache Kafka only: Tansu has no transactions);
+(f) (c) with a consumer beside it; (g) the same events written as logical decoding messages
+(bench/messages.py): their stream ceiling and the relay's drain, and the producer side of
+emit_event against add_event (commits/s, WAL bytes per event).
 Then latency at a steady rate for (c), (d) and (e) (for (e), commit → visible to a
 read_committed consumer), and the relay's peak RSS draining a large backlog and one large
 transaction. Prints a markdown table and writes it to docs/performance.md
@@ -30,7 +33,7 @@ from typing import Any, TypeVar
 import confluent_kafka
 import psycopg
 
-from bench import acklog, contenders, latency, report
+from bench import acklog, contenders, latency, messages, report
 from bench.report import Latency, Row
 from bench.visible import VisibleLog
 from bench.workload import (
@@ -76,9 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument(
         "--only",
-        default="abcdef",
+        default="abcdefg",
         help="throughput contenders to run, e.g. 'ac' ((a) always runs: it finds the backlog end; "
-        "(e), exactly-once, needs --broker kafka; (f) is (c) with a consumer beside it)",
+        "(e), exactly-once, needs --broker kafka; (f) is (c) with a consumer beside it; (g) "
+        "message events and the producer side)",
     )
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument(
@@ -214,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     with PostgresServer(settings=pg_settings) as pg, broker_cm as broker:
         facts = machine_facts(pg, broker)
         url = pg.create_database("bench")
-        rows, profile_lines = run_all(args, workload, run_id, pg, broker, url)
+        rows, profile_lines, notes = run_all(args, workload, run_id, pg, broker, url)
     table = report.render_table(rows, ceiling=ROW_A, polling=ROW_D)
-    section = render_section(args, workload, facts, table, rows, profile_lines)
+    section = render_section(args, workload, facts, table, rows, profile_lines, notes)
     print()
     print(section)
     if not args.no_output:
@@ -231,6 +235,8 @@ ROW_C = "(c) cdc-relay"
 ROW_D = "(d) polling relay"
 ROW_E = "(e) cdc-relay, exactly-once"
 ROW_F = "(f) cdc-relay, a consumer beside"
+ROW_G_CEILING = "(g) ceiling, stream of message events"
+ROW_G = "(g) cdc-relay, message events"
 
 
 def run_all(
@@ -240,7 +246,7 @@ def run_all(
     pg: PostgresServer,
     broker: Broker,
     url: str,
-) -> tuple[list[Row], list[str]]:
+) -> tuple[list[Row], list[str], list[str]]:
     kafka_config = args.kafka_config
     producer_config: dict[str, Any] = {
         **relay_producer_defaults(broker.bootstrap),
@@ -454,8 +460,70 @@ def run_all(
     # peak RSS
     if not args.skip_rss:
         rows += rss_runs(args, workload, run_id, broker, url, admin)
+
+    # (g), last: its backlog follows everything above in the WAL
+    notes: list[str] = []
+    if "g" in args.only:
+        say(f"(g) filling the same backlog as messages: {workload.events:,} events")
+        admin.execute(
+            "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')",
+            (messages.MESSAGE_ORIGIN_SLOT,),
+        )
+        messages.fill_messages(
+            admin,
+            first=0,
+            count=workload.events,
+            txn_size=workload.txn_size,
+            aggregates=workload.aggregates,
+            pad=workload.pad,
+        )
+        admin.execute("CHECKPOINT")
+
+        def env_for(slot: str, i: int) -> dict[str, str]:
+            bootstrap = fresh_broker(broker)
+            return contenders.relay_env_for(
+                url, bootstrap, slot=slot, topic_prefix=f"{run_id}-g{i}", kafka_config=kafka_config
+            )
+
+        ceilings, runs = messages.stream_and_drain(
+            url,
+            admin,
+            workload,
+            env_for=env_for,
+            repeat=lambda what, run: repeat(args.repeat, what, run),
+            broker_pid=broker.pid,
+        )
+        contenders.drop_slot(admin, messages.MESSAGE_ORIGIN_SLOT)
+        row_g_ceiling = Row(
+            ROW_G_CEILING,
+            note="(a) over the same events written by cdc_relay_emit_event (messages 'true')",
+        )
+        row_g_ceiling.rates = [t.rate for t in ceilings]
+        row_g = relay_row(ROW_G, runs, "(c) over the message events: start → slot confirmed")
+        rows += [row_g_ceiling, row_g]
+        if row_g_ceiling.rate and row_g.rate and row_a.rate and row_c.rate:
+            notes += [
+                f"(g): relay/ceiling for message events {row_g.rate / row_g_ceiling.rate:.2f}, "
+                f"for table rows (c)/(a) {row_c.rate / row_a.rate:.2f}; message stream ceiling "
+                f"/ row stream ceiling {row_g_ceiling.rate / row_a.rate:.2f}.",
+                "",
+            ]
+        say("(g) producer side: emit_event against add_event")
+        results = []
+        for per_txn in (1, workload.txn_size):
+            transactions = (2000 if args.quick else 10000) // per_txn
+            for helper in ("add_event", "emit_event"):
+                result = messages.producer_side(
+                    url, helper, transactions=transactions, per_txn=per_txn, pad=workload.pad
+                )
+                say(
+                    f"(g) {helper}, {per_txn}/txn: {result.commits_per_second:,.0f} commits/s, "
+                    f"{result.wal_per_event:,.0f} WAL bytes/event"
+                )
+                results.append(result)
+        notes += messages.producer_lines(results)
     admin.close()
-    return rows, profile_lines
+    return rows, profile_lines, notes
 
 
 WARMUP_SECONDS = 2.0
@@ -684,6 +752,7 @@ def render_section(
     table: str,
     rows: list[Row],
     profile_lines: list[str],
+    notes: list[str] | None = None,
 ) -> str:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     command = "python -m bench " + shlex.join(sys.argv[1:]) if argv_given() else "make bench"
@@ -704,6 +773,8 @@ def render_section(
         "",
         *targets(rows, args),
     ]
+    if notes:
+        lines += ["", *notes]
     if profile_lines:
         lines += ["", "Profile of one (c) run (py-spy, self time, top frames):", ""]
         lines += ["| frame | % of samples |", "|---|---:|"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 
@@ -45,6 +46,22 @@ def fill_outbox(
 ) -> None:
     """Insert events ``first .. first+count-1`` in transactions of ``txn_size``, looping inside
     the server (a DO block that commits) so the client round trips do not dominate."""
+    server_loop(
+        conn,
+        f"INSERT INTO {table} (id, aggregate_type, aggregate_id, event_type, payload) "
+        f"SELECT gen_random_uuid(), '{AGGREGATE_TYPE}', 'a-' || mod(n, {aggregates}), "
+        f"'{EVENT_TYPE}', {payload_sql(pad)}",
+        first=first,
+        count=count,
+        txn_size=txn_size,
+    )
+
+
+def server_loop(
+    conn: psycopg.Connection[Any], statement: str, *, first: int, count: int, txn_size: int
+) -> None:
+    """Run ``statement ... FROM generate_series(...) AS n`` for events ``first ..
+    first+count-1``, a transaction of ``txn_size`` each, in one DO block that commits."""
     last = first + count
     conn.execute(
         f"""
@@ -52,9 +69,7 @@ def fill_outbox(
         DECLARE lo bigint;
         BEGIN
           FOR lo IN {first}..{last - 1} BY {txn_size} LOOP
-            INSERT INTO {table} (id, aggregate_type, aggregate_id, event_type, payload)
-            SELECT gen_random_uuid(), '{AGGREGATE_TYPE}', 'a-' || mod(n, {aggregates}),
-                   '{EVENT_TYPE}', {payload_sql(pad)}
+            {statement}
             FROM generate_series(lo, least(lo + {txn_size}, {last}) - 1) AS n;
             COMMIT;
           END LOOP;

@@ -244,14 +244,23 @@ def _prune(args: argparse.Namespace, settings: Settings) -> int:
     if not args.batch_size.isdigit() or int(args.batch_size) < 1:
         raise ConfigError("prune: --batch-size must be a whole number of at least 1")
     batch_size = int(args.batch_size)
-    with connect(settings.database_url.get_secret_value()) as conn:
-        prune(
-            conn,
-            settings,
-            older_than=older_than,
-            batch_size=batch_size,
-            wait_seconds=wait.total_seconds(),
-            dry_run=args.dry_run,
-            say=print,
+    tables = settings.per_table()
+    if not tables:
+        raise ConfigError(
+            "prune: CDC_RELAY_OUTBOX_TABLE is empty; events written as messages leave nothing "
+            "to prune"
         )
+    with connect(settings.database_url.get_secret_value()) as conn:
+        for table in tables:
+            if len(tables) > 1:
+                print(f"table {table.outbox_table}:")
+            prune(
+                conn,
+                table,
+                older_than=older_than,
+                batch_size=batch_size,
+                wait_seconds=wait.total_seconds(),
+                dry_run=args.dry_run,
+                say=print,
+            )
     return EXIT_OK

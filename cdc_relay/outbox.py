@@ -1,9 +1,10 @@
-"""The producer helper: write an outbox event inside the application's own transaction.
+"""The producer helpers: write an outbox event inside the application's own transaction.
 
-``add_event`` inserts one row with the caller's connection and never commits: the event is
-published when, and only when, the caller's transaction commits together with its business rows.
-It works with psycopg 3 sync and async connections (and cursors); with an async one it returns an
-awaitable.
+``add_event`` inserts one row into an outbox table; ``emit_event`` writes the event into the
+WAL as a logical decoding message (``pg_logical_emit_message``), with no table at all. Both use
+the caller's connection and never commit: the event is published when, and only when, the
+caller's transaction commits together with its business rows. They work with psycopg 3 sync and
+async connections (and cursors); with an async one they return an awaitable.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from cdc_relay import tracing
+from cdc_relay.core import framing
 from cdc_relay.core.mapping import ColumnMapping
 from cdc_relay.core.names import split_table_name
 from cdc_relay.errors import NotInTransaction
@@ -30,6 +32,11 @@ Payload: TypeAlias = (
 )
 
 
+# The relay's default CDC_RELAY_MESSAGE_PREFIX (cdc_relay.settings, which this module does not
+# import; tests/unit/test_framing.py checks that both agree).
+DEFAULT_PREFIX = "cdc_relay.outbox"
+
+
 class RelaySettings(Protocol):
     """What ``OutboxTable.from_settings`` reads of the relay's settings (``load_settings()``),
     so that this module, which services import, never imports the relay itself."""
@@ -37,7 +44,7 @@ class RelaySettings(Protocol):
     @property
     def outbox_table(self) -> str: ...
 
-    def column_mapping(self) -> ColumnMapping: ...
+    def table_mapping(self, table: str) -> ColumnMapping: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,12 +55,15 @@ class OutboxTable:
     columns: ColumnMapping = field(default_factory=ColumnMapping)
 
     @classmethod
-    def from_settings(cls, settings: RelaySettings) -> OutboxTable:
-        """The table the relay configured by ``settings`` reads."""
-        return cls(
-            name=settings.outbox_table,
-            columns=settings.column_mapping(),
-        )
+    def from_settings(cls, settings: RelaySettings, table: str | None = None) -> OutboxTable:
+        """A table the relay configured by ``settings`` reads: ``table`` (one of
+        CDC_RELAY_OUTBOX_TABLE), or the first it lists, with its column mapping."""
+        if table is None:
+            listed = [name.strip() for name in settings.outbox_table.split(",") if name.strip()]
+            if not listed:
+                raise ValueError("CDC_RELAY_OUTBOX_TABLE lists no table: use emit_event")
+            table = listed[0]
+        return cls(name=table, columns=settings.table_mapping(table))
 
 
 DEFAULT_TABLE = OutboxTable()
@@ -178,16 +188,135 @@ def add_event(
     query, params = _insert(
         table, new_id, aggregate_type, aggregate_id, event_type, payload, headers
     )
+    return write_event(conn, query, params, new_id)
+
+
+def write_event(
+    conn: SyncTarget | AsyncTarget, query: sql.Composed | str, params: list[Any], new_id: uuid.UUID
+) -> uuid.UUID | Awaitable[uuid.UUID]:
+    """Execute the event's statement in the caller's transaction (awaitable on an async
+    connection); NotInTransaction where it would commit on its own."""
     if isinstance(conn, psycopg.AsyncConnection | psycopg.AsyncCursor):
-        return _add_event_async(conn, query, params, new_id)
+        return _write_async(conn, query, params, new_id)
     require_transaction(conn)
     conn.execute(query, params)
     return new_id
 
 
-async def _add_event_async(
-    conn: AsyncTarget, query: sql.Composed, params: list[Any], new_id: uuid.UUID
+async def _write_async(
+    conn: AsyncTarget, query: sql.Composed | str, params: list[Any], new_id: uuid.UUID
 ) -> uuid.UUID:
     require_transaction(conn)
     await conn.execute(query, params)
     return new_id
+
+
+# --------------------------------------------------------------------------- events as messages
+
+# The server fills in the timestamp (the transaction's start, as a table's created_at default),
+# between the framing's head and body (core/framing.py).
+_EMIT = (
+    "SELECT pg_logical_emit_message(true, %s, %s::bytea "
+    "|| int8send(floor(extract(epoch FROM now()) * 1000)::bigint) || %s::bytea)"
+)
+
+
+def message_payload(payload: Payload) -> bytes | None:
+    """The payload bytes of a message event: bytes exactly as given (any bytes, not only
+    UTF-8 JSON), None as a null value (a tombstone), anything else as compact JSON."""
+    if payload is None:
+        return None
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload)
+    return encode_payload(payload).encode("utf-8")
+
+
+def message_headers(headers: Mapping[str, Any] | None) -> list[tuple[str, bytes]]:
+    """Kafka headers as a table row's headers column gives them: a string as its UTF-8, bytes
+    as they are, any other value as its compact JSON text."""
+    out = []
+    for name, value in (headers or {}).items():
+        if isinstance(value, str):
+            out.append((name, value.encode("utf-8")))
+        elif isinstance(value, bytes | bytearray | memoryview):
+            out.append((name, bytes(value)))
+        else:
+            out.append((name, encode_payload(value).encode("utf-8")))
+    return out
+
+
+def _emit(
+    prefix: str,
+    event_id: uuid.UUID,
+    aggregate_type: str,
+    aggregate_id: str,
+    event_type: str,
+    payload: Payload,
+    headers: Mapping[str, Any] | None,
+) -> list[Any]:
+    if not prefix:
+        raise ValueError("emit_event needs a message prefix (CDC_RELAY_MESSAGE_PREFIX)")
+    value = message_payload(payload)
+    body = framing.encode_body(
+        event_id=str(event_id),
+        aggregate_type=aggregate_type,
+        aggregate_id=aggregate_id,
+        event_type=event_type,
+        headers=message_headers(headers),
+        payload=value,
+    )
+    return [prefix, framing.encode_head(null_payload=value is None), body]
+
+
+@overload
+def emit_event(
+    conn: SyncTarget,
+    *,
+    aggregate_type: str,
+    aggregate_id: str,
+    event_type: str,
+    payload: Payload,
+    headers: Mapping[str, Any] | None = None,
+    event_id: uuid.UUID | None = None,
+    prefix: str = DEFAULT_PREFIX,
+) -> uuid.UUID: ...
+
+
+@overload
+def emit_event(
+    conn: AsyncTarget,
+    *,
+    aggregate_type: str,
+    aggregate_id: str,
+    event_type: str,
+    payload: Payload,
+    headers: Mapping[str, Any] | None = None,
+    event_id: uuid.UUID | None = None,
+    prefix: str = DEFAULT_PREFIX,
+) -> Awaitable[uuid.UUID]: ...
+
+
+def emit_event(
+    conn: SyncTarget | AsyncTarget,
+    *,
+    aggregate_type: str,
+    aggregate_id: str,
+    event_type: str,
+    payload: Payload,
+    headers: Mapping[str, Any] | None = None,
+    event_id: uuid.UUID | None = None,
+    prefix: str = DEFAULT_PREFIX,
+) -> uuid.UUID | Awaitable[uuid.UUID]:
+    """Write one event as a transactional logical decoding message in the caller's current
+    transaction and return its id: no table, no row, nothing to prune.
+
+    Never commits. ``payload``: bytes are sent exactly as given (any bytes); None is a null
+    value (a tombstone); anything else is sent as compact JSON. ``headers`` become Kafka
+    headers, with the current OpenTelemetry span's trace context. ``prefix`` must be the
+    relay's CDC_RELAY_MESSAGE_PREFIX. Raises NotInTransaction on an autocommit connection
+    outside ``conn.transaction()``. With an AsyncConnection or AsyncCursor, await it.
+    """
+    new_id = event_id or uuid.uuid4()
+    headers = tracing.with_trace_context(headers)  # as in add_event
+    params = _emit(prefix, new_id, aggregate_type, aggregate_id, event_type, payload, headers)
+    return write_event(conn, _EMIT, params, new_id)

@@ -29,9 +29,8 @@ from cdc_relay.outbox import (
     AsyncTarget,
     Payload,
     SyncTarget,
-    _add_event_async,
     encode_payload,
-    require_transaction,
+    write_event,
 )
 
 # The outbox payload/headers column types a scheduled table can mirror (information_schema's
@@ -188,12 +187,7 @@ def schedule_event(
     query, params = _insert(
         table, new_id, aggregate_type, aggregate_id, event_type, payload, headers, deliver_at
     )
-    if isinstance(conn, psycopg.AsyncConnection | psycopg.AsyncCursor):
-        # add_event's own async path (the transaction check, then the insert): the same steps.
-        return _add_event_async(conn, query, params, new_id)
-    require_transaction(conn)
-    conn.execute(query, params)
-    return new_id
+    return write_event(conn, query, params, new_id)
 
 
 def _delete(table: ScheduledTable) -> sql.Composed:

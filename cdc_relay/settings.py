@@ -13,7 +13,14 @@ from typing import Annotated, Any, Literal
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from cdc_relay.core.mapping import ColumnMapping, legal_topic
@@ -25,7 +32,13 @@ ENV_PREFIX = "CDC_RELAY_"
 # Postgres identifiers we create or look up (slot, publication): keep them to the safe,
 # unquoted form so they can never inject SQL and always mean the same object.
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-_TOPIC_PLACEHOLDERS = {"aggregate_type", "event_type", "table"}
+_TOPIC_PLACEHOLDERS = {"aggregate_type", "event_type", "table", "schema"}
+# A message prefix is also what {table} gives for message events: keep it a topic fragment.
+_MESSAGE_PREFIX = re.compile(r"^[A-Za-z0-9._-]{0,100}$")
+DEFAULT_MESSAGE_PREFIX = "cdc_relay.outbox"
+# The roles CDC_RELAY_TABLE_COLUMNS may map, as ColumnMapping names them.
+_ROLES = ("id", "aggregate_type", "aggregate_id", "event_type", "payload", "headers", "created_at")
+_OPTIONAL_ROLES = ("headers", "created_at")
 
 # librdkafka properties whose other values would break the delivery guarantee: acks from all
 # replicas, idempotence (order through retries), a delivery report per record (the slot only
@@ -87,6 +100,8 @@ class Settings(BaseSettings):
         extra="ignore",
         validate_default=True,
     )
+    # Set by for_table(): the control schema of the settings it narrowed.
+    _control_schema: str | None = PrivateAttr(default=None)
 
     database_url: SecretStr = Field(
         description="libpq URL or key=value DSN of the database that holds the outbox. With a "
@@ -107,7 +122,28 @@ class Settings(BaseSettings):
         "in-flight bounds.",
     )
     outbox_table: str = Field(
-        default="public.outbox", description="The outbox table, schema-qualified."
+        default="public.outbox",
+        description="The outbox tables, schema-qualified, separated by commas "
+        "(`public.outbox,billing.outbox`): one relay, slot and publication for all of them. "
+        "Empty for none, when every event is a logical decoding message "
+        "(`CDC_RELAY_MESSAGE_PREFIX`). Each table uses the `CDC_RELAY_COLUMN_*` mapping unless "
+        "`CDC_RELAY_TABLE_COLUMNS` gives it its own.",
+    )
+    table_columns: Annotated[dict[str, dict[str, str]], NoDecode] = Field(
+        default_factory=dict,
+        description="JSON object of per-table column mappings, for tables whose columns differ "
+        'from the `CDC_RELAY_COLUMN_*` ones: `{"billing.outbox": {"aggregate_type": '
+        '"aggregatetype", "headers": ""}}`. Keys are tables of `CDC_RELAY_OUTBOX_TABLE`; roles '
+        "are `id`, `aggregate_type`, `aggregate_id`, `event_type`, `payload`, `headers`, "
+        '`created_at` (`""` turns an optional one off); a role not given keeps the shared '
+        "column.",
+    )
+    message_prefix: str = Field(
+        default=DEFAULT_MESSAGE_PREFIX,
+        description="Prefix of the logical decoding messages that are events "
+        "(`pg_logical_emit_message(true, prefix, content)`, written by `emit_event` and "
+        "`cdc_relay_emit_event`; README, Events as messages); messages with other prefixes are "
+        "ignored. Empty to stream no messages. Letters, digits, `.`, `_`, `-`.",
     )
     slot_name: str = Field(default="cdc_relay", description="Logical replication slot name.")
     slot_failover: Literal["auto", "on", "off"] = Field(
@@ -241,13 +277,7 @@ class Settings(BaseSettings):
     @field_validator("kafka_config", mode="before")
     @classmethod
     def _parse_kafka_config(cls, value: object) -> object:
-        if isinstance(value, str):
-            if not value.strip():
-                return {}
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"is not valid JSON ({exc.msg} at position {exc.pos})") from None
+        value = _json_text(value)
         if not isinstance(value, dict):
             raise ValueError("must be a JSON object of librdkafka properties")
         for key, item in value.items():
@@ -297,7 +327,43 @@ class Settings(BaseSettings):
     @field_validator("outbox_table")
     @classmethod
     def _check_table(cls, value: str) -> str:
-        split_table_name(value)
+        seen: set[tuple[str, str]] = set()
+        for name in _table_list(value):
+            try:
+                qualified = split_table_name(name)
+            except ValueError:
+                raise ValueError(
+                    f"{name!r} is not a table name: list tables as schema.table, separated by "
+                    "commas"
+                ) from None
+            if qualified in seen:
+                raise ValueError(f"lists {'.'.join(qualified)} twice")
+            seen.add(qualified)
+        return value
+
+    @field_validator("table_columns", mode="before")
+    @classmethod
+    def _parse_table_columns(cls, value: object) -> object:
+        value = _json_text(value)
+        if not isinstance(value, dict):
+            raise ValueError('must be a JSON object: {"schema.table": {"role": "column"}}')
+        for table, roles in value.items():
+            if not isinstance(roles, dict):
+                raise ValueError(f"{table}: must map roles to column names")
+            for role, column in roles.items():
+                if role not in _ROLES:
+                    raise ValueError(
+                        f"{table}: unknown role {role!r}; roles are {', '.join(_ROLES)}"
+                    )
+                if not isinstance(column, str):
+                    raise ValueError(f"{table}: the column of {role} must be a string")
+        return value
+
+    @field_validator("message_prefix")
+    @classmethod
+    def _check_message_prefix(cls, value: str) -> str:
+        if not _MESSAGE_PREFIX.match(value):
+            raise ValueError("must be at most 100 letters, digits, '.', '_' or '-' (or empty)")
         return value
 
     @field_validator("topic_template")
@@ -316,7 +382,9 @@ class Settings(BaseSettings):
                     "or {table}"
                 )
         try:
-            sample = value.format(aggregate_type="order", event_type="OrderPlaced", table="outbox")
+            sample = value.format(
+                aggregate_type="order", event_type="OrderPlaced", schema="public", table="outbox"
+            )
         except (ValueError, KeyError, IndexError, AttributeError) as exc:
             raise ValueError(f"is not a valid template ({exc})") from None
         if not legal_topic(sample):
@@ -345,6 +413,7 @@ class Settings(BaseSettings):
         named = [name for name in named if name]
         if len(set(named)) != len(named):
             raise ValueError("two CDC_RELAY_COLUMN_* settings name the same column")
+        self._check_sources()
         # librdkafka's queue must hold everything the relay lets be in flight, or produce()
         # would block before the relay's own backpressure engages.
         queue_messages = self.kafka_config.get("queue.buffering.max.messages")
@@ -361,8 +430,111 @@ class Settings(BaseSettings):
             )
         return self
 
+    def _check_sources(self) -> None:
+        tables = self.tables
+        if not tables and not self.message_prefix:
+            raise ValueError(
+                "no source of events: CDC_RELAY_OUTBOX_TABLE and CDC_RELAY_MESSAGE_PREFIX are "
+                "both empty"
+            )
+        listed = {".".join(t) for t in tables}
+        for table, roles in self.table_columns.items():
+            try:
+                qualified = ".".join(split_table_name(table))
+            except ValueError:
+                qualified = table
+            if qualified not in listed:
+                raise ValueError(
+                    f"CDC_RELAY_TABLE_COLUMNS: {table} is not a table of CDC_RELAY_OUTBOX_TABLE"
+                )
+            mapping = self._mapping_with(roles)
+            if not all(mapping.required):
+                raise ValueError(
+                    f"CDC_RELAY_TABLE_COLUMNS: {table}: the id, aggregate type, aggregate id, "
+                    "event type and payload columns cannot be empty"
+                )
+            named = [c for c in (*mapping.required, mapping.headers, mapping.created_at) if c]
+            if len(set(named)) != len(named):
+                raise ValueError(f"CDC_RELAY_TABLE_COLUMNS: {table}: two roles name one column")
+        if self.message_prefix:
+            sample = self.topic_template.format(
+                aggregate_type="order",
+                event_type="OrderPlaced",
+                schema="message",
+                table=self.message_prefix,
+            )
+            if not legal_topic(sample):
+                raise ValueError(
+                    f"CDC_RELAY_TOPIC_TEMPLATE gives the illegal topic name {sample!r} for a "
+                    "message event (for messages {schema} is `message` and {table} the "
+                    "message prefix)"
+                )
+
+    @property
+    def tables(self) -> list[tuple[str, str]]:
+        """The outbox tables, as (schema, table), in the order listed."""
+        return [split_table_name(name) for name in _table_list(self.outbox_table)]
+
+    @property
+    def qualified_tables(self) -> list[str]:
+        return [".".join(t) for t in self.tables]
+
+    def _mapping_with(self, roles: dict[str, str]) -> ColumnMapping:
+        base = self.column_mapping()
+        values: dict[str, str | None] = {role: getattr(base, role) for role in _ROLES}
+        for role, column in roles.items():
+            values[role] = column or (None if role in _OPTIONAL_ROLES else "")
+        return ColumnMapping(**values)  # type: ignore[arg-type]
+
+    def table_mapping(self, table: str) -> ColumnMapping:
+        """The column mapping of one outbox table (``schema.table``): its own, or the shared."""
+        qualified = ".".join(split_table_name(table))
+        for name, roles in self.table_columns.items():
+            if ".".join(split_table_name(name)) == qualified:
+                return self._mapping_with(roles)
+        return self.column_mapping()
+
+    def for_table(self, table: str) -> Settings:
+        """These settings narrowed to one outbox table, with its own column mapping: what the
+        per-table parts of setup, status, prune and skip work on. The control tables stay
+        where they are (``control_schema``)."""
+        mapping = self.table_mapping(table)
+        narrowed = self.model_copy(
+            update={
+                "outbox_table": table,
+                "table_columns": {},
+                "column_id": mapping.id,
+                "column_aggregate_type": mapping.aggregate_type,
+                "column_aggregate_id": mapping.aggregate_id,
+                "column_event_type": mapping.event_type,
+                "column_payload": mapping.payload,
+                "column_headers": mapping.headers or "",
+                "column_created_at": mapping.created_at or "",
+            }
+        )
+        narrowed._control_schema = self.control_schema
+        return narrowed
+
+    def per_table(self) -> list[Settings]:
+        return [self.for_table(name) for name in self.qualified_tables]
+
+    @property
+    def control_schema(self) -> str:
+        """Where the relay's control tables and functions live: beside the first outbox table,
+        or in public when there is none."""
+        if self._control_schema is not None:
+            return self._control_schema
+        tables = self.tables
+        return tables[0][0] if tables else "public"
+
+    @property
+    def messages(self) -> bool:
+        """Whether logical decoding messages are a source of events."""
+        return bool(self.message_prefix)
+
     def column_mapping(self) -> ColumnMapping:
-        """Which outbox column plays which role, as configured."""
+        """Which outbox column plays which role, as configured (shared by every table without
+        its own in CDC_RELAY_TABLE_COLUMNS)."""
         return ColumnMapping(
             id=self.column_id,
             aggregate_type=self.column_aggregate_type,
@@ -394,18 +566,40 @@ class Settings(BaseSettings):
             **self.kafka_config,
         }
 
+    def _first_table(self) -> tuple[str, str]:
+        tables = self.tables
+        if not tables:
+            raise ConfigError(f"{ENV_PREFIX}OUTBOX_TABLE is empty: this needs an outbox table")
+        return tables[0]
+
     @property
     def qualified_table(self) -> str:
-        """``schema.table`` of the outbox, the schema spelled out (as events name it)."""
-        return ".".join(split_table_name(self.outbox_table))
+        """``schema.table`` of the (first) outbox, the schema spelled out (as events name it)."""
+        return ".".join(self._first_table())
 
     @property
     def table_schema(self) -> str:
-        return split_table_name(self.outbox_table)[0]
+        return self._first_table()[0]
 
     @property
     def table_name(self) -> str:
-        return split_table_name(self.outbox_table)[1]
+        return self._first_table()[1]
+
+
+def _json_text(value: object) -> object:
+    """A setting given as JSON text, parsed (blank: an empty object); anything else as is."""
+    if not isinstance(value, str):
+        return value
+    if not value.strip():
+        return {}
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"is not valid JSON ({exc.msg} at position {exc.pos})") from None
+
+
+def _table_list(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",") if name.strip()]
 
 
 _SECRET_WORDS = ("password", "secret", "key.pem", "sasl.oauthbearer.config", "token")

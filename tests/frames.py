@@ -89,3 +89,36 @@ def outbox_row(
         None,
         created_at,
     ]
+
+
+def message(
+    content: bytes, lsn: int, *, prefix: str = "cdc_relay.outbox", transactional: bool = True
+) -> bytes:
+    """A pgoutput Message ('M', option messages 'true'): flags, LSN, prefix, content. Its
+    XLogData start and the message's own LSN are both ``lsn`` here."""
+    body = b"M" + struct.pack(">BQ", 1 if transactional else 0, lsn) + _cstring(prefix)
+    return xlog_data(body + struct.pack(">i", len(content)) + content, lsn)
+
+
+def message_event(
+    key: str,
+    payload: bytes | None = b'{"n": 1}',
+    *,
+    event_id: str | None = None,
+    aggregate_type: str = "order",
+    event_type: str = "Tested",
+    headers: Sequence[tuple[str, bytes]] = (),
+    timestamp_ms: int = 1_795_000_000_123,
+) -> bytes:
+    """The content of an event written as a message (core/framing.py)."""
+    from cdc_relay.core import framing
+
+    return framing.encode(
+        event_id=event_id or str(uuid.uuid4()),
+        aggregate_type=aggregate_type,
+        aggregate_id=key,
+        event_type=event_type,
+        payload=payload,
+        headers=headers,
+        timestamp_ms=timestamp_ms,
+    )

@@ -62,6 +62,7 @@ class Event:
     size: (
         int  # payload bytes: above BROKER_LIMIT the topic refuses it; above CLIENT_LIMIT, produce()
     )
+    message: bool = False  # written as a logical decoding message, not an outbox row
 
 
 @dataclass
@@ -91,11 +92,13 @@ class Server:
         self.statuses: list[int] = []
         self.landed: Callable[[Event], bool] = lambda event: False
 
-    def write(self, keys: list[str], sizes: list[int]) -> Txn:
+    def write(self, keys: list[str], sizes: list[int], messages: list[bool] | None = None) -> Txn:
         begin = self.next_lsn
         events = []
+        as_message = messages or [False] * len(keys)
         for i, (key, size) in enumerate(zip(keys, sizes, strict=True)):
-            event = Event(begin + 1 + i, key, self.seq, str(uuid.UUID(int=self.seq + 1)), size)
+            event_id = str(uuid.UUID(int=self.seq + 1))
+            event = Event(begin + 1 + i, key, self.seq, event_id, size, as_message[i])
             self.seq += 1
             events.append(event)
             self.events[event.event_id] = event
@@ -162,6 +165,12 @@ class Stream:
             return []  # confirmed before this session: the server does not send it again
         out = [frames.begin(item.final_lsn, lsn=item.final_lsn - len(item.events) - 1)]
         for event in item.events:
+            if event.message:
+                content = frames.message_event(
+                    event.key, payload(event), event_id=event.event_id, aggregate_type="order"
+                )
+                out.append(frames.message(content, event.lsn))
+                continue
             row = frames.outbox_row(event.key, payload(event), event_id=event.event_id)
             out.append(frames.insert(row, event.lsn))
         out.append(frames.commit(item.final_lsn, item.end_lsn))

@@ -76,12 +76,14 @@ class RelayCollector(Collector):
 
         published = CounterMetricFamily(
             "cdc_relay_events_published_total",
-            "Outbox events handed to the producer for their topic (replays after a reset "
+            "Outbox events handed to the producer for their topic, by source: the outbox "
+            "table, or message:<prefix> for logical decoding messages (replays after a reset "
             "count again).",
-            labels=["topic"],
+            labels=["topic", "table"],
         )
-        for topic, count in sorted(dict(stats.published_by_topic).items()):
-            published.add_metric([topic], count)
+        for source, counts in sorted(dict(stats.published_by_source).items()):
+            for topic, count in sorted(dict(counts).items()):
+                published.add_metric([topic, source], count)
         yield published
         yield CounterMetricFamily(
             "cdc_relay_events_dead_lettered_total",

@@ -143,14 +143,23 @@ class ReplicationStream:
             raise _result_error(res, f"{what} failed", self._pg)
         return res
 
-    def start(self, *, slot: str, publication: str, start_lsn: Lsn, proto_version: int = 1) -> None:
-        """Issue START_REPLICATION; the server resumes from the slot's confirmed position."""
+    def start(
+        self,
+        *,
+        slot: str,
+        publication: str,
+        start_lsn: Lsn,
+        proto_version: int = 1,
+        messages: bool = False,
+    ) -> None:
+        """Issue START_REPLICATION; the server resumes from the slot's confirmed position.
+        ``messages``: also stream logical decoding messages (pgoutput option, PostgreSQL 14+)."""
         # slot and publication are validated identifiers (settings), so plain interpolation
         # cannot inject anything.
-        command = (
-            f"START_REPLICATION SLOT {slot} LOGICAL {format_lsn(start_lsn)} "
-            f"(proto_version '{proto_version}', publication_names '{publication}')"
-        )
+        options = f"proto_version '{proto_version}', publication_names '{publication}'"
+        if messages:
+            options += ", messages 'true'"
+        command = f"START_REPLICATION SLOT {slot} LOGICAL {format_lsn(start_lsn)} ({options})"
         pg = self._pg
         pg.send_query(command.encode())
         result = pg.get_result()

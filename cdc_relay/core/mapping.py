@@ -1,10 +1,11 @@
 """Outbox row → Kafka record: pure, the hot path's per-event work.
 
-A TablePlan is bound to one version of the outbox's Relation message (column positions are
-resolved once); `TablePlan.map` then turns an Insert's tuple into an OutboxRecord, or into a
+A TablePlan is bound to one version of an outbox table's Relation message (column positions
+are resolved once); `TablePlan.map` then turns an Insert's tuple into an OutboxRecord, or into a
 Rejected verdict when the row can never be delivered (it then goes to the dead-letter topic or
-halts the relay, per policy). The payload bytes are passed through exactly as PostgreSQL sent
-them: never parsed, never re-encoded.
+halts the relay, per policy). A MessagePlan does the same for the content of a logical decoding
+message in the framing of core/framing.py. The payload bytes are passed through exactly as
+PostgreSQL sent them: never parsed, never re-encoded.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ class TablePlan:
         "_last_topic",
         "_payload_idx",
         "_payload_is_bytea",
+        "_schema",
         "_table",
         "_template",
         "_topics",
@@ -154,6 +156,7 @@ class TablePlan:
             )
         self.table = f"{relation.namespace}.{relation.name}"
         self._table = relation.name
+        self._schema = relation.namespace
         self._id_idx = positions[mapping.id]
         self._type_idx = positions[mapping.aggregate_type]
         self._key_idx = positions[mapping.aggregate_id]
@@ -311,29 +314,9 @@ class TablePlan:
         return raw
 
     def _topic(self, aggregate_type: bytes, event_type: bytes) -> str | Rejected:
-        try:
-            topic = self._template.format(
-                aggregate_type=aggregate_type.decode("utf-8"),
-                event_type=event_type.decode("utf-8"),
-                table=self._table,
-            )
-        except UnicodeDecodeError:
-            return Rejected("the routing columns are not valid UTF-8", None, None, [])
-        except (ValueError, KeyError, IndexError, AttributeError) as exc:
-            # Settings validate the template; this keeps map() total all the same.
-            return Rejected(f"the topic template cannot be applied: {exc}", None, None, [])
-        if not legal_topic(topic):
-            return Rejected(
-                f"invalid topic name {topic[:300]!r}: Kafka allows 1-249 characters of "
-                "[A-Za-z0-9._-]",
-                None,
-                None,
-                [],
-            )
-        if len(self._topics) >= _TOPIC_CACHE_LIMIT:
-            self._topics.clear()
-        self._topics[(aggregate_type, event_type)] = topic
-        return topic
+        return route(
+            self._template, self._topics, aggregate_type, event_type, self._schema, self._table
+        )
 
     @staticmethod
     def _extra_headers(raw: ColumnValue) -> Headers | Rejected:
@@ -361,6 +344,163 @@ class TablePlan:
         if type(raw) is not bytes:
             return 0
         return parse_timestamp_ms(raw)
+
+
+def route(
+    template: str,
+    topics: dict[tuple[bytes, bytes], str],
+    aggregate_type: bytes,
+    event_type: bytes,
+    schema: str,
+    table: str,
+) -> str | Rejected:
+    """The topic of an event by the template, remembered in ``topics``; or why there is none."""
+    try:
+        topic = template.format(
+            aggregate_type=aggregate_type.decode("utf-8"),
+            event_type=event_type.decode("utf-8"),
+            schema=schema,
+            table=table,
+        )
+    except UnicodeDecodeError:
+        return Rejected("the routing columns are not valid UTF-8", None, None, [])
+    except (ValueError, KeyError, IndexError, AttributeError) as exc:
+        # Settings validate the template; this keeps map() total all the same.
+        return Rejected(f"the topic template cannot be applied: {exc}", None, None, [])
+    if not legal_topic(topic):
+        return Rejected(
+            f"invalid topic name {topic[:300]!r}: Kafka allows 1-249 characters of [A-Za-z0-9._-]",
+            None,
+            None,
+            [],
+        )
+    if len(topics) >= _TOPIC_CACHE_LIMIT:
+        topics.clear()
+    topics[(aggregate_type, event_type)] = topic
+    return topic
+
+
+# The framing of core/framing.py (not imported: constants of this module compile to C ones;
+# tests/unit/test_framing.py checks that both agree).
+_FRAME_VERSION: Final = 1
+_FRAME_NULL_PAYLOAD: Final = 1
+_FRAME_MIN_SIZE: Final = 20
+# A message event's {schema} in the topic template (its {table} is the prefix), and the start
+# of its source's name (message:<prefix>) in dead-letter headers, kept rows and metrics.
+MESSAGE_SCHEMA: Final = "message"
+MESSAGE_SOURCE_PREFIX: Final = "message:"
+
+
+def _string2(content: bytes, pos: int) -> tuple[bytes, int]:
+    """A UInt16-length string of the framing at ``pos``: (its bytes, the next position), or
+    (b"", -1) when the content ends first."""
+    end = len(content)
+    if pos + 2 > end:
+        return b"", -1
+    n = (content[pos] << 8) | content[pos + 1]
+    pos += 2
+    if pos + n > end:
+        return b"", -1
+    return content[pos : pos + n], pos + n
+
+
+class MessagePlan:
+    """The mapping of logical decoding messages with the relay's prefix: the framing's fields
+    play the roles of a table's columns, with the same routing, key, headers and timestamp."""
+
+    __slots__ = (
+        "_last_aggregate_type",
+        "_last_event_type",
+        "_last_topic",
+        "_template",
+        "_topics",
+        "prefix",
+        "table",
+    )
+
+    def __init__(self, prefix: str, topic_template: str) -> None:
+        self.prefix = prefix
+        # The source's name in dead-letter headers, kept rows and metrics.
+        self.table = MESSAGE_SOURCE_PREFIX + prefix
+        self._template = topic_template
+        self._topics: dict[tuple[bytes, bytes], str] = {}
+        self._last_aggregate_type: bytes | None = None
+        self._last_event_type = b""
+        self._last_topic = ""
+
+    def map(self, content: bytes) -> OutboxRecord | Rejected:
+        """Turn one message's content into a record, or a Rejected verdict. Never raises."""
+        if len(content) < _FRAME_MIN_SIZE:
+            return Rejected(
+                f"the message content is {len(content)} bytes, shorter than any event "
+                f"({_FRAME_MIN_SIZE})",
+                None,
+                None,
+                [],
+            )
+        version = content[0]
+        if version != _FRAME_VERSION:
+            return Rejected(
+                f"the message content is in framing version {version}; this relay reads "
+                f"version {_FRAME_VERSION}",
+                None,
+                None,
+                [],
+            )
+        flags = content[1]
+        if flags & ~_FRAME_NULL_PAYLOAD:
+            return Rejected(f"unknown framing flags {flags:#04x}", None, None, [])
+        timestamp_ms = int.from_bytes(content[2:10], "big", signed=True)
+        event_id, pos = _string2(content, 10)
+        aggregate_type, pos = _string2(content, pos) if pos >= 0 else (b"", -1)
+        key, pos = _string2(content, pos) if pos >= 0 else (b"", -1)
+        event_type, pos = _string2(content, pos) if pos >= 0 else (b"", -1)
+        if pos < 0 or pos + 2 > len(content):
+            return Rejected("the message content ends inside its fields", None, None, [])
+        headers: Headers = [
+            ("id", event_id),
+            ("event_type", event_type),
+            ("aggregate_type", aggregate_type),
+        ]
+        count = (content[pos] << 8) | content[pos + 1]
+        pos += 2
+        for _ in range(count):
+            name, pos = _string2(content, pos)
+            if pos < 0 or pos + 4 > len(content):
+                return Rejected("the message content ends inside its headers", key, None, headers)
+            size = int.from_bytes(content[pos : pos + 4], "big")
+            pos += 4
+            if pos + size > len(content):
+                return Rejected("the message content ends inside its headers", key, None, headers)
+            try:
+                text = name.decode("utf-8")
+            except UnicodeDecodeError:
+                return Rejected("a header name is not valid UTF-8", key, None, headers)
+            headers.append((text, content[pos : pos + size]))
+            pos += size
+        value: bytes | None = None if flags & _FRAME_NULL_PAYLOAD else content[pos:]
+        topic: str | None
+        if aggregate_type == self._last_aggregate_type and event_type == self._last_event_type:
+            topic = self._last_topic
+        else:
+            found = self._topics.get((aggregate_type, event_type))
+            if found is None:
+                routed = route(
+                    self._template,
+                    self._topics,
+                    aggregate_type,
+                    event_type,
+                    MESSAGE_SCHEMA,
+                    self.prefix,
+                )
+                if isinstance(routed, Rejected):
+                    return Rejected(routed.error, key, value, headers)
+                found = routed
+            topic = found
+            self._last_aggregate_type = aggregate_type
+            self._last_event_type = event_type
+            self._last_topic = topic
+        return OutboxRecord(topic, key, value, headers, timestamp_ms if timestamp_ms > 0 else 0)
 
 
 class _JsonNumber:

@@ -19,6 +19,7 @@ dead-letter topic (or halts the relay) on every later replay without being tried
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from cdc_relay.core.lsn import Lsn, format_lsn
 from cdc_relay.core.mapping import (
     ColumnMapping,
     Headers,
+    MessagePlan,
     OutboxRecord,
     Rejected,
     TablePlan,
@@ -54,6 +56,7 @@ from cdc_relay.core.pgoutput import (
     Truncate,
     Type,
     Update,
+    Xid,
 )
 from cdc_relay.core.progress import Progress
 from cdc_relay.core.stats import RelayStats
@@ -64,8 +67,13 @@ from cdc_relay.errors import DecodeError, PrerequisiteError, RelayError, Replica
 PROTO_VERSION: Final = 1
 _INSERT: Final = ord("I")
 # Outbox updates, deletes and truncates are ignored by design (cleaning the table never emits
-# events; the publication only sends inserts anyway), and so are origins, types and messages.
-_IGNORED: Final = (Update, Delete, Truncate, Origin, Type, LogicalMessage)
+# events; the publication only sends inserts anyway), and so are origins and types.
+_IGNORED: Final = (Update, Delete, Truncate, Origin, Type)
+NON_TRANSACTIONAL: Final = (
+    "a non-transactional logical decoding message (pg_logical_emit_message(false, ...)) is not "
+    "tied to a commit: PostgreSQL sends it even when its transaction rolls back; emit events "
+    "with transactional = true (cdc_relay.outbox.emit_event, cdc_relay_emit_event)"
+)
 # The dead-letter record of last resort keeps only what identifies the row.
 IDENTIFYING_HEADERS: Final = ("id", "error", "source_lsn", "source_table")
 # Dead-letter forms, from the fullest: with the value; without it; without the key and with
@@ -79,11 +87,30 @@ WARNING, INFO = 30, 20  # logging levels, for Notice
 
 
 @dataclass(frozen=True, slots=True)
-class PipelineConfig:
-    """What the pipeline needs of the relay's settings (built by runtime from Settings)."""
+class TableSource:
+    """One outbox table the relay streams, with its column mapping."""
 
-    outbox_table: tuple[str, str]
+    schema: str
+    name: str
     mapping: ColumnMapping = field(default_factory=ColumnMapping)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    """What the pipeline needs of the relay's settings (built by runtime from Settings).
+
+    The sources of events: ``outbox_table`` with ``mapping`` (the one-table form), ``tables``
+    (several, each with its own mapping), and logical decoding messages whose prefix is
+    ``message_prefix`` ("" for none)."""
+
+    outbox_table: tuple[str, str] | None = None
+    mapping: ColumnMapping = field(default_factory=ColumnMapping)
+    tables: tuple[TableSource, ...] = ()
+    message_prefix: str = ""
+    # The publication lists its tables (FOR TABLE): a table in the stream that is not a source
+    # was added to it while this relay ran, and passing over its rows would confirm past them;
+    # stop instead. (A FOR TABLES IN SCHEMA publication carries other tables too: ignored.)
+    unlisted_tables_halt: bool = False
     topic_template: str = "outbox.event.{aggregate_type}"
     dead_letter_topic: str = "outbox.dead-letter"
     halt_on_bad_row: bool = False
@@ -109,8 +136,19 @@ class PipelineConfig:
     pipeline_key: bytes = b"cdc-relay"
 
     @property
+    def table_sources(self) -> tuple[TableSource, ...]:
+        one = self.outbox_table
+        head = (TableSource(one[0], one[1], self.mapping),) if one is not None else ()
+        return head + self.tables
+
+    @property
     def table_name(self) -> str:
-        return ".".join(self.outbox_table)
+        """The source named in a dead-letter record when the event's own is not known: the
+        first table, or the messages."""
+        tables = self.table_sources
+        if tables:
+            return f"{tables[0].schema}.{tables[0].name}"
+        return f"message:{self.message_prefix}"
 
 
 @dataclass(slots=True)
@@ -154,6 +192,7 @@ class Produce:
     delivery: Transaction
     alone: bool = False
     lsn: Lsn | None = None  # the event's WAL position, when it is known
+    source: str | None = None  # the event's table (or message prefix), when it is known
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +307,23 @@ class State(enum.Enum):
 # --------------------------------------------------------------------------- the pipeline
 
 
+class _Sources:
+    """What the pipeline knows of its sources besides the plans of the tables it has seen.
+    One attribute of the pipeline, not four: past 30 attributes CPython 3.11 gives an instance
+    a dictionary of its own, and every attribute read of the hot path gets slower."""
+
+    __slots__ = ("message_counts", "message_plan", "tables", "unlisted")
+
+    def __init__(self, config: PipelineConfig, stats: RelayStats) -> None:
+        self.tables = {(t.schema, t.name): t.mapping for t in config.table_sources}
+        self.unlisted: dict[int, str] = {}  # relid -> name, of tables that are no source
+        self.message_plan: MessagePlan | None = None
+        self.message_counts: dict[str, int] = {}
+        if config.message_prefix:
+            self.message_plan = MessagePlan(config.message_prefix, config.topic_template)
+            self.message_counts = stats.published_by_source.setdefault(self.message_plan.table, {})
+
+
 class Pipeline:
     """One replication session's decisions, from the slot's confirmed position ``start``.
 
@@ -297,7 +353,10 @@ class Pipeline:
         self.state = State.STREAMING
         self.delivery: Transaction | None = None  # the open transaction: callback of its records
         self.reset_reason: str | None = None
-        self._plans: dict[int, TablePlan] = {}
+        # relid -> the table's plan and its stats' per-topic counter (a tuple: reading an
+        # attribute of a compiled plan from here costs more, per event, than unpacking it).
+        self._plans: dict[int, tuple[TablePlan, dict[str, int]]] = {}
+        self._sources = _Sources(config, self.stats)
         self._failures: list[Failure] = []
         # Per transaction: whether inserts take the careful path (skips, refusals, isolation).
         self._careful = False
@@ -362,24 +421,26 @@ class Pipeline:
             # The frame's start position is unpacked only here, never per event.
             raise DecodeError(exc.reason, offset=exc.offset, lsn=xlog_data_start(buf)) from None
         if type(message) is Insert:
-            plan = self._plans.get(message.relid)
-            if plan is None:
+            entry = self._plans.get(message.relid)
+            if entry is None:
+                self._unmapped(message.relid)
                 return None
+            plan, by_topic = entry
             outcome = plan.map(message.new)
             delivery = self.delivery
             if delivery is None:
                 raise ReplicationError("Insert outside a transaction in the replication stream")
             if self._careful or type(outcome) is not OutboxRecord:
-                return self._insert_carefully(outcome, delivery, plan, xlog_data_start(buf))
+                return self._insert_carefully(
+                    outcome, delivery, plan, by_topic, xlog_data_start(buf)
+                )
             # tracker.sent() and the counters, inlined: this runs once per event.
             key, value = outcome.key, outcome.value
             tracker = self.tracker
             tracker.in_flight_bytes += (len(key) if key else 0) + (len(value) if value else 0)
             tracker.in_flight_events += 1
             delivery.pending += 1
-            stats = self.stats
-            stats.published += 1
-            by_topic = stats.published_by_topic
+            self.stats.published += 1
             by_topic[outcome.topic] = by_topic.get(outcome.topic, 0) + 1
             return outcome
         if type(message) is Begin:
@@ -388,6 +449,8 @@ class Pipeline:
             return self._commit(message)
         elif type(message) is Relation:
             self._relation(message)
+        elif type(message) is LogicalMessage:
+            return self._message(message, buf)
         elif not isinstance(message, _IGNORED):
             raise ReplicationError(
                 f"unexpected {type(message).__name__} message for protocol version {PROTO_VERSION}"
@@ -447,9 +510,11 @@ class Pipeline:
         self.stats.transaction_acknowledged(txn.commit_time, self._wall_clock())
 
     def _relation(self, relation: Relation) -> None:
-        if (relation.namespace, relation.name) != self.config.outbox_table:
-            plan = self._plans.pop(relation.relid, None)
-            if plan is not None:
+        mapping = self._sources.tables.get((relation.namespace, relation.name))
+        if mapping is None:
+            entry = self._plans.pop(relation.relid, None)
+            if entry is not None:
+                plan = entry[0]
                 # The outbox itself under a new name: skipping its rows would confirm past
                 # them, so stop before this transaction instead.
                 raise PrerequisiteError(
@@ -458,18 +523,83 @@ class Pipeline:
                     "Rename it back, or point CDC_RELAY_OUTBOX_TABLE at it and run "
                     "`cdc-relay setup`"
                 )
+            # Not a source. A Relation alone says nothing yet: pgoutput also describes the
+            # partition a row is in when it publishes the row under its root's name.
+            self._sources.unlisted[relation.relid] = f"{relation.namespace}.{relation.name}"
             return
         # A new Relation message follows every schema change: re-resolve the columns. A table
         # that lost a mapped column cannot deliver anything, so that is fatal, not per row.
         try:
-            self._plans[relation.relid] = TablePlan(
-                relation, self.config.mapping, self.config.topic_template
-            )
+            plan = TablePlan(relation, mapping, self.config.topic_template)
         except RelayError as exc:
             raise PrerequisiteError(str(exc)) from None
+        counts = self.stats.published_by_source.setdefault(plan.table, {})
+        self._plans[relation.relid] = (plan, counts)
+
+    def _unmapped(self, relid: int) -> None:
+        """A row of a table that is no source: passed over, unless the publication lists its
+        tables, where it can only be one added while this relay ran."""
+        name = self._sources.unlisted.get(relid)
+        if name is not None and self.config.unlisted_tables_halt:
+            raise PrerequisiteError(
+                f"the publication now carries {name}, which CDC_RELAY_OUTBOX_TABLE does not "
+                "list: its rows would be passed over and confirmed, so the relay stops before "
+                "them. Add the table to CDC_RELAY_OUTBOX_TABLE and start the relay again "
+                "(README: adding a table)"
+            )
+
+    def _message(self, message: LogicalMessage, buf: bytes) -> OutboxRecord | list[Action] | None:
+        """A logical decoding message: an event when its prefix is the relay's, treated
+        exactly as an inserted row (one record in flight in its transaction)."""
+        plan = self._sources.message_plan
+        if plan is None or message.prefix != plan.prefix:
+            return None  # another application's messages
+        if not message.transactional:
+            return self._non_transactional(message, plan, buf)
+        delivery = self.delivery
+        if delivery is None:
+            raise ReplicationError("transactional Message outside a transaction in the stream")
+        outcome = plan.map(message.content)
+        counts = self._sources.message_counts
+        if self._careful or type(outcome) is not OutboxRecord:
+            return self._insert_carefully(outcome, delivery, plan, counts, xlog_data_start(buf))
+        # As the insert path (which stays inlined: it is the hotter one).
+        self.tracker.sent(delivery, record_size(outcome.key, outcome.value))
+        self._count_published(outcome.topic, counts)
+        return outcome
+
+    def _non_transactional(
+        self, message: LogicalMessage, plan: MessagePlan, buf: bytes
+    ) -> list[Action]:
+        """A message with the relay's prefix but not transactional: it belongs to no commit
+        (PostgreSQL sends it at once, whether its transaction commits or not), so it is never
+        delivered as an event; it is a bad row: dead-lettered, or a halt, by the policy. It
+        gets a transaction of its own at its position, so that the slot moves past it only
+        once that is done."""
+        mapped = plan.map(message.content)
+        error = NON_TRANSACTIONAL
+        if isinstance(mapped, Rejected):
+            error += f"; and its content is unreadable: {mapped.error}"
+        rejected = Rejected(error, mapped.key, mapped.value, mapped.headers)
+        lsn = xlog_data_start(buf)
+        own = self.delivery is None
+        if own:
+            sent_at = int.from_bytes(buf[17:25], "big", signed=True)  # XLogData send time
+            self._begin(Begin(message.lsn, sent_at, Xid(0)))
+        txn = self.delivery
+        assert txn is not None
+        actions = self._insert_carefully(rejected, txn, plan, self._sources.message_counts, lsn)
+        if own and self.state is State.STREAMING:
+            actions += self._commit(Commit(0, message.lsn, message.lsn, txn.commit_time)) or []
+        return actions
 
     def _insert_carefully(
-        self, outcome: OutboxRecord | Rejected, txn: Transaction, plan: TablePlan, lsn: Lsn
+        self,
+        outcome: OutboxRecord | Rejected,
+        txn: Transaction,
+        plan: TablePlan | MessagePlan,
+        counts: dict[str, int],
+        lsn: Lsn,
     ) -> list[Action]:
         """An insert off the hot path: a row that cannot be mapped, an operator skip, an event
         refused before, a transaction replayed one record at a time, or in exactly-once mode
@@ -485,11 +615,16 @@ class Pipeline:
             if not kafka.open:
                 kafka.began(self._now, self._counted())
                 self._careful = self._needs_care()
-                return [BeginTransaction(), *self._insert(outcome, txn, plan, lsn)]
-        return self._insert(outcome, txn, plan, lsn)
+                return [BeginTransaction(), *self._insert(outcome, txn, plan, counts, lsn)]
+        return self._insert(outcome, txn, plan, counts, lsn)
 
     def _insert(
-        self, outcome: OutboxRecord | Rejected, txn: Transaction, plan: TablePlan, lsn: Lsn
+        self,
+        outcome: OutboxRecord | Rejected,
+        txn: Transaction,
+        plan: TablePlan | MessagePlan,
+        counts: dict[str, int],
+        lsn: Lsn,
     ) -> list[Action]:
         memory = self.memory
         if lsn in memory.skips:
@@ -505,13 +640,28 @@ class Pipeline:
             rejected = Rejected(error, outcome.key, outcome.value, outcome.headers)
             return self._dead_letter(rejected, txn, lsn, plan.table, include_value=not size_error)
         self.tracker.sent(txn, record_size(outcome.key, outcome.value))
-        self._count_published(outcome.topic)
-        return [Produce(outcome, txn, alone=outcome.topic in self._isolated_topics, lsn=lsn)]
+        self._count_published(outcome.topic, counts)
+        alone = outcome.topic in self._isolated_topics
+        return [Produce(outcome, txn, alone=alone, lsn=lsn, source=plan.table)]
 
-    def _count_published(self, topic: str) -> None:
-        stats = self.stats
-        stats.published += 1
-        stats.published_by_topic[topic] = stats.published_by_topic.get(topic, 0) + 1
+    def _count_published(self, topic: str, counts: dict[str, int]) -> None:
+        self.stats.published += 1
+        counts[topic] = counts.get(topic, 0) + 1
+
+    def _source_of(self, frame: bytes | memoryview | None, source: str | None) -> str:
+        """The table (or message source) of an event, off the hot path: as a Produce action
+        named it, or decoded again from its frame."""
+        if source is not None:
+            return source
+        if frame is not None:
+            buf = frame if type(frame) is bytes else bytes(frame)
+            with contextlib.suppress(DecodeError):
+                message = Decoder(PROTO_VERSION).decode(buf, offset=XLOG_DATA_HEADER_SIZE)
+                if type(message) is Insert and message.relid in self._plans:
+                    return self._plans[message.relid][0].table
+                if type(message) is LogicalMessage and self._sources.message_plan is not None:
+                    return self._sources.message_plan.table
+        return self.config.table_name
 
     # ------------------------------------------------------------------ dead letters
 
@@ -628,10 +778,12 @@ class Pipeline:
         too_large: bool,
         frame: bytes | memoryview | None = None,
         lsn: Lsn | None = None,
+        source: str | None = None,
     ) -> list[Action]:
         """produce() refused ``record`` outright (too large for the client, invalid), before
-        any network: a verdict on this record alone. Its event's WAL position: ``lsn`` (of a
-        Produce action), or read from ``frame``, the CopyData frame it came from."""
+        any network: a verdict on this record alone. Its event's WAL position and source:
+        ``lsn`` and ``source`` (of a Produce action), or read from ``frame``, the CopyData
+        frame it came from."""
         self.stats.count_delivery_error("refused")
         event_lsn = xlog_data_start(frame) if frame is not None else lsn
         if record.topic == self.config.dead_letter_topic:
@@ -644,7 +796,7 @@ class Pipeline:
             rejected,
             delivery,
             event_lsn,
-            self.config.table_name,
+            self._source_of(frame, source),
             include_value=not too_large,
             replacing=record_size(record.key, record.value),
         )
@@ -701,7 +853,9 @@ class Pipeline:
                     "aborting the Kafka transaction to dead-letter it in the next one"
                 )
             elif verdict is Verdict.REFUSED:
-                actions += self._refused_for_good(failure, event_lsn)
+                actions += self._refused_for_good(
+                    failure, event_lsn, alone.source if alone is not None else None
+                )
             elif verdict is Verdict.ISOLATE:
                 self.memory.isolate.add((failure.delivery.final_lsn, failure.topic))
                 resets.append(
@@ -729,7 +883,9 @@ class Pipeline:
             self.memory.poisoned[event_lsn] = (failure.delivery.final_lsn, error, size_error)
         return error, size_error
 
-    def _refused_for_good(self, failure: Failure, event_lsn: Lsn | None) -> list[Action]:
+    def _refused_for_good(
+        self, failure: Failure, event_lsn: Lsn | None, source: str | None
+    ) -> list[Action]:
         if failure.topic == self.config.dead_letter_topic:
             return self._shrink_dead_letter(failure, event_lsn)
         txn = failure.delivery
@@ -739,7 +895,7 @@ class Pipeline:
             rejected,
             txn,
             event_lsn,
-            self.config.table_name,
+            self._source_of(None, source),
             include_value=not size_error,
             replacing=record_size(failure.key, failure.value),
         )

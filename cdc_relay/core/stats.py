@@ -70,7 +70,8 @@ class RelayStats:
     # again; a record Kafka then refuses for good counts in dead_lettered as well (a counter
     # never goes down).
     published: int = 0
-    published_by_topic: dict[str, int] = field(default_factory=dict)
+    # The same per source (table, or message:<prefix>) and topic: the metric's labels.
+    published_by_source: dict[str, dict[str, int]] = field(default_factory=dict)
     dead_lettered: int = 0
     # Delivery reports with an error, by how the relay judged them (record, pipeline), plus
     # records produce() refused outright ("refused").
@@ -101,6 +102,15 @@ class RelayStats:
     slot_wal_status: str | None = None
     slot_sampled_unix: float = 0.0
     lag_sample_errors: int = 0
+
+    @property
+    def published_by_topic(self) -> dict[str, int]:
+        """Published records per topic, over every source."""
+        out: dict[str, int] = {}
+        for counts in list(self.published_by_source.values()):
+            for topic, count in list(counts.items()):
+                out[topic] = out.get(topic, 0) + count
+        return out
 
     def count_reconnect(self, cause: str) -> None:
         self.reconnects_by_cause[cause] = self.reconnects_by_cause.get(cause, 0) + 1

@@ -128,6 +128,21 @@ def publication_tables(conn: Connection, publication: str) -> list[str] | None:
     return [row[0] for row in rows]
 
 
+def publication_lists_tables(conn: Connection, publication: str) -> bool:
+    """Whether the publication carries only the tables it names (FOR TABLE), not every table
+    of a schema or of the database: then a table in the stream that the relay does not map
+    can only be one added to it, and the relay stops rather than pass over its rows."""
+    row = conn.execute(
+        """
+        SELECT NOT p.puballtables
+           AND NOT EXISTS (SELECT 1 FROM pg_publication_namespace pn WHERE pn.pnpubid = p.oid)
+        FROM pg_publication p WHERE p.pubname = %s
+        """,
+        (publication,),
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def _publication_covers(conn: Connection, publication: str, settings: Settings) -> bool:
     row = conn.execute(
         """
@@ -202,10 +217,8 @@ def check_prerequisites(conn: Connection, settings: Settings, say: Say) -> None:
 
 
 def outbox_sql(settings: Settings) -> sql.Composed:
-    text = recipes.read("outbox.sql")
-    body = "\n".join(line for line in text.splitlines() if not line.startswith("--"))
     table = sql.Identifier(settings.table_schema, settings.table_name)
-    return sql.SQL(body).format(table=table)
+    return recipes.composed("outbox.sql", table=table)
 
 
 def table_columns(conn: Connection, settings: Settings) -> dict[str, str] | None:
@@ -431,31 +444,11 @@ def setup(conn: Connection, settings: Settings, *, create_table: bool, say: Say)
         )
     want_failover = failover.wants_failover(settings.slot_failover, facts.version_num)
     changed = False
-    table = settings.outbox_table
-
-    columns = table_columns(conn, settings)
-    if columns is None:
-        if not create_table:
-            raise PrerequisiteError(
-                f"table {table} does not exist: create it, or run `cdc-relay setup --create-table`"
-            )
-        conn.execute(outbox_sql(settings))
-        say(f"done  created table {table}")
-        changed = True
-        columns = table_columns(conn, settings) or {}
-    else:
-        say(f"ok    table {table} exists")
-    problems = verify_table(columns, settings)
-    if problems:
-        raise PrerequisiteError(
-            f"table {table} does not fit the column mapping: " + "; ".join(problems)
-        )
-    for optional, variable in (
-        (settings.column_headers, "CDC_RELAY_COLUMN_HEADERS"),
-        (settings.column_created_at, "CDC_RELAY_COLUMN_CREATED_AT"),
-    ):
-        if optional and optional not in columns:
-            say(f"note  table {table} has no column {optional!r} ({variable}); it is not used")
+    tables = settings.per_table()
+    for table in tables:
+        changed |= _setup_table(conn, table, create_table=create_table, say=say)
+    if not tables:
+        say("ok    no outbox table (CDC_RELAY_OUTBOX_TABLE is empty): events are messages only")
 
     missing = control.missing_tables(conn, settings)
     if missing:
@@ -464,39 +457,21 @@ def setup(conn: Connection, settings: Settings, *, create_table: bool, say: Say)
         changed = True
     else:
         say(
-            f"ok    control tables {settings.table_schema}.{control.KEPT_TABLE}, "
-            f"{settings.table_schema}.{control.SKIPPED_TABLE} exist"
+            f"ok    control tables {settings.control_schema}.{control.KEPT_TABLE}, "
+            f"{settings.control_schema}.{control.SKIPPED_TABLE} exist"
         )
-
-    publication = settings.publication_name
-    tables = publication_tables(conn, publication)
-    if tables is None:
-        options = "publish = 'insert'"
-        if _is_partitioned(conn, settings):
-            options += ", publish_via_partition_root = true"
-        conn.execute(
-            sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (" + options + ")").format(
-                sql.Identifier(publication),
-                sql.Identifier(settings.table_schema, settings.table_name),
-            )
-        )
-        say(f"done  created publication {publication} for {table} ({options})")
-        changed = True
-    elif not _publication_covers(conn, publication, settings):
-        raise PrerequisiteError(
-            f"publication {publication} exists but does not include {table}: run "
-            f"ALTER PUBLICATION {publication} ADD TABLE {table}, or choose another "
-            "CDC_RELAY_PUBLICATION_NAME"
-        )
+    if settings.messages:
+        changed |= _setup_emit_functions(conn, settings, say)
     else:
-        _require_via_root(conn, settings)
-        say(f"ok    publication {publication} includes {table}")
+        say("ok    no messages (CDC_RELAY_MESSAGE_PREFIX is empty)")
 
-    partition = partition_facts(conn, settings)
-    if partition is not None:
-        require_one_partition(partition, publication)
-        for finding in partition_findings(partition, publication):
-            say(finding.line())
+    changed |= _setup_publication(conn, settings, tables, say)
+    for table in tables:
+        partition = partition_facts(conn, table)
+        if partition is not None:
+            require_one_partition(partition, settings.publication_name)
+            for finding in partition_findings(partition, settings.publication_name):
+                say(finding.line())
 
     name = settings.slot_name
     slot = fetch_slot(conn, name)
@@ -530,6 +505,113 @@ def setup(conn: Connection, settings: Settings, *, create_table: bool, say: Say)
             say(finding.line())
 
     say("setup complete" if changed else "nothing to change: already set up")
+    return changed
+
+
+def _setup_table(conn: Connection, settings: Settings, *, create_table: bool, say: Say) -> bool:
+    """One outbox table (``settings`` narrowed to it): created if asked, checked against its
+    column mapping."""
+    table = settings.outbox_table
+    changed = False
+    columns = table_columns(conn, settings)
+    if columns is None:
+        if not create_table:
+            raise PrerequisiteError(
+                f"table {table} does not exist: create it, or run `cdc-relay setup --create-table`"
+            )
+        conn.execute(outbox_sql(settings))
+        say(f"done  created table {table}")
+        changed = True
+        columns = table_columns(conn, settings) or {}
+    else:
+        say(f"ok    table {table} exists")
+    problems = verify_table(columns, settings)
+    if problems:
+        raise PrerequisiteError(
+            f"table {table} does not fit the column mapping: " + "; ".join(problems)
+        )
+    for optional, variable in (
+        (settings.column_headers, "CDC_RELAY_COLUMN_HEADERS"),
+        (settings.column_created_at, "CDC_RELAY_COLUMN_CREATED_AT"),
+    ):
+        if optional and optional not in columns:
+            say(f"note  table {table} has no column {optional!r} ({variable}); it is not used")
+    return changed
+
+
+def _setup_emit_functions(conn: Connection, settings: Settings, say: Say) -> bool:
+    state = control.emit_function_state(conn, settings)
+    where = f"{settings.control_schema}.cdc_relay_emit_event"
+    if state == "current":
+        say(f"ok    function {where} emits messages with prefix {settings.message_prefix}")
+        return False
+    conn.execute(control.emit_sql(settings))
+    done = "created" if state == "missing" else "replaced (the prefix changed)"
+    say(f"done  {done} functions {where}, {where}_bytes (prefix {settings.message_prefix})")
+    return True
+
+
+def _setup_publication(
+    conn: Connection, settings: Settings, tables: list[Settings], say: Say
+) -> bool:
+    """The publication over every outbox table (or over none, for messages only)."""
+    publication = settings.publication_name
+    existing = publication_tables(conn, publication)
+    names = [table.outbox_table for table in tables]
+    if existing is None:
+        options = "publish = 'insert'"
+        if any(_is_partitioned(conn, table) for table in tables):
+            options += ", publish_via_partition_root = true"
+        if tables:
+            conn.execute(
+                sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (" + options + ")").format(
+                    sql.Identifier(publication),
+                    sql.SQL(", ").join(
+                        sql.Identifier(table.table_schema, table.table_name) for table in tables
+                    ),
+                )
+            )
+            say(f"done  created publication {publication} for {', '.join(names)} ({options})")
+        else:
+            conn.execute(
+                sql.SQL("CREATE PUBLICATION {} WITH (" + options + ")").format(
+                    sql.Identifier(publication)
+                )
+            )
+            say(f"done  created publication {publication} without tables (messages need none)")
+        return True
+    changed = False
+    for table in tables:
+        if _publication_covers(conn, publication, table):
+            _require_via_root(conn, table)
+            say(f"ok    publication {publication} includes {table.outbox_table}")
+            continue
+        if not publication_lists_tables(conn, publication):
+            raise PrerequisiteError(
+                f"publication {publication} exists but does not include {table.outbox_table}: "
+                f"run ALTER PUBLICATION {publication} ADD TABLE {table.outbox_table}, or choose "
+                "another CDC_RELAY_PUBLICATION_NAME"
+            )
+        conn.execute(
+            sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+                sql.Identifier(publication),
+                sql.Identifier(table.table_schema, table.table_name),
+            )
+        )
+        _require_via_root(conn, table)
+        say(
+            f"done  added {table.outbox_table} to publication {publication}: its rows committed "
+            "from now on are streamed"
+        )
+        slot = fetch_slot(conn, settings.slot_name)
+        if slot is not None and slot.active:
+            say(
+                f"note  slot {settings.slot_name} is in use by pid {slot.active_pid}: a relay "
+                f"whose CDC_RELAY_OUTBOX_TABLE lacks {table.outbox_table} stops before that "
+                "table's first row (nothing is lost); start it again with the new list "
+                "(README: adding a table)"
+            )
+        changed = True
     return changed
 
 
@@ -570,8 +652,9 @@ def status(conn: Connection, settings: Settings) -> dict[str, Any]:
             "tables": publication_tables(conn, settings.publication_name),
         },
         "outbox_table": settings.outbox_table,
+        "sources": sources(conn, settings),
         "partition": _partition_report(conn, settings),
-        "oldest_unconfirmed": oldest_unconfirmed(conn, settings, slot),
+        "oldest_unconfirmed": _oldest_of_all(conn, settings, slot),
         "failover": failover.report(facts, findings),
     }
     if settings.exactly_once:
@@ -603,8 +686,44 @@ def recorded_position(settings: Settings) -> dict[str, Any]:
     return out
 
 
+def sources(conn: Connection, settings: Settings) -> dict[str, Any]:
+    """Where events come from, and whether each source is active: a table is when it exists
+    and the publication carries it; messages when a prefix is set (and whether the SQL
+    functions are installed)."""
+    publication = settings.publication_name
+    exists = publication_tables(conn, publication) is not None
+    tables = []
+    for table in settings.per_table():
+        present = table_columns(conn, table) is not None
+        published = present and exists and _publication_covers(conn, publication, table)
+        tables.append({"table": table.outbox_table, "exists": present, "published": published})
+    messages = None
+    if settings.messages:
+        messages = {
+            "prefix": settings.message_prefix,
+            "functions": control.emit_function_state(conn, settings),
+        }
+    return {"tables": tables, "messages": messages}
+
+
+def _oldest_of_all(
+    conn: Connection, settings: Settings, slot: SlotInfo | None
+) -> dict[str, Any] | None:
+    """oldest_unconfirmed over every outbox table: the oldest of them (messages carry no
+    created_at a table could be asked for)."""
+    found = [oldest_unconfirmed(conn, table, slot) for table in settings.per_table()]
+    known = [f for f in found if f is not None]
+    if not known:
+        return None
+    pending = [f for f in known if f["created_at"] is not None]
+    return max(pending, key=lambda f: f["age_seconds"]) if pending else known[0]
+
+
 def _partition_report(conn: Connection, settings: Settings) -> dict[str, Any] | None:
-    facts = partition_facts(conn, settings)
+    facts = next(
+        (f for f in (partition_facts(conn, t) for t in settings.per_table()) if f is not None),
+        None,
+    )
     if facts is None:
         return None
     return {
@@ -721,6 +840,10 @@ def format_status(report: dict[str, Any]) -> str:
             if part:
                 shown += f", and {part['events']} events of the transaction at {part['lsn']}"
         lines.append(f"  recorded    {shown} (exactly-once: the progress topic is the truth)")
+    source_lines = _format_sources(report.get("sources"))
+    if source_lines:
+        lines.append(f"sources       {source_lines[0]}")
+        lines += [f"              {line}" for line in source_lines[1:]]
     publication = report["publication"]
     tables = publication["tables"]
     if tables is None:
@@ -736,6 +859,31 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append("failover")
         lines += [f"  {f['level']:<5} {f['text']}" for f in fo["findings"]]
     return "\n".join(lines)
+
+
+def _format_sources(report: dict[str, Any] | None) -> list[str]:
+    if report is None:
+        return []
+    lines = []
+    for table in report["tables"]:
+        if table["published"]:
+            state = "active"
+        elif not table["exists"]:
+            state = "NOT ACTIVE: the table does not exist (run `cdc-relay setup`)"
+        else:
+            state = "NOT ACTIVE: not in the publication (run `cdc-relay setup`)"
+        lines.append(f"table {table['table']}: {state}")
+    messages = report["messages"]
+    if messages is None:
+        lines.append("messages: off (CDC_RELAY_MESSAGE_PREFIX is empty)")
+    else:
+        functions = {
+            "current": "cdc_relay_emit_event installed",
+            "missing": "cdc_relay_emit_event not installed: run `cdc-relay setup`",
+            "other prefix": "cdc_relay_emit_event emits another prefix: run `cdc-relay setup`",
+        }[messages["functions"]]
+        lines.append(f"messages with prefix {messages['prefix']}: active ({functions})")
+    return lines
 
 
 def _human_seconds(seconds: float) -> str:
@@ -861,19 +1009,21 @@ def require_ready(conn: Connection, settings: Settings) -> SlotInfo:
         raise PrerequisiteError(
             f"publication {settings.publication_name} does not exist: run `cdc-relay setup`"
         )
-    _require_via_root(conn, settings)
-    partition = partition_facts(conn, settings)
-    if partition is not None:
-        require_one_partition(partition, settings.publication_name)
-    if not _publication_covers(conn, settings.publication_name, settings):
-        # Renamed, or dropped and recreated: the stream would carry none of its rows, and the
-        # relay would confirm past them.
-        raise PrerequisiteError(
-            f"publication {settings.publication_name} does not include {settings.outbox_table} "
-            f"(it has {', '.join(tables) or 'no tables'}): was the outbox renamed or recreated? "
-            f"Run ALTER PUBLICATION {settings.publication_name} ADD TABLE "
-            f"{settings.outbox_table}; rows written to it before that were not streamed"
-        )
+    for table in settings.per_table():
+        _require_via_root(conn, table)
+        partition = partition_facts(conn, table)
+        if partition is not None:
+            require_one_partition(partition, settings.publication_name)
+        if not _publication_covers(conn, settings.publication_name, table):
+            # Renamed, or dropped and recreated, or not added yet: the stream would carry none
+            # of its rows, and the relay would confirm past them.
+            raise PrerequisiteError(
+                f"publication {settings.publication_name} does not include "
+                f"{table.outbox_table} (it has {', '.join(tables) or 'no tables'}): was the "
+                "outbox renamed or recreated, or is it a new table? Run `cdc-relay setup` "
+                f"(ALTER PUBLICATION {settings.publication_name} ADD TABLE "
+                f"{table.outbox_table}); rows written to it before that were not streamed"
+            )
     return slot
 
 

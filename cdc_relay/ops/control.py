@@ -19,13 +19,44 @@ SKIPPED_TABLE = "cdc_relay_skipped"
 
 
 def control_table(settings: Settings, name: str) -> sql.Identifier:
-    return sql.Identifier(settings.table_schema, name)
+    return sql.Identifier(settings.control_schema, name)
 
 
 def create_sql(settings: Settings) -> sql.Composed:
-    text = recipes.read("control.sql")
-    body = "\n".join(line for line in text.splitlines() if not line.startswith("--"))
-    return sql.SQL(body).format(schema=sql.Identifier(settings.table_schema))
+    return recipes.composed("control.sql", schema=sql.Identifier(settings.control_schema))
+
+
+EMIT_FUNCTIONS = (
+    "cdc_relay_emit_event(text,text,text,jsonb,jsonb)",
+    "cdc_relay_emit_event_bytes(text,text,text,bytea,jsonb)",  # the one with the prefix
+)
+
+
+def emit_sql(settings: Settings) -> sql.Composed:
+    """The SQL functions that write events as logical decoding messages, for the configured
+    prefix (cdc_relay/sql/emit_event.sql)."""
+    return recipes.composed(
+        "emit_event.sql",
+        schema=sql.Identifier(settings.control_schema),
+        prefix=sql.Literal(settings.message_prefix),
+    )
+
+
+def emit_function_state(conn: Connection, settings: Settings) -> str:
+    """``missing``, ``current`` (emits with the configured prefix) or ``other prefix``."""
+    schema = sql.Identifier(settings.control_schema).as_string(conn)
+    sources = []
+    for function in EMIT_FUNCTIONS:
+        row = conn.execute(
+            "SELECT p.prosrc FROM pg_proc p WHERE p.oid = to_regprocedure(%s)",
+            (f"{schema}.{function}",),
+        ).fetchone()
+        if row is None:
+            return "missing"
+        sources.append(str(row[0]))
+    # cdc_relay_emit_event calls cdc_relay_emit_event_bytes, which holds the prefix.
+    prefix = sql.Literal(settings.message_prefix).as_string(conn)
+    return "current" if f"prefix constant text := {prefix};" in sources[1] else "other prefix"
 
 
 KEEP_FUNCTION = "cdc_relay_keep"
@@ -33,7 +64,7 @@ KEEP_FUNCTION = "cdc_relay_keep"
 
 def missing_tables(conn: Connection, settings: Settings) -> list[str]:
     """The control tables (and the keep function) that do not exist, schema-qualified."""
-    schema = settings.table_schema
+    schema = settings.control_schema
     missing = []
     for name in (KEPT_TABLE, SKIPPED_TABLE):
         row = conn.execute(
@@ -53,7 +84,7 @@ def record_kept(conn: Connection, settings: Settings, action: Keep) -> None:
     SECURITY DEFINER function, so that the run role needs no privilege on the table."""
     conn.execute(
         sql.SQL("SELECT {}(%s, %s, %s, %s)").format(
-            sql.Identifier(settings.table_schema, KEEP_FUNCTION)
+            sql.Identifier(settings.control_schema, KEEP_FUNCTION)
         ),
         (action.table, action.event_id, action.source_lsn, action.reason[:2000]),
     )

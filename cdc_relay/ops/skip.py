@@ -5,7 +5,8 @@ before it, and because the row is in the WAL every restart would halt again. ``s
 the event's own WAL position (which the halt line prints) in the control table
 cdc_relay_skipped; the relay reads it at the start of every session and dead-letters exactly
 that event, whatever the policy, and nothing else. Before recording it, ``skip`` peeks at the
-slot (the relay must be stopped) to check that an outbox insert sits at that position.
+slot (the relay must be stopped) to check that an outbox insert (or an event message) sits at
+that position.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import psycopg
 from psycopg import sql
 
 from cdc_relay.core.lsn import Lsn, format_lsn, parse_lsn
-from cdc_relay.core.mapping import OutboxRecord, Rejected, TablePlan
-from cdc_relay.core.pgoutput import Decoder, Insert, Relation
+from cdc_relay.core.mapping import MessagePlan, OutboxRecord, Rejected, TablePlan
+from cdc_relay.core.pgoutput import Decoder, Insert, LogicalMessage, Relation
 from cdc_relay.core.pipeline import PROTO_VERSION, event_id
 from cdc_relay.errors import ConfigError, PrerequisiteError
 from cdc_relay.ops import admin
@@ -69,16 +70,24 @@ def find_event(conn: Connection, settings: Settings, lsn: Lsn) -> str:
     while True:
         rows = conn.execute(
             "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes("
-            "%s, NULL, %s, 'proto_version', %s, 'publication_names', %s)",
-            (settings.slot_name, limit, str(PROTO_VERSION), settings.publication_name),
+            "%s, NULL, %s, 'proto_version', %s, 'publication_names', %s, 'messages', %s)",
+            (
+                settings.slot_name,
+                limit,
+                str(PROTO_VERSION),
+                settings.publication_name,
+                "true" if settings.messages else "false",
+            ),
         ).fetchall()
         found = _event_at(rows, lsn, settings)
         if found is not None:
             return found
         last = parse_lsn(rows[-1][0]) if rows else None
         if len(rows) < limit or last is None or last > lsn:
+            tables = ", ".join(settings.qualified_tables) or "an outbox table"
+            also = " and no event message" if settings.messages else ""
             raise PrerequisiteError(
-                f"no insert into {settings.outbox_table} at {format_lsn(lsn)} in the stream of "
+                f"no insert into {tables} at {format_lsn(lsn)}{also} in the stream of "
                 f"slot {settings.slot_name}: check the position in the relay's halt message"
             )
         limit *= 2
@@ -87,13 +96,24 @@ def find_event(conn: Connection, settings: Settings, lsn: Lsn) -> str:
 def _event_at(rows: list[tuple[str, bytes]], lsn: Lsn, settings: Settings) -> str | None:
     decoder = Decoder(PROTO_VERSION)
     plans: dict[int, TablePlan] = {}
-    outbox = (settings.table_schema, settings.table_name)
+    outboxes = {table: f"{table[0]}.{table[1]}" for table in settings.tables}
     for text, data in rows:
         message = decoder.decode(bytes(data))
-        if type(message) is Relation and (message.namespace, message.name) == outbox:
+        if type(message) is Relation and (message.namespace, message.name) in outboxes:
+            name = outboxes[(message.namespace, message.name)]
             plans[message.relid] = TablePlan(
-                message, settings.column_mapping(), settings.topic_template
+                message, settings.table_mapping(name), settings.topic_template
             )
+        elif (
+            type(message) is LogicalMessage
+            and settings.messages
+            and message.prefix == settings.message_prefix
+            and parse_lsn(text) == lsn
+        ):
+            mapped = MessagePlan(settings.message_prefix, settings.topic_template).map(
+                message.content
+            )
+            return event_id(mapped.headers)
         elif type(message) is Insert and parse_lsn(text) == lsn:
             plan = plans.get(message.relid)
             if plan is None:
@@ -114,7 +134,7 @@ def skip(conn: Connection, settings: Settings, lsn_text: str, *, say: admin.Say)
     table = control_table(settings, SKIPPED_TABLE)
     if conn.execute("SELECT to_regclass(%s)", (table.as_string(conn),)).fetchone() == (None,):
         raise PrerequisiteError(
-            f"table {settings.table_schema}.{SKIPPED_TABLE} does not exist: run `cdc-relay setup`"
+            f"table {settings.control_schema}.{SKIPPED_TABLE} does not exist: run `cdc-relay setup`"
         )
     event = find_event(conn, settings, lsn)
     conn.execute(

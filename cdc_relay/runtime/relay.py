@@ -23,7 +23,14 @@ from cdc_relay.adapters.kafka import Publisher
 from cdc_relay.adapters.lag import LagSampler
 from cdc_relay.adapters.replication import ReplicationStream
 from cdc_relay.core.lsn import Lsn, format_lsn
-from cdc_relay.core.pipeline import PROTO_VERSION, Keep, Memory, Pipeline, PipelineConfig
+from cdc_relay.core.pipeline import (
+    PROTO_VERSION,
+    Keep,
+    Memory,
+    Pipeline,
+    PipelineConfig,
+    TableSource,
+)
 from cdc_relay.core.stats import RelayStats
 from cdc_relay.core.transactions import TransactionLimits
 from cdc_relay.errors import (
@@ -98,7 +105,6 @@ class Relay:
         self.settings = settings
         self.stats = RelayStats()
         self._stop = stop_requested or threading.Event()
-        self._mapping = settings.column_mapping()
         # What the pipeline learnt about single events (refusals, isolation): kept across
         # sessions, so that a replay does not try a refused record again.
         self._memory = Memory()
@@ -370,11 +376,15 @@ class Relay:
 
     # ---------------------------------------------------------------- one session
 
-    def _pipeline_config(self, max_silence: float) -> PipelineConfig:
+    def _pipeline_config(self, max_silence: float, *, unlisted_tables_halt: bool) -> PipelineConfig:
         settings = self.settings
         return PipelineConfig(
-            outbox_table=(settings.table_schema, settings.table_name),
-            mapping=self._mapping,
+            tables=tuple(
+                TableSource(schema, name, settings.table_mapping(f"{schema}.{name}"))
+                for schema, name in settings.tables
+            ),
+            message_prefix=settings.message_prefix,
+            unlisted_tables_halt=unlisted_tables_halt,
             topic_template=settings.topic_template,
             dead_letter_topic=settings.dead_letter_topic,
             halt_on_bad_row=settings.dead_letter_policy == "halt",
@@ -404,6 +414,7 @@ class Relay:
             return
         with pool.connection() as conn:
             admin.require_ready(conn, settings)
+            lists_tables = admin.publication_lists_tables(conn, settings.publication_name)
         stream = ReplicationStream.connect(settings.database_url.get_secret_value())
         try:
             self._resume.identify(stream)  # failover check, before START_REPLICATION
@@ -412,6 +423,7 @@ class Relay:
                 publication=settings.publication_name,
                 start_lsn=Lsn(0),
                 proto_version=PROTO_VERSION,
+                messages=settings.messages,
             )
             # Read the start position only now that the slot is ours: nobody else can move it,
             # and a status update below it would move the slot backwards.
@@ -439,7 +451,7 @@ class Relay:
             with pool.connection() as conn:
                 self._memory.skips = skip.pending(conn, settings, start)
             pipeline = Pipeline(
-                self._pipeline_config(max_silence),
+                self._pipeline_config(max_silence, unlisted_tables_halt=lists_tables),
                 start=start,
                 memory=self._memory,
                 stats=self.stats,

@@ -300,6 +300,7 @@ class Session:
                     str(refused),
                     too_large=refused.too_large,
                     lsn=action.lsn,
+                    source=action.source,
                 )
             )
         except ProduceInterrupted:
@@ -328,6 +329,7 @@ class Session:
                     str(refused),
                     too_large=refused.too_large,
                     lsn=action.lsn,
+                    source=action.source,
                 )
             )
             return

@@ -135,7 +135,7 @@ def test_a_crash_inside_a_large_transaction_resends_what_of_it_was_acknowledged(
 
         def acknowledged() -> float:
             metrics = scrape(port)
-            topic = (("topic", box.topic()),)
+            topic = (("table", "public.outbox"), ("topic", box.topic()))
             return metrics.get(("cdc_relay_events_published_total", topic), 0) - metrics.get(
                 ("cdc_relay_in_flight_events", ()), 0
             )

@@ -46,6 +46,10 @@ def test_a_tiny_bench_run_writes_the_table(tmp_path: Path) -> None:
     for row in ("| (a) ceiling, stream |", "| (b) ceiling, broker |", "| (c) cdc-relay |"):
         assert row in text
     assert "| (d) polling relay, batch " in text
+    # (g): the same events as logical decoding messages, and the producer side.
+    assert "| (g) ceiling, stream of message events |" in text
+    assert "| (g) cdc-relay, message events |" in text
+    assert "| `emit_event` | 1 |" in text and "| `add_event` | 1 |" in text
     # Both relays delivered every event of the latency run and have a latency figure.
     assert "(c) p99 latency" in text
     assert text.count(" / ") >= 2

@@ -66,7 +66,7 @@ def test_metrics_after_n_events_show_the_right_numbers(outbox: Outbox):
         wait_until(lambda: get(port, "/readyz")[0] == 200, 60, message=relay.log)
         end = insert_events(outbox.url, count=events, per_txn=per_txn)
         wait_confirmed_past(outbox.url, end)
-        topic = (("topic", outbox.topic()),)
+        topic = (("table", "public.outbox"), ("topic", outbox.topic()))
 
         def settled() -> bool:
             m = scrape(port)

@@ -40,7 +40,8 @@ class Tracker:
 
 def test_stats_become_metrics_at_scrape_time():
     stats = RelayStats()
-    stats.published_by_topic.update({"outbox.event.order": 5, "outbox.event.user": 2})
+    stats.published_by_source["public.outbox"] = {"outbox.event.order": 5, "outbox.event.user": 2}
+    stats.published_by_source["message:cdc_relay.outbox"] = {"outbox.event.order": 3}
     stats.dead_lettered = 1
     stats.count_delivery_error("record")
     stats.count_reconnect("kafka")
@@ -51,8 +52,13 @@ def test_stats_become_metrics_at_scrape_time():
     stats.slot_wal_status = "extended"
     stats.streaming = True
     m = samples(stats)
-    assert m[("cdc_relay_events_published_total", (("topic", "outbox.event.order"),))] == 5
-    assert m[("cdc_relay_events_published_total", (("topic", "outbox.event.user"),))] == 2
+    table = ("table", "public.outbox")
+    assert m[("cdc_relay_events_published_total", (table, ("topic", "outbox.event.order")))] == 5
+    assert m[("cdc_relay_events_published_total", (table, ("topic", "outbox.event.user")))] == 2
+    # Events written as logical decoding messages carry their source too.
+    messages = ("table", "message:cdc_relay.outbox")
+    assert m[("cdc_relay_events_published_total", (messages, ("topic", "outbox.event.order")))] == 3
+    assert stats.published_by_topic == {"outbox.event.order": 8, "outbox.event.user": 2}
     assert m[("cdc_relay_events_dead_lettered_total", ())] == 1
     assert m[("cdc_relay_delivery_errors_total", (("kind", "record"),))] == 1
     assert m[("cdc_relay_delivery_errors_total", (("kind", "pipeline"),))] == 0
@@ -68,10 +74,10 @@ def test_stats_become_metrics_at_scrape_time():
     info = (("core", native.IMPLEMENTATION), ("publication", "p1"), ("slot", "s1"))
     assert m[("cdc_relay_info", (*info, ("version", "0.1.0")))] == 1
     # Read live: a later change shows in the next scrape.
-    stats.published_by_topic["outbox.event.order"] += 1
+    stats.published_by_source["public.outbox"]["outbox.event.order"] += 1
     stats.tracker = None
     m = samples(stats)
-    assert m[("cdc_relay_events_published_total", (("topic", "outbox.event.order"),))] == 6
+    assert m[("cdc_relay_events_published_total", (table, ("topic", "outbox.event.order")))] == 6
     assert m[("cdc_relay_in_flight_events", ())] == 0
 
 
@@ -83,7 +89,7 @@ def test_unknown_lag_and_wal_status_are_absent_not_zero():
 
 def test_every_exposed_series_is_in_metric_names():
     stats = RelayStats()
-    stats.published_by_topic["t"] = 1
+    stats.published_by_source["public.outbox"] = {"t": 1}
     stats.slot_lag_bytes, stats.slot_wal_status = 0, "reserved"
     stats.latency.observe(0.2)
     exposed = {name for name, _ in samples(stats)}

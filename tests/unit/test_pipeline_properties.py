@@ -3,7 +3,8 @@ simulated I/O (tests/sim.py). Hypothesis interleaves writers' transactions, read
 batches and answers (in order per partition, in any order across partitions), batch-wide
 refusals, records too large for the producer or the topic, fatal producer errors, keepalives
 with and without reply requests, lost replication connections, crashes, clean stops and, under
-the halt policy, operator skips.
+the halt policy, operator skips. Events are outbox rows or logical decoding messages with the
+relay's prefix, mixed within transactions.
 
 After every step: the confirmed position never passes an event that is neither on its topic
 nor dead-lettered, and never moves back (tests/sim.py, Server.status); per key, the first
@@ -67,7 +68,7 @@ class PipelineHistories(RuleBasedStateMachine):
         exactly_once=st.booleans(),
         max_events=st.integers(2, 40),
         max_bytes=st.integers(100, 20_000),
-        backlog=st.lists(st.lists(KEYS, max_size=8), max_size=25),
+        backlog=st.lists(st.lists(st.tuples(KEYS, st.booleans()), max_size=8), max_size=25),
         data=st.data(),
     )
     def start(
@@ -77,7 +78,7 @@ class PipelineHistories(RuleBasedStateMachine):
         exactly_once: bool,
         max_events: int,
         max_bytes: int,
-        backlog: list[list[str]],
+        backlog: list[list[tuple[str, bool]]],
         data: st.DataObject,
     ) -> None:
         QUIET.disabled = True
@@ -85,6 +86,7 @@ class PipelineHistories(RuleBasedStateMachine):
         self.server.landed = self.landed
         self.config = PipelineConfig(
             outbox_table=("public", "outbox"),
+            message_prefix="cdc_relay.outbox",
             dead_letter_topic=sim.DEAD_LETTER_TOPIC,
             halt_on_bad_row=halt,
             max_in_flight_events=max_events,
@@ -99,8 +101,10 @@ class PipelineHistories(RuleBasedStateMachine):
             progress_topic=sim.PROGRESS_TOPIC,
         )
         self.relay = sim.Relay(self.server, self.config, random.Random(seed))
-        for keys in backlog:  # what is in the WAL before the relay starts
-            self.server.write(keys, [data.draw(SIZES) for _ in keys])
+        for events in backlog:  # what is in the WAL before the relay starts
+            keys = [key for key, _ in events]
+            messages = [message for _, message in events]
+            self.server.write(keys, [data.draw(SIZES) for _ in keys], messages)
 
     # ------------------------------------------------------------------ what landed
 
@@ -113,11 +117,12 @@ class PipelineHistories(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ rules
 
-    @rule(keys=st.lists(KEYS, max_size=6), data=st.data())
-    def write(self, keys: list[str], data: st.DataObject) -> None:
+    @rule(events=st.lists(st.tuples(KEYS, st.booleans()), max_size=6), data=st.data())
+    def write(self, events: list[tuple[str, bool]], data: st.DataObject) -> None:
         if len(self.server.txns) < 60:
+            keys = [key for key, _ in events]
             sizes = [data.draw(SIZES) for _ in keys]
-            self.server.write(keys, sizes)
+            self.server.write(keys, sizes, [message for _, message in events])
 
     @rule(turns=st.integers(1, 8))
     def drive(self, turns: int) -> None:

@@ -225,3 +225,66 @@ def test_producer_defaults_compress_with_lz4_unless_told_otherwise(monkeypatch):
     assert load_settings().producer_config()["compression.type"] == "lz4"
     monkeypatch.setenv("CDC_RELAY_KAFKA_CONFIG", '{"compression.type": "none"}')
     assert load_settings().producer_config()["compression.type"] == "none"
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def test_several_outbox_tables_share_the_mapping_unless_one_has_its_own(monkeypatch):
+    monkeypatch.setenv("CDC_RELAY_OUTBOX_TABLE", "public.outbox, billing.outbox ,outbox2")
+    monkeypatch.setenv("CDC_RELAY_COLUMN_PAYLOAD", "body")
+    monkeypatch.setenv(
+        "CDC_RELAY_TABLE_COLUMNS",
+        '{"billing.outbox": {"aggregate_type": "aggregatetype", "headers": "", "created_at": ""}}',
+    )
+    s = load_settings()
+    assert s.tables == [("public", "outbox"), ("billing", "outbox"), ("public", "outbox2")]
+    shared = s.table_mapping("public.outbox")
+    assert shared.payload == "body" and shared.aggregate_type == "aggregate_type"
+    own = s.table_mapping("billing.outbox")
+    assert (own.aggregate_type, own.payload, own.headers, own.created_at) == (
+        "aggregatetype",
+        "body",
+        None,
+        None,
+    )
+    narrowed = s.for_table("billing.outbox")
+    assert narrowed.qualified_table == "billing.outbox"
+    assert narrowed.column_mapping() == own
+    assert narrowed.control_schema == "public"  # beside the first table, for every table
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("CDC_RELAY_OUTBOX_TABLE", "public.outbox,outbox", "lists public.outbox twice"),
+        ("CDC_RELAY_OUTBOX_TABLE", "a.b.c", "'a.b.c' is not a table name"),
+        ("CDC_RELAY_TABLE_COLUMNS", '{"other.box": {}}', "other.box is not a table of"),
+        ("CDC_RELAY_TABLE_COLUMNS", '{"public.outbox": {"key": "k"}}', "unknown role 'key'"),
+        ("CDC_RELAY_TABLE_COLUMNS", '{"public.outbox": {"payload": ""}}', "cannot be empty"),
+        ("CDC_RELAY_TABLE_COLUMNS", '{"public.outbox": {"payload": "id"}}', "two roles"),
+        ("CDC_RELAY_TABLE_COLUMNS", "[1]", "must be a JSON object"),
+        ("CDC_RELAY_MESSAGE_PREFIX", "no spaces", "CDC_RELAY_MESSAGE_PREFIX: must be"),
+        ("CDC_RELAY_TOPIC_TEMPLATE", "{shard}", "unknown placeholder {shard}"),
+    ],
+)
+def test_source_settings_are_checked_with_one_line(monkeypatch, variable, value, message):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=message) as raised:
+        load_settings()
+    assert "\n" not in str(raised.value)
+
+
+def test_no_table_is_fine_with_messages_and_refused_without(monkeypatch):
+    monkeypatch.setenv("CDC_RELAY_OUTBOX_TABLE", "")
+    s = load_settings()
+    assert s.tables == [] and s.messages and s.control_schema == "public"
+    monkeypatch.setenv("CDC_RELAY_MESSAGE_PREFIX", "")
+    with pytest.raises(ConfigError, match="no source of events"):
+        load_settings()
+
+
+def test_the_schema_placeholder_and_the_default_message_prefix(monkeypatch):
+    monkeypatch.setenv("CDC_RELAY_TOPIC_TEMPLATE", "{schema}.{table}.{aggregate_type}")
+    s = load_settings()
+    assert s.message_prefix == "cdc_relay.outbox"

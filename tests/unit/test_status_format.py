@@ -1,4 +1,4 @@
-"""`cdc-relay status` as text: the oldest unconfirmed event line."""
+"""`cdc-relay status` as text: the oldest unconfirmed event line, the sources."""
 
 from __future__ import annotations
 
@@ -43,3 +43,30 @@ def report(oldest: dict[str, object] | None) -> dict[str, object]:
 )
 def test_the_oldest_unconfirmed_event_line(oldest, line):
     assert line in format_status(report(oldest)).splitlines()
+
+
+def test_the_sources_lines_say_which_source_is_active_and_what_to_do_otherwise():
+    text = format_status(
+        {
+            **report(None),
+            "sources": {
+                "tables": [
+                    {"table": "public.outbox", "exists": True, "published": True},
+                    {"table": "billing.outbox", "exists": True, "published": False},
+                    {"table": "shipping.outbox", "exists": False, "published": False},
+                ],
+                "messages": {"prefix": "cdc_relay.outbox", "functions": "other prefix"},
+            },
+        }
+    ).splitlines()
+    start = text.index("sources       table public.outbox: active")
+    assert text[start + 1 : start + 4] == [
+        "              table billing.outbox: NOT ACTIVE: not in the publication (run "
+        "`cdc-relay setup`)",
+        "              table shipping.outbox: NOT ACTIVE: the table does not exist (run "
+        "`cdc-relay setup`)",
+        "              messages with prefix cdc_relay.outbox: active (cdc_relay_emit_event "
+        "emits another prefix: run `cdc-relay setup`)",
+    ]
+    off = format_status({**report(None), "sources": {"tables": [], "messages": None}})
+    assert "sources       messages: off (CDC_RELAY_MESSAGE_PREFIX is empty)" in off
