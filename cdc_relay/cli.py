@@ -222,7 +222,10 @@ def _run(settings: Settings, stop_requested: threading.Event) -> int:
     server = None
     if settings.http_port:
         registry = registry_for(
-            relay.stats, slot=settings.slot_name, publication=settings.publication_name
+            relay.stats,
+            slot=settings.slot_name,
+            publication=settings.publication_name,
+            scheduled=relay.scheduled_stats if settings.scheduled else None,
         )
         server = MetricsServer(settings.http_host, settings.http_port, relay.stats, registry)
         server.start()

@@ -13,6 +13,7 @@ import json
 import uuid
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol, TypeAlias, overload
 
 import psycopg
@@ -35,6 +36,9 @@ Payload: TypeAlias = (
 # The relay's default CDC_RELAY_MESSAGE_PREFIX (cdc_relay.settings, which this module does not
 # import; tests/unit/test_framing.py checks that both agree).
 DEFAULT_PREFIX = "cdc_relay.outbox"
+# Where add_event(..., deliver_at=...) leaves scheduled events: cdc_relay.scheduled, and what
+# `setup --create-table` creates for CDC_RELAY_SCHEDULED_TABLE=public.outbox_scheduled.
+DEFAULT_SCHEDULED_TABLE = "public.outbox_scheduled"
 
 
 class RelaySettings(Protocol):
@@ -144,6 +148,8 @@ def add_event(
     headers: Mapping[str, Any] | None = None,
     event_id: uuid.UUID | None = None,
     table: OutboxTable = DEFAULT_TABLE,
+    deliver_at: datetime | None = None,
+    scheduled_table: str = DEFAULT_SCHEDULED_TABLE,
 ) -> uuid.UUID: ...
 
 
@@ -158,6 +164,8 @@ def add_event(
     headers: Mapping[str, Any] | None = None,
     event_id: uuid.UUID | None = None,
     table: OutboxTable = DEFAULT_TABLE,
+    deliver_at: datetime | None = None,
+    scheduled_table: str = DEFAULT_SCHEDULED_TABLE,
 ) -> Awaitable[uuid.UUID]: ...
 
 
@@ -171,15 +179,33 @@ def add_event(
     headers: Mapping[str, Any] | None = None,
     event_id: uuid.UUID | None = None,
     table: OutboxTable = DEFAULT_TABLE,
+    deliver_at: datetime | None = None,
+    scheduled_table: str = DEFAULT_SCHEDULED_TABLE,
 ) -> uuid.UUID | Awaitable[uuid.UUID]:
     """Insert one outbox event in the caller's current transaction and return its id.
 
     Never commits. ``payload`` is any JSON-serialisable value, or bytes of already-encoded JSON;
     ``headers`` (a JSON object) become Kafka headers; inside an OpenTelemetry span they also
-    carry its W3C ``traceparent`` and ``tracestate`` (cdc_relay.tracing). Raises
-    NotInTransaction on an autocommit connection outside ``conn.transaction()``. With an
-    AsyncConnection or AsyncCursor, await it.
+    carry its W3C ``traceparent`` and ``tracestate`` (cdc_relay.tracing). With ``deliver_at``
+    (an aware datetime) the event waits in ``scheduled_table`` instead, and is published no
+    earlier than that (cdc_relay.scheduled.schedule_event; the relay needs
+    CDC_RELAY_SCHEDULED_TABLE). Raises NotInTransaction on an autocommit connection outside
+    ``conn.transaction()``. With an AsyncConnection or AsyncCursor, await it.
     """
+    if deliver_at is not None:
+        from cdc_relay import scheduled  # it builds on this module
+
+        return scheduled.schedule_event(
+            conn,
+            aggregate_type=aggregate_type,
+            aggregate_id=aggregate_id,
+            event_type=event_type,
+            payload=payload,
+            headers=headers,
+            event_id=event_id,
+            deliver_at=deliver_at,
+            table=scheduled.ScheduledTable(scheduled_table),
+        )
     new_id = event_id or uuid.uuid4()
     if table.columns.headers is not None:
         # The current span's traceparent/tracestate, when there is one (a no-op without

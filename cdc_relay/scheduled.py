@@ -25,6 +25,7 @@ from psycopg import sql
 from cdc_relay import recipes, tracing
 from cdc_relay.core.names import split_table_name
 from cdc_relay.core.schedule import require_aware
+from cdc_relay.outbox import DEFAULT_SCHEDULED_TABLE as DEFAULT_SCHEDULED_TABLE_NAME
 from cdc_relay.outbox import (
     AsyncTarget,
     Payload,
@@ -45,7 +46,7 @@ CANCEL_FUNCTION: Final = "cdc_relay_cancel_scheduled_event"
 class ScheduledTable:
     """Where scheduled events wait (its columns are fixed: sql/scheduled.sql)."""
 
-    name: str = "public.outbox_scheduled"
+    name: str = DEFAULT_SCHEDULED_TABLE_NAME
 
     @property
     def qualified(self) -> tuple[str, str]:

@@ -145,6 +145,33 @@ class Settings(BaseSettings):
         "`cdc_relay_emit_event`; README, Events as messages); messages with other prefixes are "
         "ignored. Empty to stream no messages. Letters, digits, `.`, `_`, `-`.",
     )
+    scheduled_table: str = Field(
+        default="",
+        description="Scheduled events (`add_event(..., deliver_at=...)`, `schedule_event`; "
+        "README, Events for later): the table they wait in, schema-qualified, for example "
+        "`public.outbox_scheduled` (what `setup --create-table` creates and the helpers write "
+        "to by default). The relay that holds the slot moves each due row into the first "
+        "outbox table in one transaction, and the WAL path publishes it. Empty: off.",
+    )
+    scheduled_interval_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="The mover's longest sleep: an event scheduled (or committed) less than "
+        "this before its due time is up to this late; others are moved when due.",
+    )
+    scheduled_batch: int = Field(
+        default=500,
+        ge=1,
+        le=100_000,
+        description="Most scheduled rows moved in one transaction.",
+    )
+    scheduled_overdue_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="How long past its due time a scheduled row counts as overdue "
+        "(`status`, `cdc_relay_scheduled_overdue_events`).",
+    )
     slot_name: str = Field(default="cdc_relay", description="Logical replication slot name.")
     slot_failover: Literal["auto", "on", "off"] = Field(
         default="auto",
@@ -432,6 +459,24 @@ class Settings(BaseSettings):
 
     def _check_sources(self) -> None:
         tables = self.tables
+        if self.scheduled_table:
+            try:
+                scheduled = split_table_name(self.scheduled_table)
+            except ValueError:
+                raise ValueError(
+                    f"CDC_RELAY_SCHEDULED_TABLE: {self.scheduled_table!r} is not a table name "
+                    "(schema.table)"
+                ) from None
+            if not tables:
+                raise ValueError(
+                    "CDC_RELAY_SCHEDULED_TABLE needs an outbox table to move due events into: "
+                    "CDC_RELAY_OUTBOX_TABLE is empty"
+                )
+            if scheduled in tables:
+                raise ValueError(
+                    "CDC_RELAY_SCHEDULED_TABLE must not be one of the outbox tables: its rows "
+                    "would be published before they are due"
+                )
         if not tables and not self.message_prefix:
             raise ValueError(
                 "no source of events: CDC_RELAY_OUTBOX_TABLE and CDC_RELAY_MESSAGE_PREFIX are "
@@ -474,6 +519,11 @@ class Settings(BaseSettings):
     def tables(self) -> list[tuple[str, str]]:
         """The outbox tables, as (schema, table), in the order listed."""
         return [split_table_name(name) for name in _table_list(self.outbox_table)]
+
+    @property
+    def scheduled(self) -> tuple[str, str] | None:
+        """The scheduled-events table, when scheduled events are on."""
+        return split_table_name(self.scheduled_table) if self.scheduled_table else None
 
     @property
     def qualified_tables(self) -> list[str]:

@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from cdc_relay import __version__
 from cdc_relay.core import native
+from cdc_relay.core.schedule import ScheduledStats
 from cdc_relay.core.stats import RelayStats
 
 WAL_STATUSES = ("reserved", "extended", "unreserved", "lost")
@@ -51,6 +52,13 @@ METRIC_NAMES = frozenset(
         "cdc_relay_streaming",
         "cdc_relay_broker_reachable",
         "cdc_relay_delivery_stalled_seconds",
+        "cdc_relay_scheduled_events",
+        "cdc_relay_scheduled_due_events",
+        "cdc_relay_scheduled_overdue_events",
+        "cdc_relay_scheduled_oldest_due_age_seconds",
+        "cdc_relay_scheduled_sample_timestamp_seconds",
+        "cdc_relay_scheduled_moved_total",
+        "cdc_relay_scheduled_errors_total",
     }
 )
 
@@ -58,10 +66,18 @@ METRIC_NAMES = frozenset(
 class RelayCollector(Collector):
     """Turns one RelayStats into metric families, each time Prometheus scrapes."""
 
-    def __init__(self, stats: RelayStats, *, slot: str, publication: str) -> None:
+    def __init__(
+        self,
+        stats: RelayStats,
+        *,
+        slot: str,
+        publication: str,
+        scheduled: ScheduledStats | None = None,
+    ) -> None:
         self._stats = stats
         self._slot = slot
         self._publication = publication
+        self._scheduled = scheduled
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats
@@ -186,6 +202,46 @@ class RelayCollector(Collector):
             "1 while the producer reaches a Kafka broker.",
             value=1 if stats.broker_reachable else 0,
         )
+        if self._scheduled is not None:
+            yield from _scheduled_metrics(self._scheduled)
+
+
+def _scheduled_metrics(stats: ScheduledStats) -> Iterator[Metric]:
+    """Scheduled events (CDC_RELAY_SCHEDULED_TABLE): the table's counts as last sampled by the
+    mover (every few seconds, while this relay holds the slot), and its counters."""
+    yield GaugeMetricFamily(
+        "cdc_relay_scheduled_events", "Scheduled events not yet moved.", value=stats.scheduled
+    )
+    yield GaugeMetricFamily(
+        "cdc_relay_scheduled_due_events",
+        "Scheduled events past their due time, not yet moved.",
+        value=stats.due,
+    )
+    yield GaugeMetricFamily(
+        "cdc_relay_scheduled_overdue_events",
+        "Due scheduled events later than CDC_RELAY_SCHEDULED_OVERDUE_SECONDS.",
+        value=stats.overdue,
+    )
+    yield GaugeMetricFamily(
+        "cdc_relay_scheduled_oldest_due_age_seconds",
+        "How far past its due time the oldest unmoved scheduled event is (0 when none is due).",
+        value=stats.oldest_due_age_seconds,
+    )
+    yield GaugeMetricFamily(
+        "cdc_relay_scheduled_sample_timestamp_seconds",
+        "When the scheduled table was last sampled (0 before the first sample).",
+        value=stats.sampled_unix,
+    )
+    yield CounterMetricFamily(
+        "cdc_relay_scheduled_moved_total",
+        "Scheduled events moved into the outbox.",
+        value=stats.moved_total,
+    )
+    yield CounterMetricFamily(
+        "cdc_relay_scheduled_errors_total",
+        "Passes of the mover that failed (connection, statement).",
+        value=stats.errors_total,
+    )
 
 
 def _labelled_counter(
@@ -202,8 +258,16 @@ def _le(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
 
-def registry_for(stats: RelayStats, *, slot: str, publication: str) -> CollectorRegistry:
+def registry_for(
+    stats: RelayStats,
+    *,
+    slot: str,
+    publication: str,
+    scheduled: ScheduledStats | None = None,
+) -> CollectorRegistry:
     """A registry of its own holding only the relay's collector."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RelayCollector(stats, slot=slot, publication=publication))
+    registry.register(
+        RelayCollector(stats, slot=slot, publication=publication, scheduled=scheduled)
+    )
     return registry

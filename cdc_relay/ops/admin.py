@@ -10,11 +10,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdc_relay import recipes
+from cdc_relay import recipes, scheduled
 from cdc_relay.adapters.replication import alter_slot_failover, slot_invalidation_reason
 from cdc_relay.core.lsn import Lsn, format_lsn, parse_lsn
 from cdc_relay.errors import PrerequisiteError, RelayError, SlotInvalidated, UnsupportedServer
 from cdc_relay.ops import control, failover
+from cdc_relay.runtime import scheduler
 from cdc_relay.settings import Settings
 
 Connection = psycopg.Connection[tuple[Any, ...]]
@@ -449,6 +450,8 @@ def setup(conn: Connection, settings: Settings, *, create_table: bool, say: Say)
         changed |= _setup_table(conn, table, create_table=create_table, say=say)
     if not tables:
         say("ok    no outbox table (CDC_RELAY_OUTBOX_TABLE is empty): events are messages only")
+    else:
+        changed |= _setup_scheduled(conn, settings, tables[0], create_table=create_table, say=say)
 
     missing = control.missing_tables(conn, settings)
     if missing:
@@ -537,6 +540,41 @@ def _setup_table(conn: Connection, settings: Settings, *, create_table: bool, sa
         if optional and optional not in columns:
             say(f"note  table {table} has no column {optional!r} ({variable}); it is not used")
     return changed
+
+
+def _setup_scheduled(
+    conn: Connection, settings: Settings, outbox: Settings, *, create_table: bool, say: Say
+) -> bool:
+    """The scheduled-events table (CDC_RELAY_SCHEDULED_TABLE), with the payload and headers
+    types of the outbox its rows move into, so that a moved row is the row add_event writes."""
+    if settings.scheduled is None:
+        return False
+    name = settings.scheduled_table
+    if _table_exists(conn, settings.scheduled):
+        say(f"ok    scheduled-events table {name} exists")
+        return False
+    if not create_table:
+        raise PrerequisiteError(
+            f"scheduled-events table {name} (CDC_RELAY_SCHEDULED_TABLE) does not exist: create "
+            "it, or run `cdc-relay setup --create-table`"
+        )
+    columns = table_columns(conn, outbox) or {}
+    conn.execute(
+        scheduled.create_sql(
+            scheduled.ScheduledTable(name),
+            payload_type=columns.get(outbox.column_payload, "jsonb"),
+            headers_type=columns.get(outbox.column_headers or "", "jsonb"),
+        )
+    )
+    say(f"done  created scheduled-events table {name} (moved into {outbox.outbox_table})")
+    return True
+
+
+def _table_exists(conn: Connection, table: tuple[str, str]) -> bool:
+    row = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(*table).as_string(conn),)
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def _setup_emit_functions(conn: Connection, settings: Settings, say: Say) -> bool:
@@ -659,6 +697,10 @@ def status(conn: Connection, settings: Settings) -> dict[str, Any]:
     }
     if settings.exactly_once:
         report["delivery"] = recorded_position(settings)
+    if settings.scheduled is not None:
+        report["scheduled"] = scheduler.report(
+            conn, settings.scheduled, overdue_after=settings.scheduled_overdue_seconds
+        ) or {"table": settings.scheduled_table, "missing": True}
     report["health"] = health(report)
     return report
 
@@ -850,6 +892,7 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append(f"publication   {publication['name']} missing (run `cdc-relay setup`)")
     else:
         lines.append(f"publication   {publication['name']}: {', '.join(tables) or 'no tables'}")
+    lines += _format_scheduled(report.get("scheduled"))
     partition = report.get("partition")
     if partition:
         lines.append("partition")
@@ -859,6 +902,20 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append("failover")
         lines += [f"  {f['level']:<5} {f['text']}" for f in fo["findings"]]
     return "\n".join(lines)
+
+
+def _format_scheduled(report: dict[str, Any] | None) -> list[str]:
+    if report is None:
+        return []
+    if report.get("missing"):
+        return [f"scheduled     {report['table']} missing (run `cdc-relay setup --create-table`)"]
+    lines = [
+        f"scheduled     {report['table']}",
+        f"  waiting     {report['scheduled']} (due {report['due']}, overdue {report['overdue']})",
+    ]
+    if report["due"]:
+        lines.append(f"  oldest due  {_human_seconds(report['oldest_due_age_seconds'])} late")
+    return lines
 
 
 def _format_sources(report: dict[str, Any] | None) -> list[str]:
@@ -1003,6 +1060,11 @@ def require_ready(conn: Connection, settings: Settings) -> SlotInfo:
         raise PrerequisiteError(
             f"{missing[0]} does not exist: run `cdc-relay setup` (it creates the relay's "
             "control tables beside the outbox)"
+        )
+    if settings.scheduled is not None and not _table_exists(conn, settings.scheduled):
+        raise PrerequisiteError(
+            f"scheduled-events table {settings.scheduled_table} (CDC_RELAY_SCHEDULED_TABLE) does "
+            "not exist: run `cdc-relay setup --create-table`"
         )
     tables = publication_tables(conn, settings.publication_name)
     if tables is None:

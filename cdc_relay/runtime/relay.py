@@ -31,6 +31,7 @@ from cdc_relay.core.pipeline import (
     PipelineConfig,
     TableSource,
 )
+from cdc_relay.core.schedule import ScheduledStats
 from cdc_relay.core.stats import RelayStats
 from cdc_relay.core.transactions import TransactionLimits
 from cdc_relay.errors import (
@@ -46,6 +47,7 @@ from cdc_relay.errors import (
 )
 from cdc_relay.ops import admin, control, skip
 from cdc_relay.runtime.resume import ResumeCheck
+from cdc_relay.runtime.scheduler import ScheduledMover
 from cdc_relay.runtime.session import Session, settle_publisher
 from cdc_relay.settings import Settings, redact_kafka_config
 
@@ -123,6 +125,8 @@ class Relay:
         self._transactions_ready = False
         # Failover: what each session resumes (same cluster? a new timeline? phantoms?).
         self._resume = ResumeCheck(settings.slot_name, self.stats)
+        # Scheduled events: one ScheduledStats for all sessions (its counters never go down).
+        self.scheduled_stats = ScheduledStats()
 
     def stop(self) -> None:
         """Ask the loop to finish: stop reading, drain acks (bounded), confirm, return."""
@@ -416,6 +420,7 @@ class Relay:
             admin.require_ready(conn, settings)
             lists_tables = admin.publication_lists_tables(conn, settings.publication_name)
         stream = ReplicationStream.connect(settings.database_url.get_secret_value())
+        mover: ScheduledMover | None = None
         try:
             self._resume.identify(stream)  # failover check, before START_REPLICATION
             stream.start(
@@ -450,6 +455,9 @@ class Relay:
             )
             with pool.connection() as conn:
                 self._memory.skips = skip.pending(conn, settings, start)
+            # Only the relay that holds the slot moves due scheduled events (a hot standby
+            # never gets here); their rows then come back through the slot like any other.
+            mover = self._scheduled_mover()
             pipeline = Pipeline(
                 self._pipeline_config(max_silence, unlisted_tables_halt=lists_tables),
                 start=start,
@@ -467,9 +475,31 @@ class Relay:
                 on_acks_flowing=self.kafka_flowing,
             ).run()
         finally:
+            if mover is not None and not mover.close(timeout=10):
+                log.warning("the scheduled-events mover did not stop within 10 s")
             self.stats.streaming = False
             self.stats.tracker = None
             stream.close()
+
+    def _scheduled_mover(self) -> ScheduledMover | None:
+        settings = self.settings
+        scheduled = settings.scheduled
+        if scheduled is None:
+            return None
+        target = settings.tables[0]
+        mover = ScheduledMover(
+            settings.database_url.get_secret_value(),
+            scheduled,
+            target,
+            settings.scheduled_interval_seconds,
+            settings.scheduled_batch,
+            threading.Event(),
+            columns=settings.table_mapping(".".join(target)),
+            overdue_after=settings.scheduled_overdue_seconds,
+            stats=self.scheduled_stats,
+        )
+        mover.start()
+        return mover
 
 
 def _cause(exc: BaseException) -> str:

@@ -19,13 +19,17 @@ from cdc_relay.core.copydata import pg_time_us
 from cdc_relay.core.lsn import Lsn
 from cdc_relay.core.mapping import OutboxRecord
 from cdc_relay.core.pipeline import Pipeline, PipelineConfig
+from cdc_relay.core.schedule import ScheduledStats
 from cdc_relay.core.stats import Histogram, RelayStats
 from cdc_relay.errors import RelayError
 from tests import frames
 
 
-def samples(stats: RelayStats) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = generate_latest(registry_for(stats, slot="s1", publication="p1")).decode()
+def samples(
+    stats: RelayStats, scheduled: ScheduledStats | None = None
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    registry = registry_for(stats, slot="s1", publication="p1", scheduled=scheduled)
+    text = generate_latest(registry).decode()
     out = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -92,9 +96,20 @@ def test_every_exposed_series_is_in_metric_names():
     stats.published_by_source["public.outbox"] = {"t": 1}
     stats.slot_lag_bytes, stats.slot_wal_status = 0, "reserved"
     stats.latency.observe(0.2)
-    exposed = {name for name, _ in samples(stats)}
+    exposed = {name for name, _ in samples(stats, ScheduledStats())}
     assert exposed == METRIC_NAMES
     assert all(name.startswith("cdc_relay_") for name in exposed)
+
+
+def test_scheduled_series_only_when_scheduled_events_are_on():
+    off = {name for name, _ in samples(RelayStats())}
+    assert not {name for name in off if name.startswith("cdc_relay_scheduled_")}
+    scheduled = ScheduledStats(moved_total=3)
+    scheduled.sampled(scheduled=5, due=2, overdue=1, oldest_due_age_seconds=7.5, now_unix=100.0)
+    m = samples(RelayStats(), scheduled)
+    assert m[("cdc_relay_scheduled_moved_total", ())] == 3
+    assert m[("cdc_relay_scheduled_overdue_events", ())] == 1
+    assert m[("cdc_relay_scheduled_oldest_due_age_seconds", ())] == 7.5
 
 
 def test_histogram_buckets_are_cumulative_and_inclusive():

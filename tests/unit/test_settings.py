@@ -288,3 +288,16 @@ def test_the_schema_placeholder_and_the_default_message_prefix(monkeypatch):
     monkeypatch.setenv("CDC_RELAY_TOPIC_TEMPLATE", "{schema}.{table}.{aggregate_type}")
     s = load_settings()
     assert s.message_prefix == "cdc_relay.outbox"
+
+
+def test_a_scheduled_table_is_refused_among_the_outbox_tables_and_without_one():
+    base = {"database_url": "postgresql://u@h/db"}
+    on = load_settings(**base, scheduled_table="public.outbox_scheduled")
+    assert on.scheduled == ("public", "outbox_scheduled")
+    assert load_settings(**base).scheduled is None  # off by default
+    with pytest.raises(ConfigError, match="must not be one of the outbox tables"):
+        load_settings(**base, scheduled_table="public.outbox")
+    with pytest.raises(ConfigError, match="needs an outbox table"):
+        load_settings(**base, outbox_table="", scheduled_table="public.outbox_scheduled")
+    with pytest.raises(ConfigError, match="is not a table name"):
+        load_settings(**base, scheduled_table="a.b.c")
