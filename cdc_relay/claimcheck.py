@@ -11,7 +11,7 @@ in autocommit) and never commits.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 from typing import Any, Protocol, TypeAlias, overload
 
 import psycopg
@@ -20,7 +20,7 @@ from psycopg import sql
 from cdc_relay.core.claimcheck import (
     HEADER,
     ClaimCheck,
-    HeaderValue,
+    HeadersLike,
     MalformedClaimCheck,
     parse_reference,
 )
@@ -39,7 +39,6 @@ __all__ = [
 
 SyncTarget: TypeAlias = psycopg.Connection[Any] | psycopg.Cursor[Any]
 AsyncTarget: TypeAlias = psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any]
-Headers: TypeAlias = Iterable[tuple[str, HeaderValue]] | None
 
 BYTEA_OID = 17
 
@@ -49,11 +48,11 @@ class KafkaMessage(Protocol):
 
     def value(self) -> bytes | None: ...
 
-    def headers(self) -> list[tuple[str, bytes]] | None: ...
+    def headers(self) -> HeadersLike: ...
 
 
-Record: TypeAlias = KafkaMessage | tuple[bytes | None, Headers]
-Reference: TypeAlias = ClaimCheck | KafkaMessage | tuple[bytes | None, Headers]
+Record: TypeAlias = KafkaMessage | tuple[bytes | None, HeadersLike]
+Reference: TypeAlias = ClaimCheck | KafkaMessage | tuple[bytes | None, HeadersLike]
 
 
 class ClaimCheckError(RelayError):

@@ -24,7 +24,7 @@ headers. A reference's size never comes from the payload: the relay does not par
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -42,6 +42,8 @@ KEPT_REASON: Final = "claim-check: refused by Kafka as too large, published by r
 _MAX_REFERENCE_BYTES: Final = 4096
 
 HeaderValue = bytes | str | None
+# confluent-kafka's message.headers(): a list of pairs (what a consumer gets), or a dict.
+HeadersLike = Mapping[str, HeaderValue] | Iterable[tuple[str, HeaderValue]] | None
 
 
 class MalformedClaimCheck(RelayError):
@@ -88,16 +90,14 @@ def _header(headers: Iterable[tuple[str, HeaderValue]], name: str) -> list[bytes
     return found
 
 
-def parse_reference(
-    value: bytes | None, headers: Iterable[tuple[str, HeaderValue]] | None
-) -> ClaimCheck | None:
+def parse_reference(value: bytes | None, headers: HeadersLike) -> ClaimCheck | None:
     """The reference a consumed record carries, or None for an ordinary record.
 
     The marker header decides: without it the record is ordinary, whatever its value. With it,
     the value, the size header and the ``id`` header must agree, or MalformedClaimCheck.
     ``headers`` is confluent-kafka's ``message.headers()`` (a list of pairs, or None).
     """
-    listed = list(headers or ())
+    listed = list(headers.items() if isinstance(headers, Mapping) else headers or ())
     markers = _header(listed, HEADER)
     if not markers:
         return None

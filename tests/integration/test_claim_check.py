@@ -67,6 +67,19 @@ def insert(url: str, payload_sql: str, *, age: str = "0 seconds", aggregate: str
     )[0][0]
 
 
+class Message:
+    """The two methods the helpers read of confluent-kafka's Message."""
+
+    def __init__(self, value, headers):
+        self._value, self._headers = value, headers
+
+    def value(self):
+        return self._value
+
+    def headers(self):
+        return self._headers
+
+
 OUTBOX_DDL = """
 CREATE TABLE {table} (
     id             uuid        PRIMARY KEY,
@@ -134,8 +147,12 @@ def test_the_helper_returns_the_bytes_the_relay_published(outbox: Outbox, kafka:
             value, headers = as_published(record.value, record.headers)
             assert fetch_payload(conn, (value, headers)) == record.value
             assert resolve(conn, (value, headers)) == record.value
-            # An ordinary record resolves to its own value, without a query.
+            assert resolve(conn, Message(value, headers)) == record.value
+            reference = claimcheck.parse_reference(value, headers)
+            assert reference is not None and fetch_payload(conn, reference) == record.value
+            # An ordinary record resolves to its own value.
             assert resolve(conn, (record.value, record.headers)) == record.value
+            assert resolve(conn, Message(record.value, record.headers)) == record.value
             # prune measures the payload as the relay does.
             assert conn.execute(size_sql, (event_id,)).fetchone() == (len(record.value or b""),)
 

@@ -82,6 +82,12 @@ def test_headers_as_str_values_are_read_too():
     assert parse_reference(value, as_text) == ClaimCheck(EVENT_ID, 7, "public.outbox")
 
 
+def test_headers_as_a_dict_are_read_too():
+    value, headers = reference(size=7)
+    assert parse_reference(value, dict(headers)) == ClaimCheck(EVENT_ID, 7, "public.outbox")
+    assert parse_reference(b"{}", {"id": EVENT_ID}) is None
+
+
 def test_non_ascii_ids_and_table_names_survive():
     value = reference_value("évènement-1", 10, "ventes.boîte")
     headers = [("id", "évènement-1".encode()), *reference_headers(10)]
