@@ -120,6 +120,24 @@ def _queries(
     return name, text, raw
 
 
+def _text_row(
+    row: tuple[Any, ...] | None, reference: ClaimCheck, table: str
+) -> tuple[bool, bytes | None]:
+    """The first statement's row: whether the payload is a bytea to fetch as such, and the
+    payload (a non-bytea one, or None)."""
+    if row is None:
+        raise PayloadGone(reference, table)
+    type_oid, payload, is_null = row
+    return type_oid == BYTEA_OID and not is_null, payload
+
+
+def _raw_row(row: tuple[Any, ...] | None, reference: ClaimCheck, table: str) -> bytes | None:
+    if row is None:
+        raise PayloadGone(reference, table)  # pruned between the two statements
+    payload: bytes | None = row[0]
+    return payload
+
+
 def _checked(reference: ClaimCheck, table: str, payload: bytes | None) -> bytes:
     if payload is None or len(payload) != reference.size:
         raise PayloadChanged(reference, table, None if payload is None else len(payload))
@@ -179,30 +197,22 @@ def fetch_payload(
     name, text, raw = _queries(reference, table, id_column, payload_column)
     if isinstance(conn, psycopg.AsyncConnection | psycopg.AsyncCursor):
         return _fetch_async(conn, reference, name, text, raw)
-    row = conn.execute(text, (reference.event_id,)).fetchone()
-    if row is None:
-        raise PayloadGone(reference, name)
-    type_oid, payload, is_null = row
-    if type_oid == BYTEA_OID and not is_null:
-        row = conn.execute(raw, (reference.event_id,)).fetchone()
-        if row is None:
-            raise PayloadGone(reference, name)  # pruned between the two statements
-        payload = row[0]
+    params = (reference.event_id,)
+    raw_needed, payload = _text_row(conn.execute(text, params).fetchone(), reference, name)
+    if raw_needed:
+        payload = _raw_row(conn.execute(raw, params).fetchone(), reference, name)
     return _checked(reference, name, payload)
 
 
 async def _fetch_async(
     conn: AsyncTarget, reference: ClaimCheck, name: str, text: sql.Composed, raw: sql.Composed
 ) -> bytes:
-    row = await (await conn.execute(text, (reference.event_id,))).fetchone()
-    if row is None:
-        raise PayloadGone(reference, name)
-    type_oid, payload, is_null = row
-    if type_oid == BYTEA_OID and not is_null:
-        row = await (await conn.execute(raw, (reference.event_id,))).fetchone()
-        if row is None:
-            raise PayloadGone(reference, name)
-        payload = row[0]
+    params = (reference.event_id,)
+    row = await (await conn.execute(text, params)).fetchone()
+    raw_needed, payload = _text_row(row, reference, name)
+    if raw_needed:
+        row = await (await conn.execute(raw, params)).fetchone()
+        payload = _raw_row(row, reference, name)
     return _checked(reference, name, payload)
 
 

@@ -97,6 +97,24 @@ def create_outbox(url: str, table: str, payload_type: str) -> None:
     execute(url, OUTBOX_DDL.format(table=table, payload_type=payload_type))
 
 
+def add_row(url: str, payload_sql: str, *params: object) -> str:
+    """Insert one event into public.outbox with the payload ``payload_sql``; its id."""
+    event_id = str(uuid.uuid4())
+    execute(
+        url,
+        "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) "
+        f"VALUES (%s, 'order', 'k', 'Tested', {payload_sql})",
+        (event_id, *params),
+    )
+    return event_id
+
+
+def reference_to(event_id: str, size: int, table: str = "public.outbox"):
+    """The (value, headers) the relay publishes for a claim-checked event, usual headers aside."""
+    value = claimcheck.reference_value(event_id, size, table)
+    return value, [("id", event_id.encode()), *claimcheck.reference_headers(size)]
+
+
 # --------------------------------------------------------------------------- against the relay
 
 
@@ -216,8 +234,7 @@ def test_every_payload_type_is_fetched_as_the_relay_publishes_it(db: str, payloa
     assert published is not None
     if payload_type == "bytea":
         assert published == PAYLOADS["bytea"][1]
-    value = claimcheck.reference_value(event_id, len(published), f"public.{table}")
-    headers = [("id", event_id.encode()), *claimcheck.reference_headers(len(published))]
+    value, headers = reference_to(event_id, len(published), f"public.{table}")
     # A consumer session unlike the relay's: another client encoding (which cannot even
     # represent the emoji) and the other bytea output format.
     with psycopg.connect(
@@ -241,18 +258,11 @@ BIG_CHARS = 25 * 1024 * 1024  # 'é' is two bytes in UTF-8: a 50 MiB string
 
 def test_a_50_mb_payload_is_fetched_exactly_sync_and_async(db: str):
     create_outbox(db, "outbox", "jsonb")
-    event_id = str(uuid.uuid4())
-    execute(
-        db,
-        "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) "
-        "VALUES (%s, 'order', 'k', 'Big', jsonb_build_object('blob', repeat('é', %s)))",
-        (event_id, BIG_CHARS),
-    )
+    event_id = add_row(db, "jsonb_build_object('blob', repeat('é', %s))", BIG_CHARS)
     expected = b'{"blob": "' + "é".encode() * BIG_CHARS + b'"}'
     assert len(expected) > 50 * 1024 * 1024
     assert claimcheck.needs_claim_check(len(expected), 1024 * 1024)
-    value = claimcheck.reference_value(event_id, len(expected), "public.outbox")
-    headers = [("id", event_id.encode()), *claimcheck.reference_headers(len(expected))]
+    value, headers = reference_to(event_id, len(expected))
     assert len(value) < 200  # what goes through Kafka instead
 
     with psycopg.connect(db, autocommit=True) as conn:
@@ -276,15 +286,8 @@ def test_a_50_mb_payload_is_fetched_exactly_sync_and_async(db: str):
 
 def test_a_pruned_row_says_the_retention_was_too_short(db: str):
     create_outbox(db, "outbox", "jsonb")
-    event_id = str(uuid.uuid4())
-    execute(
-        db,
-        "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) "
-        "VALUES (%s, 'order', 'k', 'Tested', '{\"a\": 1}')",
-        (event_id,),
-    )
-    value = claimcheck.reference_value(event_id, len(b'{"a": 1}'), "public.outbox")
-    headers = [("id", event_id.encode()), *claimcheck.reference_headers(len(b'{"a": 1}'))]
+    event_id = add_row(db, "'{\"a\": 1}'")
+    value, headers = reference_to(event_id, len(b'{"a": 1}'))
     with psycopg.connect(db, autocommit=True) as conn:
         assert fetch_payload(conn, (value, headers)) == b'{"a": 1}'
         conn.execute("UPDATE outbox SET payload = '{\"a\": 22}' WHERE id = %s", (event_id,))
@@ -315,15 +318,7 @@ def test_a_reference_can_be_read_from_another_table_name(db: str):
     """``table=``: a view (or a replica's copy) that exposes the outbox under another name."""
     create_outbox(db, "outbox", "jsonb")
     execute(db, "CREATE VIEW event_payloads AS SELECT id, payload FROM outbox")
-    event_id = str(uuid.uuid4())
-    execute(
-        db,
-        "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) "
-        "VALUES (%s, 'order', 'k', 'Tested', '[1, 2]')",
-        (event_id,),
-    )
-    value = claimcheck.reference_value(event_id, 6, "public.outbox")
-    headers = claimcheck.reference_headers(6)
+    value, headers = reference_to(add_row(db, "'[1, 2]'"), 6)
     with psycopg.connect(db, autocommit=True) as conn:
         assert fetch_payload(conn, (value, headers), table="public.event_payloads") == b"[1, 2]"
 
