@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 
 import psycopg
@@ -418,3 +419,64 @@ def test_prune_refuses_claim_check_without_a_created_at_column(db: str, kafka: s
             say=lambda _: None,
             claim_check_over_bytes=THRESHOLD,
         )
+
+
+# --------------------------------------------------------------------------- encodings
+
+
+@pytest.fixture
+def latin1_db(pg) -> Iterator[str]:
+    """A fresh LATIN1 database: there the relay's UTF-8 bytes differ from the stored ones."""
+    name = f"t_claim_latin1_{uuid.uuid4().hex[:8]}"
+    pg.execute(
+        sql.SQL(
+            "CREATE DATABASE {} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        ).format(sql.Identifier(name))
+    )
+    try:
+        yield pg.url(dbname=name)
+    finally:
+        pg.drop_database(name)
+
+
+def test_in_a_latin1_database_the_payload_is_published_and_fetched_in_utf8(
+    latin1_db: str, kafka: str
+):
+    box = make_outbox(latin1_db, kafka)
+    event_id = insert(box.url, "jsonb_build_object('text', repeat('é', 100) || 'ÿ')")
+    said: list[str] = []
+    with RelayProcess(box.env) as relay, psycopg.connect(box.url, autocommit=True) as conn:
+        [record] = consume_all(kafka, [box.topic()], expected=1, timeout=60)
+        assert record.value is not None
+        wait_confirmed_past(box.url, current_lsn(box.url))
+        # Prune measures the UTF-8 size here too: 50 bytes under it, the row is claim-checked.
+        for over in (len(record.value) - 50, len(record.value)):
+            prune_module.prune(
+                conn,
+                _settings_of(box),
+                older_than=timedelta(0),
+                batch_size=10,
+                wait_seconds=60,
+                dry_run=True,
+                say=said.append,
+                claim_check_over_bytes=over,
+            )
+        assert relay.stop() == 0
+    assert [line.split(" confirmed")[0] for line in said] == [
+        "dry run: would delete 0",
+        "dry run: would delete 1",
+    ]
+    assert record.value == ('{"text": "' + "é" * 100 + 'ÿ"}').encode()
+    with psycopg.connect(box.url, autocommit=True) as conn:
+        assert fetch_payload(conn, as_published(record.value, record.headers)) == record.value
+        sizes = [
+            conn.execute(
+                sql.SQL("SELECT {} FROM outbox o WHERE o.id = %s").format(
+                    prune_module.ClaimCheckRule("jsonb", utf8_server=utf8).size_sql("o", "payload")
+                ),
+                (event_id,),
+            ).fetchone()
+            for utf8 in (False, True)
+        ]
+    # What prune uses in this database, and what it would get wrong with the UTF-8 shortcut.
+    assert sizes == [(len(record.value),), (len(record.value) - 101,)]
