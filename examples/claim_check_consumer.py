@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Any
 
 import psycopg
 from confluent_kafka import Consumer, Message
@@ -27,12 +28,22 @@ from cdc_relay.claimcheck import PayloadGone, resolve
 CONSUMER = "order-archive"
 
 
-def handle(message: Message, payload: bytes | None) -> None:
+def summary(message: Message, payload: bytes | None) -> str:
     """The consumer's own work; here, a line per event."""
     order = json.loads(payload) if payload is not None else None
     size = len(payload) if payload is not None else 0
     keys = sorted(order) if isinstance(order, dict) else []
-    print(f"{message.key()!r}: {size} bytes, keys {keys}")
+    return f"{message.key()!r}: {size} bytes, keys {keys}"
+
+
+def handle(conn: psycopg.Connection[Any], message: Message) -> str:
+    """One record: its payload from the record itself, or from the outbox for a reference."""
+    return summary(message, resolve(conn, message))
+
+
+async def handle_async(conn: psycopg.AsyncConnection[Any], message: Message) -> str:
+    """The same with psycopg's async connection (for an asyncio consumer)."""
+    return summary(message, await resolve(conn, message))
 
 
 def main() -> int:
@@ -53,25 +64,16 @@ def main() -> int:
                 if message is None or message.error() is not None:
                     continue
                 try:
-                    payload = resolve(conn, message)
+                    print(handle(conn, message))
                 except PayloadGone as exc:
                     print(f"stopping: {exc}", file=sys.stderr)
                     return 1
-                handle(message, payload)
                 consumer.commit(message=message, asynchronous=False)
         except KeyboardInterrupt:
             pass
         finally:
             consumer.close()
     return 0
-
-
-async def resolve_async(message: Message) -> bytes | None:
-    """The same with psycopg's async connection (for an asyncio consumer)."""
-    async with await psycopg.AsyncConnection.connect(
-        os.environ["OUTBOX_DATABASE_URL"], autocommit=True
-    ) as conn:
-        return await resolve(conn, message)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ bytea_output), a 50 MB payload included, and prune keeps what consumers may stil
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -69,10 +71,13 @@ def insert(url: str, payload_sql: str, *, age: str = "0 seconds", aggregate: str
 
 
 class Message:
-    """The two methods the helpers read of confluent-kafka's Message."""
+    """What the helpers and the example read of confluent-kafka's Message."""
 
-    def __init__(self, value, headers):
-        self._value, self._headers = value, headers
+    def __init__(self, value, headers, key=b"k"):
+        self._value, self._headers, self._key = value, headers, key
+
+    def key(self):
+        return self._key
 
     def value(self):
         return self._value
@@ -480,3 +485,34 @@ def test_in_a_latin1_database_the_payload_is_published_and_fetched_in_utf8(
         ]
     # What prune uses in this database, and what it would get wrong with the UTF-8 shortcut.
     assert sizes == [(len(record.value),), (len(record.value) - 101,)]
+
+
+# --------------------------------------------------------------------------- the example
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_the_example_consumer_reads_ordinary_and_claim_checked_records(db: str):
+    spec = importlib.util.spec_from_file_location(
+        "example_claim_check_consumer", EXAMPLES / "claim_check_consumer.py"
+    )
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    create_outbox(db, "outbox", "jsonb")
+    big = add_row(db, "jsonb_build_object('blob', repeat('x', 100000), 'order', 'o-1')")
+    size = 100000 + len('{"blob": "", "order": "o-1"}')
+    reference = Message(*reference_to(big, size), key=b"o-1")
+    ordinary = Message(b'{"order": "o-2"}', [("id", b"e-2")], key=b"o-2")
+    with psycopg.connect(db, autocommit=True) as conn:
+        assert example.handle(conn, ordinary) == "b'o-2': 16 bytes, keys ['order']"
+        assert example.handle(conn, reference) == f"b'o-1': {size} bytes, keys ['blob', 'order']"
+
+    async def handle_async() -> str:
+        async with await psycopg.AsyncConnection.connect(db, autocommit=True) as aconn:
+            return await example.handle_async(aconn, reference)
+
+    assert asyncio.run(handle_async()) == f"b'o-1': {size} bytes, keys ['blob', 'order']"
+    execute(db, "DELETE FROM outbox")
+    with psycopg.connect(db, autocommit=True) as conn, pytest.raises(PayloadGone):
+        example.handle(conn, reference)
