@@ -62,10 +62,11 @@ class ClaimCheckError(RelayError):
 class PayloadGone(ClaimCheckError):
     """The outbox row of a claim-checked event is gone."""
 
-    def __init__(self, reference: ClaimCheck, table: str) -> None:
-        self.reference = reference
+    def __init__(self, event_id: str, table: str) -> None:
+        self.event_id = event_id
+        self.table = table
         super().__init__(
-            f"the outbox row of claim-checked event {reference.event_id} is gone from {table}: "
+            f"the outbox row of claim-checked event {event_id} is gone from {table}: "
             "it was pruned before this consumer read it, so the claim-check retention "
             "(CDC_RELAY_CLAIM_CHECK_RETENTION, prune) is too short for this consumer's lag "
             "and replay horizon (docs/claim-check.md)"
@@ -77,13 +78,15 @@ class PayloadChanged(ClaimCheckError):
     published: its size differs from the reference's (the row was updated, or the id was
     reused), or its payload is NULL."""
 
-    def __init__(self, reference: ClaimCheck, table: str, size: int | None) -> None:
-        self.reference = reference
-        self.size = size
-        now = "a NULL payload" if size is None else f"{size} bytes"
+    def __init__(self, event_id: str, table: str, *, published: int, found: int | None) -> None:
+        self.event_id = event_id
+        self.table = table
+        self.published = published
+        self.found = found
+        now = "a NULL payload" if found is None else f"{found} bytes"
         super().__init__(
-            f"the outbox row of claim-checked event {reference.event_id} in {table} holds "
-            f"{now}, but {reference.size} bytes were published: the row changed after it was "
+            f"the outbox row of claim-checked event {event_id} in {table} holds "
+            f"{now}, but {published} bytes were published: the row changed after it was "
             "published (outbox rows must never be updated)"
         )
 
@@ -126,21 +129,22 @@ def _text_row(
     """The first statement's row: whether the payload is a bytea to fetch as such, and the
     payload (a non-bytea one, or None)."""
     if row is None:
-        raise PayloadGone(reference, table)
+        raise PayloadGone(reference.event_id, table)
     type_oid, payload, is_null = row
     return type_oid == BYTEA_OID and not is_null, payload
 
 
 def _raw_row(row: tuple[Any, ...] | None, reference: ClaimCheck, table: str) -> bytes | None:
     if row is None:
-        raise PayloadGone(reference, table)  # pruned between the two statements
+        raise PayloadGone(reference.event_id, table)  # pruned between the two statements
     payload: bytes | None = row[0]
     return payload
 
 
 def _checked(reference: ClaimCheck, table: str, payload: bytes | None) -> bytes:
     if payload is None or len(payload) != reference.size:
-        raise PayloadChanged(reference, table, None if payload is None else len(payload))
+        found = None if payload is None else len(payload)
+        raise PayloadChanged(reference.event_id, table, published=reference.size, found=found)
     return payload
 
 

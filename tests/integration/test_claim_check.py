@@ -297,11 +297,19 @@ def test_a_pruned_row_says_the_retention_was_too_short(db: str):
     with psycopg.connect(db, autocommit=True) as conn:
         assert fetch_payload(conn, (value, headers)) == b'{"a": 1}'
         conn.execute("UPDATE outbox SET payload = '{\"a\": 22}' WHERE id = %s", (event_id,))
-        with pytest.raises(PayloadChanged, match="holds 9 bytes, but 8 bytes were published"):
+        with pytest.raises(
+            PayloadChanged, match="holds 9 bytes, but 8 bytes were published"
+        ) as changed:
             fetch_payload(conn, (value, headers))
+        assert (changed.value.event_id, changed.value.published, changed.value.found) == (
+            event_id,
+            8,
+            9,
+        )
         conn.execute("DELETE FROM outbox WHERE id = %s", (event_id,))
         with pytest.raises(PayloadGone) as gone:
             fetch_payload(conn, (value, headers))
+        assert (gone.value.event_id, gone.value.table) == (event_id, "public.outbox")
         assert str(gone.value) == (
             f"the outbox row of claim-checked event {event_id} is gone from public.outbox: it "
             "was pruned before this consumer read it, so the claim-check retention "
