@@ -22,7 +22,9 @@ from cdc_relay.core.claimcheck import (
     ClaimCheck,
     HeadersLike,
     MalformedClaimCheck,
+    PayloadForm,
     parse_reference,
+    payload_form,
 )
 from cdc_relay.core.names import split_table_name
 from cdc_relay.errors import RelayError
@@ -33,14 +35,13 @@ __all__ = [
     "MalformedClaimCheck",
     "PayloadChanged",
     "PayloadGone",
+    "PayloadTypeUnsupported",
     "fetch_payload",
     "resolve",
 ]
 
 SyncTarget: TypeAlias = psycopg.Connection[Any] | psycopg.Cursor[Any]
 AsyncTarget: TypeAlias = psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any]
-
-BYTEA_OID = 17
 
 
 class KafkaMessage(Protocol):
@@ -70,6 +71,21 @@ class PayloadGone(ClaimCheckError):
             "it was pruned before this consumer read it, so the claim-check retention "
             "(CDC_RELAY_CLAIM_CHECK_RETENTION, prune) is too short for this consumer's lag "
             "and replay horizon (docs/claim-check.md)"
+        )
+
+
+class PayloadTypeUnsupported(ClaimCheckError):
+    """The payload column's type has a text output that depends on session settings (dates,
+    floats, ...): the helper cannot promise the relay's bytes. Claim-check supports bytea,
+    text, varchar, json and jsonb payloads, and domains over them."""
+
+    def __init__(self, table: str, column: str) -> None:
+        self.table = table
+        self.column = column
+        super().__init__(
+            f"column {column!r} of {table}: claim-check supports payloads of type bytea, "
+            "text, varchar, json or jsonb (or a domain over one of them), whose published "
+            "bytes do not depend on session settings"
         )
 
 
@@ -104,41 +120,58 @@ def _value(record: Record) -> bytes | None:
     return record[0] if isinstance(record, tuple) else record.value()
 
 
-def _queries(
-    reference: ClaimCheck, table: str | None, id_column: str, payload_column: str
-) -> tuple[str, sql.Composed, sql.Composed]:
-    name = table or reference.table
-    target = sql.Identifier(*split_table_name(name))
-    payload, column_id = sql.Identifier(payload_column), sql.Identifier(id_column)
-    # One statement for every payload type: the relay publishes the text output of a non-bytea
-    # payload, in UTF-8 (its replication connection uses client_encoding UTF8), which is what
-    # convert_to(payload::text, 'UTF8') gives whatever this session's encoding. A bytea payload
-    # is published as its raw bytes; its text output depends on this session's bytea_output,
-    # so it is fetched again as bytea (a second, rare round trip).
-    text = sql.SQL(
-        "SELECT pg_typeof({p})::oid, CASE WHEN pg_typeof({p}) = 'bytea'::regtype THEN NULL "
-        "ELSE convert_to({p}::text, 'UTF8') END, {p} IS NULL FROM {t} WHERE {id} = %s"
-    ).format(p=payload, t=target, id=column_id)
-    raw = sql.SQL("SELECT {p} FROM {t} WHERE {id} = %s").format(p=payload, t=target, id=column_id)
-    return name, text, raw
+# The payload column's type, and the type under its domains (a domain over a domain too).
+PAYLOAD_TYPE_SQL = """
+WITH RECURSIVE chain(column_type, oid, basetype, typtype) AS (
+    SELECT t.oid, t.oid, t.typbasetype, t.typtype
+    FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+    WHERE a.attrelid = to_regclass(%s) AND a.attname = %s AND a.attnum > 0
+      AND NOT a.attisdropped
+  UNION ALL
+    SELECT c.column_type, t.oid, t.typbasetype, t.typtype
+    FROM chain c JOIN pg_type t ON t.oid = c.basetype
+    WHERE c.typtype = 'd'
+)
+SELECT column_type::int, oid::int FROM chain WHERE typtype <> 'd'
+"""
 
 
-def _text_row(
-    row: tuple[Any, ...] | None, reference: ClaimCheck, table: str
-) -> tuple[bool, bytes | None]:
-    """The first statement's row: whether the payload is a bytea to fetch as such, and the
-    payload (a non-bytea one, or None)."""
+def _type_params(table: str, payload_column: str) -> tuple[str, str]:
+    return sql.Identifier(*split_table_name(table)).as_string(None), payload_column
+
+
+def _form(row: tuple[Any, ...] | None, table: str, payload_column: str) -> PayloadForm:
+    if row is None:
+        raise ClaimCheckError(f"{table} has no column {payload_column!r} (or does not exist)")
+    form = payload_form(row[0], row[1])
+    if form is None:
+        raise PayloadTypeUnsupported(table, payload_column)
+    return form
+
+
+def _payload_query(
+    form: PayloadForm, table: str, id_column: str, payload_column: str
+) -> sql.Composed:
+    # The relay reads text in UTF-8 (its replication connection uses client_encoding UTF8):
+    # convert_to gives those bytes whatever this session's encoding. A bytea's text would
+    # depend on this session's bytea_output: it is fetched as bytea.
+    expression = "{p}::bytea" if form in ("raw", "hex") else "convert_to({p}::text, 'UTF8')"
+    return sql.SQL("SELECT " + expression + " FROM {t} WHERE {id} = %s").format(
+        p=sql.Identifier(payload_column),
+        t=sql.Identifier(*split_table_name(table)),
+        id=sql.Identifier(id_column),
+    )
+
+
+def _published(
+    form: PayloadForm, row: tuple[Any, ...] | None, reference: ClaimCheck, table: str
+) -> bytes:
     if row is None:
         raise PayloadGone(reference.event_id, table)
-    type_oid, payload, is_null = row
-    return type_oid == BYTEA_OID and not is_null, payload
-
-
-def _raw_row(row: tuple[Any, ...] | None, reference: ClaimCheck, table: str) -> bytes | None:
-    if row is None:
-        raise PayloadGone(reference.event_id, table)  # pruned between the two statements
     payload: bytes | None = row[0]
-    return payload
+    if payload is not None and form == "hex":
+        payload = b"\\x" + payload.hex().encode("ascii")
+    return _checked(reference, table, payload)
 
 
 def _checked(reference: ClaimCheck, table: str, payload: bytes | None) -> bytes:
@@ -198,26 +231,23 @@ def fetch_payload(
     reference = _reference(record)
     if reference is None:
         raise _not_a_reference()
-    name, text, raw = _queries(reference, table, id_column, payload_column)
+    name = table or reference.table
     if isinstance(conn, psycopg.AsyncConnection | psycopg.AsyncCursor):
-        return _fetch_async(conn, reference, name, text, raw)
-    params = (reference.event_id,)
-    raw_needed, payload = _text_row(conn.execute(text, params).fetchone(), reference, name)
-    if raw_needed:
-        payload = _raw_row(conn.execute(raw, params).fetchone(), reference, name)
-    return _checked(reference, name, payload)
+        return _fetch_async(conn, reference, name, id_column, payload_column)
+    row = conn.execute(PAYLOAD_TYPE_SQL, _type_params(name, payload_column)).fetchone()
+    form = _form(row, name, payload_column)
+    query = _payload_query(form, name, id_column, payload_column)
+    return _published(form, conn.execute(query, (reference.event_id,)).fetchone(), reference, name)
 
 
 async def _fetch_async(
-    conn: AsyncTarget, reference: ClaimCheck, name: str, text: sql.Composed, raw: sql.Composed
+    conn: AsyncTarget, reference: ClaimCheck, name: str, id_column: str, payload_column: str
 ) -> bytes:
-    params = (reference.event_id,)
-    row = await (await conn.execute(text, params)).fetchone()
-    raw_needed, payload = _text_row(row, reference, name)
-    if raw_needed:
-        row = await (await conn.execute(raw, params)).fetchone()
-        payload = _raw_row(row, reference, name)
-    return _checked(reference, name, payload)
+    cursor = await conn.execute(PAYLOAD_TYPE_SQL, _type_params(name, payload_column))
+    form = _form(await cursor.fetchone(), name, payload_column)
+    query = _payload_query(form, name, id_column, payload_column)
+    row = await (await conn.execute(query, (reference.event_id,))).fetchone()
+    return _published(form, row, reference, name)
 
 
 @overload

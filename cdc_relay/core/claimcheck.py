@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 from cdc_relay.core.names import split_table_name
 from cdc_relay.errors import RelayError
@@ -40,6 +40,16 @@ VALUE_PREFIX: Final = b"cdc-relay-claim-check:v1 "
 KEPT_REASON: Final = "claim-check: refused by Kafka as too large, published by reference"
 # A reference is small; one that is not was not written by the relay.
 _MAX_REFERENCE_BYTES: Final = 4096
+
+BYTEA_OID: Final = 17
+# Types whose text output depends on no session setting (so a consumer's session gives the
+# relay's bytes): text, json, jsonb, varchar, and domains over them.
+SETTING_FREE_TEXT_OIDS: Final = frozenset({25, 114, 3802, 1043})
+# How the relay turns a payload column into the value (cdc_relay.core.mapping): "raw", the
+# bytes of a bytea column; "hex", the hex text (bytea_output = hex, forced on the relay's
+# connection) of a domain over bytea, which pgoutput names by the domain's type, not bytea;
+# "text", the text output of any other type, in UTF-8.
+PayloadForm = Literal["raw", "hex", "text"]
 
 HeaderValue = bytes | str | None
 # confluent-kafka's message.headers(): a list of pairs (what a consumer gets), or a dict.
@@ -59,6 +69,19 @@ class ClaimCheck:
     event_id: str
     size: int
     table: str
+
+
+def payload_form(column_type: int, base_type: int) -> PayloadForm | None:
+    """How the relay publishes a payload column of type ``column_type`` (an oid; ``base_type``
+    is the type under its domains, or the type itself): None when its text depends on session
+    settings (dates, floats, ...), so a consumer could not be sure to get the same bytes."""
+    if column_type == BYTEA_OID:
+        return "raw"
+    if base_type == BYTEA_OID:
+        return "hex"
+    if base_type in SETTING_FREE_TEXT_OIDS:
+        return "text"
+    return None
 
 
 def needs_claim_check(payload_size: int, over_bytes: int | None) -> bool:

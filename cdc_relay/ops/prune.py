@@ -40,6 +40,8 @@ from datetime import datetime, timedelta
 
 from psycopg import sql
 
+from cdc_relay.claimcheck import PAYLOAD_TYPE_SQL
+from cdc_relay.core.claimcheck import PayloadForm, payload_form
 from cdc_relay.core.lsn import Lsn, format_lsn, parse_lsn
 from cdc_relay.errors import ConfigError, PrerequisiteError, PruneBlocked
 from cdc_relay.ops import admin, control
@@ -77,19 +79,39 @@ def xid8_of(xid: sql.Composable, next_xid: sql.Composable = _NEXT_XID) -> sql.Co
 
 @dataclass(frozen=True, slots=True)
 class ClaimCheckRule:
-    """How prune measures a payload as the relay does: its type (information_schema's
-    data_type) and whether the server encoding is UTF-8 (the relay reads text in UTF-8)."""
+    """How prune measures a payload as the relay does: the column's PayloadForm (None: a type
+    claim-check does not support, whose rows are then all kept for the retention, as if
+    claim-checked), and whether the server encoding is UTF-8 (the relay reads text in
+    UTF-8)."""
 
-    payload_type: str
+    form: PayloadForm | None
     utf8_server: bool = True
 
-    def size_sql(self, alias: str, column: str) -> sql.Composed:
-        """SQL for the size in bytes of the value the relay publishes for the row's payload:
-        a bytea's raw bytes; any other type's text output in UTF-8. For bytea, text and json
-        this reads only the stored length, not the value; jsonb's text is computed."""
+    @classmethod
+    def of(cls, conn: Connection, schema: str, table: str, column: str) -> ClaimCheckRule:
+        """The rule for the payload column ``column`` of ``schema.table``."""
+        qualified = sql.Identifier(schema, table).as_string(conn)
+        row = conn.execute(PAYLOAD_TYPE_SQL, (qualified, column)).fetchone()
+        if row is None:
+            raise PrerequisiteError(f"table {schema}.{table} has no column {column!r}")
+        encoding = conn.execute("SELECT current_setting('server_encoding')").fetchone()
+        return cls(
+            form=payload_form(row[0], row[1]),
+            utf8_server=encoding is not None and encoding[0] == "UTF8",
+        )
+
+    def size_sql(self, alias: str, column: str) -> sql.Composed | None:
+        """SQL for the size in bytes of the value the relay publishes for the row's payload
+        (None when unknown): a bytea's raw bytes, a bytea domain's hex text, any other type's
+        text output in UTF-8. For bytea, text and json this reads only the stored length, not
+        the value; jsonb's text is computed."""
         payload = sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(column))
-        if self.payload_type == "bytea":
+        if self.form is None:
+            return None
+        if self.form == "raw":
             return sql.SQL("octet_length({})").format(payload)
+        if self.form == "hex":
+            return sql.SQL("(2 + 2 * octet_length({}::bytea))").format(payload)
         if self.utf8_server:
             return sql.SQL("octet_length({}::text)").format(payload)
         return sql.SQL("octet_length(convert_to({}::text, 'UTF8'))").format(payload)
@@ -122,14 +144,19 @@ def _condition(
         # CASE, not OR: the payload is measured only for rows younger than the retention, so
         # prune does not read the payloads of rows it may delete by age anyway. A NULL payload
         # is published as a tombstone, never by reference.
+        size = claim_check.size_sql(alias, settings.column_payload)
+        small = (
+            sql.SQL("false")
+            if size is None
+            else sql.SQL("coalesce({} <= %(claim_check_over)s, true)").format(size)
+        )
         parts.append(
             sql.SQL(
-                "CASE WHEN {alias}.{created_at} < %(claim_check_cutoff)s THEN true "
-                "ELSE coalesce({size} <= %(claim_check_over)s, true) END"
+                "CASE WHEN {alias}.{created_at} < %(claim_check_cutoff)s THEN true ELSE {small} END"
             ).format(
                 alias=sql.Identifier(alias),
                 created_at=sql.Identifier(settings.column_created_at),
-                size=claim_check.size_sql(alias, settings.column_payload),
+                small=small,
             )
         )
     return sql.SQL(" AND ").join(parts)
@@ -215,10 +242,8 @@ def prune(
                 f"table {settings.outbox_table} has no created_at column "
                 "(CDC_RELAY_COLUMN_CREATED_AT): prune cannot tell the age of claim-checked rows"
             )
-        encoding = conn.execute("SELECT current_setting('server_encoding')").fetchone()
-        claim_check = ClaimCheckRule(
-            payload_type=columns.get(settings.column_payload, ""),
-            utf8_server=encoding is not None and encoding[0] == "UTF8",
+        claim_check = ClaimCheckRule.of(
+            conn, settings.table_schema, settings.table_name, settings.column_payload
         )
 
     row = conn.execute(

@@ -19,6 +19,7 @@ from cdc_relay.claimcheck import (
     MalformedClaimCheck,
     PayloadChanged,
     PayloadGone,
+    PayloadTypeUnsupported,
     fetch_payload,
     resolve,
 )
@@ -162,7 +163,9 @@ def test_the_helper_returns_the_bytes_the_relay_published(outbox: Outbox, kafka:
         ).encode()
     )
 
-    rule = prune_module.ClaimCheckRule(payload_type="jsonb")
+    with psycopg.connect(outbox.url, autocommit=True) as conn:
+        rule = prune_module.ClaimCheckRule.of(conn, "public", "outbox", "payload")
+    assert rule == prune_module.ClaimCheckRule(form="text", utf8_server=True)
     size_sql = sql.SQL("SELECT {} FROM outbox o WHERE o.id = %s").format(
         rule.size_sql("o", "payload")
     )
@@ -188,8 +191,18 @@ PAYLOADS = {
     "json": ('\'{"b" :  1.50,\n "a": "\\u00e9 \U0001f680"}\'', None),
     "text": ("E'na\u00efve \"q\" \\\\ \\t \U0001f680'", None),
     "bytea": ("%s", bytes(range(256)) * 3 + b"\\x00"),
+    # pgoutput names the domain's type, not bytea: the relay publishes its text (hex).
+    "bytea_domain": ("%s", b"\x00\xff"),
+    # A domain over a domain over jsonb: jsonb's text.
+    "jsonb_domain": ('\'{"b": 1, "a": [true]}\'', None),
 }
-TYPE_OIDS = {"jsonb": 3802, "json": 114, "text": 25, "bytea": 17}
+DOMAINS = {
+    "bytea_domain": ["CREATE DOMAIN bytea_domain AS bytea"],
+    "jsonb_domain": [
+        "CREATE DOMAIN event_json AS jsonb CHECK (jsonb_typeof(VALUE) = 'object')",
+        "CREATE DOMAIN jsonb_domain AS event_json",
+    ],
+}
 
 
 def relay_value(url: str, table: str, event_id: str, payload_type: str) -> bytes | None:
@@ -205,9 +218,15 @@ def relay_value(url: str, table: str, event_id: str, payload_type: str) -> bytes
             ).format(sql.Identifier(table)),
             (event_id,),
         ).fetchone()
-    assert row is not None
+        # What pgoutput's Relation message gives as the column's type: its atttypid.
+        type_row = conn.execute(
+            "SELECT atttypid::int FROM pg_attribute WHERE attrelid = %s::regclass "
+            "AND attname = 'payload'",
+            (table,),
+        ).fetchone()
+    assert row is not None and type_row is not None
     names = ["id", "aggregate_type", "aggregate_id", "event_type", "payload", "headers"]
-    oids = [2950, 25, 25, 25, TYPE_OIDS[payload_type], 3802, 1184]
+    oids = [2950, 25, 25, 25, type_row[0], 3802, 1184]
     relation = Relation(
         xid=None,
         relid=Oid(1),
@@ -227,6 +246,8 @@ def relay_value(url: str, table: str, event_id: str, payload_type: str) -> bytes
 @pytest.mark.parametrize("payload_type", sorted(PAYLOADS))
 def test_every_payload_type_is_fetched_as_the_relay_publishes_it(db: str, payload_type: str):
     table = f"outbox_{payload_type}"
+    for statement in DOMAINS.get(payload_type, []):
+        execute(db, statement)
     create_outbox(db, table, payload_type)
     literal, param = PAYLOADS[payload_type]
     event_id = str(uuid.uuid4())
@@ -240,6 +261,10 @@ def test_every_payload_type_is_fetched_as_the_relay_publishes_it(db: str, payloa
     assert published is not None
     if payload_type == "bytea":
         assert published == PAYLOADS["bytea"][1]
+    if payload_type == "bytea_domain":
+        assert published == b"\\x00ff"
+    if payload_type == "jsonb_domain":
+        assert published == b'{"a": [true], "b": 1}'
     value, headers = reference_to(event_id, len(published), f"public.{table}")
     # A consumer session unlike the relay's: another client encoding (which cannot even
     # represent the emoji) and the other bytea output format.
@@ -247,7 +272,8 @@ def test_every_payload_type_is_fetched_as_the_relay_publishes_it(db: str, payloa
         db, autocommit=True, client_encoding="LATIN1", options="-c bytea_output=escape"
     ) as conn:
         assert fetch_payload(conn, (value, headers)) == published
-        rule = prune_module.ClaimCheckRule(payload_type=payload_type)
+        rule = prune_module.ClaimCheckRule.of(conn, "public", table, "payload")
+        assert rule.form == {"bytea": "raw", "bytea_domain": "hex"}.get(payload_type, "text")
         size = conn.execute(
             sql.SQL("SELECT {} FROM {} o WHERE o.id = %s").format(
                 rule.size_sql("o", "payload"), sql.Identifier(table)
@@ -326,6 +352,19 @@ def test_a_pruned_row_says_the_retention_was_too_short(db: str):
         # An ordinary record is not a reference: fetching it is a mistake, said as such.
         with pytest.raises(MalformedClaimCheck, match="not a claim-check reference"):
             fetch_payload(conn, (b'{"a": 1}', [("id", event_id.encode())]))
+
+
+def test_a_payload_type_whose_text_depends_on_settings_is_refused(db: str):
+    """A timestamptz payload's text depends on TimeZone and DateStyle: the helper cannot
+    promise the relay's bytes, and says so rather than return others."""
+    create_outbox(db, "outbox", "timestamptz")
+    event_id = add_row(db, "now()")
+    with psycopg.connect(db, autocommit=True) as conn:
+        with pytest.raises(PayloadTypeUnsupported, match="supports payloads of type bytea"):
+            fetch_payload(conn, reference_to(event_id, 29))
+        rule = prune_module.ClaimCheckRule.of(conn, "public", "outbox", "payload")
+    # prune keeps every such row for the retention, as if claim-checked.
+    assert rule.form is None and rule.size_sql("o", "payload") is None
 
 
 def test_a_reference_can_be_read_from_another_table_name(db: str):
@@ -485,7 +524,7 @@ def test_in_a_latin1_database_the_payload_is_published_and_fetched_in_utf8(
         sizes = [
             conn.execute(
                 sql.SQL("SELECT {} FROM outbox o WHERE o.id = %s").format(
-                    prune_module.ClaimCheckRule("jsonb", utf8_server=utf8).size_sql("o", "payload")
+                    prune_module.ClaimCheckRule("text", utf8_server=utf8).size_sql("o", "payload")
                 ),
                 (event_id,),
             ).fetchone()

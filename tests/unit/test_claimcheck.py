@@ -186,3 +186,22 @@ def test_the_size_header_must_be_the_exact_digits():
 def test_a_negative_size_cannot_be_referenced():
     with pytest.raises(ValueError):
         reference_value(EVENT_ID, -1, "public.outbox")
+
+
+@pytest.mark.parametrize(
+    ("column_type", "base_type", "form"),
+    [
+        (17, 17, "raw"),  # bytea: its bytes
+        (90001, 17, "hex"),  # a domain over bytea: pgoutput names the domain, the relay its hex
+        (3802, 3802, "text"),  # jsonb
+        (114, 114, "text"),  # json
+        (25, 25, "text"),  # text
+        (1043, 1043, "text"),  # varchar
+        (90002, 3802, "text"),  # a domain over jsonb
+        (1184, 1184, None),  # timestamptz: its text depends on TimeZone and DateStyle
+        (701, 701, None),  # float8: on extra_float_digits
+        (1042, 1042, None),  # char(n): ::text drops the padding that its output keeps
+    ],
+)
+def test_the_payload_form_follows_the_relay(column_type, base_type, form):
+    assert claimcheck.payload_form(column_type, base_type) == form
