@@ -19,6 +19,13 @@ rows with later timestamps. Prune therefore decides by commit order:
    rows whose inserting transaction id is below that xmin and whose ``created_at`` is older
    than ``--older-than`` (an age margin on top, for consumers that re-read the table).
 
+Claim-check (docs/claim-check.md): with ``claim_check_over_bytes`` set, a row whose payload is
+larger than that (as the relay measures it: the bytes it would publish) was published as a
+reference, and consumers fetch its payload from the table; such a row is also kept until its
+``created_at`` is older than ``claim_check_retention``. This only takes rows out of what steps
+1-3 would delete, so the commit-order argument above holds unchanged: every row deleted is
+still one whose transaction the slot had confirmed.
+
 A row's ``xmin`` is a 32-bit transaction id; it is widened to the 64-bit ``xid8`` against the
 current transaction counter (every unfrozen id lies within 2^31 of it). A frozen row older than
 2^32 transactions may be widened into the wrong epoch: it then merely looks recent and is kept.
@@ -33,6 +40,8 @@ from datetime import datetime, timedelta
 
 from psycopg import sql
 
+from cdc_relay.claimcheck import PAYLOAD_TYPE_SQL
+from cdc_relay.core.claimcheck import PayloadForm, payload_form
 from cdc_relay.core.lsn import Lsn, format_lsn, parse_lsn
 from cdc_relay.errors import ConfigError, PrerequisiteError, PruneBlocked
 from cdc_relay.ops import admin, control
@@ -42,6 +51,7 @@ from cdc_relay.settings import Settings
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _POLL_SECONDS = 0.25
+DEFAULT_CLAIM_CHECK_RETENTION = timedelta(days=7)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -67,7 +77,49 @@ def xid8_of(xid: sql.Composable, next_xid: sql.Composable = _NEXT_XID) -> sql.Co
     ).format(next=next_xid, xid=xid)
 
 
-def _condition(alias: str, settings: Settings, with_age: bool) -> sql.Composed:
+@dataclass(frozen=True, slots=True)
+class ClaimCheckRule:
+    """How prune measures a payload as the relay does: the column's PayloadForm (None: a type
+    claim-check does not support, whose rows are then all kept for the retention, as if
+    claim-checked), and whether the server encoding is UTF-8 (the relay reads text in
+    UTF-8)."""
+
+    form: PayloadForm | None
+    utf8_server: bool = True
+
+    @classmethod
+    def of(cls, conn: Connection, schema: str, table: str, column: str) -> ClaimCheckRule:
+        """The rule for the payload column ``column`` of ``schema.table``."""
+        qualified = sql.Identifier(schema, table).as_string(conn)
+        row = conn.execute(PAYLOAD_TYPE_SQL, (qualified, column)).fetchone()
+        if row is None:
+            raise PrerequisiteError(f"table {schema}.{table} has no column {column!r}")
+        encoding = conn.execute("SELECT current_setting('server_encoding')").fetchone()
+        return cls(
+            form=payload_form(row[0], row[1]),
+            utf8_server=encoding is not None and encoding[0] == "UTF8",
+        )
+
+    def size_sql(self, alias: str, column: str) -> sql.Composed | None:
+        """SQL for the size in bytes of the value the relay publishes for the row's payload
+        (None when unknown): a bytea's raw bytes, a bytea domain's hex text, any other type's
+        text output in UTF-8. For bytea, text and json this reads only the stored length, not
+        the value; jsonb's text is computed."""
+        payload = sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(column))
+        if self.form is None:
+            return None
+        if self.form == "raw":
+            return sql.SQL("octet_length({})").format(payload)
+        if self.form == "hex":
+            return sql.SQL("(2 + 2 * octet_length({}::bytea))").format(payload)
+        if self.utf8_server:
+            return sql.SQL("octet_length({}::text)").format(payload)
+        return sql.SQL("octet_length(convert_to({}::text, 'UTF8'))").format(payload)
+
+
+def _condition(
+    alias: str, settings: Settings, with_age: bool, claim_check: ClaimCheckRule | None = None
+) -> sql.Composed:
     xmin = sql.SQL("{}.xmin").format(sql.Identifier(alias))
     parts: list[sql.Composable] = [
         sql.SQL("{} < %(horizon)s").format(xid8_of(xmin)),
@@ -88,10 +140,31 @@ def _condition(alias: str, settings: Settings, with_age: bool) -> sql.Composed:
                 sql.Identifier(alias), sql.Identifier(settings.column_created_at)
             )
         )
+    if claim_check is not None:
+        # CASE, not OR: the payload is measured only for rows younger than the retention, so
+        # prune does not read the payloads of rows it may delete by age anyway. A NULL payload
+        # is published as a tombstone, never by reference.
+        size = claim_check.size_sql(alias, settings.column_payload)
+        small = (
+            sql.SQL("false")
+            if size is None
+            else sql.SQL("coalesce({} <= %(claim_check_over)s, true)").format(size)
+        )
+        parts.append(
+            sql.SQL(
+                "CASE WHEN {alias}.{created_at} < %(claim_check_cutoff)s THEN true ELSE {small} END"
+            ).format(
+                alias=sql.Identifier(alias),
+                created_at=sql.Identifier(settings.column_created_at),
+                small=small,
+            )
+        )
     return sql.SQL(" AND ").join(parts)
 
 
-def delete_batch_sql(settings: Settings, *, with_age: bool) -> sql.Composed:
+def delete_batch_sql(
+    settings: Settings, *, with_age: bool, claim_check: ClaimCheckRule | None = None
+) -> sql.Composed:
     """One batch: pick at most %(batch)s ids, then delete them (rechecking the condition)."""
     table = sql.Identifier(settings.table_schema, settings.table_name)
     column_id = sql.Identifier(settings.column_id)
@@ -101,15 +174,17 @@ def delete_batch_sql(settings: Settings, *, with_age: bool) -> sql.Composed:
     ).format(
         table=table,
         id=column_id,
-        picked=_condition("c", settings, with_age),
-        still=_condition("o", settings, with_age),
+        picked=_condition("c", settings, with_age, claim_check),
+        still=_condition("o", settings, with_age, claim_check),
     )
 
 
-def count_sql(settings: Settings, *, with_age: bool) -> sql.Composed:
+def count_sql(
+    settings: Settings, *, with_age: bool, claim_check: ClaimCheckRule | None = None
+) -> sql.Composed:
     return sql.SQL("SELECT count(*) FROM {} AS c WHERE {}").format(
         sql.Identifier(settings.table_schema, settings.table_name),
-        _condition("c", settings, with_age),
+        _condition("c", settings, with_age, claim_check),
     )
 
 
@@ -129,11 +204,21 @@ def prune(
     wait_seconds: float,
     dry_run: bool,
     say: Say,
+    claim_check_over_bytes: int | None = None,
+    claim_check_retention: timedelta = DEFAULT_CLAIM_CHECK_RETENTION,
 ) -> PruneResult:
     """Delete confirmed outbox rows older than ``older_than``; ``conn`` must be autocommit, so
-    that every batch commits on its own (short transactions, short row locks)."""
+    that every batch commits on its own (short transactions, short row locks).
+
+    With ``claim_check_over_bytes`` (the relay's CDC_RELAY_CLAIM_CHECK_OVER_BYTES; None: off),
+    rows whose payload is larger than that are also kept until they are older than
+    ``claim_check_retention``: consumers fetch those payloads from the table."""
     if batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
+    if claim_check_over_bytes is not None and claim_check_over_bytes < 0:
+        raise ConfigError("the claim-check threshold cannot be negative")
+    if claim_check_retention < timedelta(0):
+        raise ConfigError("the claim-check retention cannot be negative")
     columns = admin.table_columns(conn, settings)
     if columns is None:
         raise PrerequisiteError(f"table {settings.outbox_table} does not exist")
@@ -150,14 +235,24 @@ def prune(
             f"table {settings.outbox_table} has no created_at column "
             "(CDC_RELAY_COLUMN_CREATED_AT): only --older-than 0s is possible"
         )
+    claim_check: ClaimCheckRule | None = None
+    if claim_check_over_bytes is not None:
+        if not with_age:
+            raise ConfigError(
+                f"table {settings.outbox_table} has no created_at column "
+                "(CDC_RELAY_COLUMN_CREATED_AT): prune cannot tell the age of claim-checked rows"
+            )
+        claim_check = ClaimCheckRule.of(
+            conn, settings.table_schema, settings.table_name, settings.column_payload
+        )
 
     row = conn.execute(
         "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint, "
-        "pg_current_wal_insert_lsn()::text, now() - %s::interval",
-        (older_than,),
+        "pg_current_wal_insert_lsn()::text, now() - %s::interval, now() - %s::interval",
+        (older_than, claim_check_retention),
     ).fetchone()
     assert row is not None
-    horizon_xid, start_lsn_text, cutoff = row
+    horizon_xid, start_lsn_text, cutoff, claim_check_cutoff = row
     start_lsn = parse_lsn(start_lsn_text)
 
     confirmed = _wait_confirmed(conn, settings, start_lsn, wait_seconds)
@@ -174,14 +269,23 @@ def prune(
         "cutoff": cutoff,
         "batch": batch_size,
         "table": settings.qualified_table,
+        "claim_check_cutoff": claim_check_cutoff,
+        "claim_check_over": claim_check_over_bytes,
     }
+    kept = (
+        ""
+        if claim_check_over_bytes is None
+        else f"; claim-checked rows (payload over {claim_check_over_bytes} bytes) created after "
+        f"{_when(claim_check_cutoff)} kept"
+    )
     if dry_run:
-        count_row = conn.execute(count_sql(settings, with_age=with_age), params).fetchone()
+        count_query = count_sql(settings, with_age=with_age, claim_check=claim_check)
+        count_row = conn.execute(count_query, params).fetchone()
         would = int(count_row[0]) if count_row else 0
-        say(f"dry run: would delete {would} confirmed rows created before {_when(cutoff)}")
+        say(f"dry run: would delete {would} confirmed rows created before {_when(cutoff)}{kept}")
         return PruneResult(deleted=0, batches=0, horizon_lsn=start_lsn)
 
-    query = delete_batch_sql(settings, with_age=with_age)
+    query = delete_batch_sql(settings, with_age=with_age, claim_check=claim_check)
     deleted = batches = 0
     while True:
         count = conn.execute(query, params).rowcount
@@ -191,7 +295,7 @@ def prune(
             break
     say(
         f"deleted {deleted} confirmed rows created before {_when(cutoff)} "
-        f"in {batches} batches of at most {batch_size}"
+        f"in {batches} batches of at most {batch_size}{kept}"
     )
     return PruneResult(deleted=deleted, batches=batches, horizon_lsn=start_lsn)
 
