@@ -21,13 +21,18 @@ from cdc_relay.core.claimcheck import (
     HEADER,
     ClaimCheck,
     HeadersLike,
-    MalformedClaimCheck,
     PayloadForm,
     parse_reference,
     payload_form,
 )
 from cdc_relay.core.names import split_table_name
-from cdc_relay.errors import RelayError
+from cdc_relay.errors import (
+    ClaimCheckError,
+    MalformedClaimCheck,
+    PayloadChanged,
+    PayloadGone,
+    PayloadTypeUnsupported,
+)
 
 __all__ = [
     "ClaimCheck",
@@ -54,57 +59,6 @@ class KafkaMessage(Protocol):
 
 Record: TypeAlias = KafkaMessage | tuple[bytes | None, HeadersLike]
 Reference: TypeAlias = ClaimCheck | KafkaMessage | tuple[bytes | None, HeadersLike]
-
-
-class ClaimCheckError(RelayError):
-    """The payload of a claim-checked event cannot be fetched."""
-
-
-class PayloadGone(ClaimCheckError):
-    """The outbox row of a claim-checked event is gone."""
-
-    def __init__(self, event_id: str, table: str) -> None:
-        self.event_id = event_id
-        self.table = table
-        super().__init__(
-            f"the outbox row of claim-checked event {event_id} is gone from {table}: "
-            "it was pruned before this consumer read it, so the claim-check retention "
-            "(CDC_RELAY_CLAIM_CHECK_RETENTION, prune) is too short for this consumer's lag "
-            "and replay horizon (docs/claim-check.md)"
-        )
-
-
-class PayloadTypeUnsupported(ClaimCheckError):
-    """The payload column's type has a text output that depends on session settings (dates,
-    floats, ...): the helper cannot promise the relay's bytes. Claim-check supports bytea,
-    text, varchar, json and jsonb payloads, and domains over them."""
-
-    def __init__(self, table: str, column: str) -> None:
-        self.table = table
-        self.column = column
-        super().__init__(
-            f"column {column!r} of {table}: claim-check supports payloads of type bytea, "
-            "text, varchar, json or jsonb (or a domain over one of them), whose published "
-            "bytes do not depend on session settings"
-        )
-
-
-class PayloadChanged(ClaimCheckError):
-    """The outbox row of a claim-checked event no longer holds the payload that was
-    published: its size differs from the reference's (the row was updated, or the id was
-    reused), or its payload is NULL."""
-
-    def __init__(self, event_id: str, table: str, *, published: int, found: int | None) -> None:
-        self.event_id = event_id
-        self.table = table
-        self.published = published
-        self.found = found
-        now = "a NULL payload" if found is None else f"{found} bytes"
-        super().__init__(
-            f"the outbox row of claim-checked event {event_id} in {table} holds "
-            f"{now}, but {published} bytes were published: the row changed after it was "
-            "published (outbox rows must never be updated)"
-        )
 
 
 def _reference(record: Reference) -> ClaimCheck | None:

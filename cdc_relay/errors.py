@@ -170,3 +170,59 @@ class NotInTransaction(RelayError):
 
 class MissingEventId(RelayError):
     """The record has no `id` header: it was not published by cdc-relay."""
+
+
+class MalformedClaimCheck(RelayError):
+    """The record is marked as a claim-check reference, but its value or headers are not a
+    valid reference (version v1): it was not written by cdc-relay, or was changed on the way."""
+
+
+class ClaimCheckError(RelayError):
+    """The payload of a claim-checked event cannot be fetched."""
+
+
+class PayloadGone(ClaimCheckError):
+    """The outbox row of a claim-checked event is gone."""
+
+    def __init__(self, event_id: str, table: str) -> None:
+        self.event_id = event_id
+        self.table = table
+        super().__init__(
+            f"the outbox row of claim-checked event {event_id} is gone from {table}: "
+            "it was pruned before this consumer read it, so the claim-check retention "
+            "(CDC_RELAY_CLAIM_CHECK_RETENTION, prune) is too short for this consumer's lag "
+            "and replay horizon (docs/claim-check.md)"
+        )
+
+
+class PayloadTypeUnsupported(ClaimCheckError):
+    """The payload column's type has a text output that depends on session settings (dates,
+    floats, ...): the helper cannot promise the relay's bytes. Claim-check supports bytea,
+    text, varchar, json and jsonb payloads, and domains over them."""
+
+    def __init__(self, table: str, column: str) -> None:
+        self.table = table
+        self.column = column
+        super().__init__(
+            f"column {column!r} of {table}: claim-check supports payloads of type bytea, "
+            "text, varchar, json or jsonb (or a domain over one of them), whose published "
+            "bytes do not depend on session settings"
+        )
+
+
+class PayloadChanged(ClaimCheckError):
+    """The outbox row of a claim-checked event no longer holds the payload that was
+    published: its size differs from the reference's (the row was updated, or the id was
+    reused), or its payload is NULL."""
+
+    def __init__(self, event_id: str, table: str, *, published: int, found: int | None) -> None:
+        self.event_id = event_id
+        self.table = table
+        self.published = published
+        self.found = found
+        now = "a NULL payload" if found is None else f"{found} bytes"
+        super().__init__(
+            f"the outbox row of claim-checked event {event_id} in {table} holds "
+            f"{now}, but {published} bytes were published: the row changed after it was "
+            "published (outbox rows must never be updated)"
+        )

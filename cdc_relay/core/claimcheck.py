@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from cdc_relay.core.names import split_table_name
-from cdc_relay.errors import RelayError
+from cdc_relay.errors import MalformedClaimCheck as MalformedClaimCheck
 
 VERSION: Final = "v1"
 HEADER: Final = "cdc-relay-claim-check"
@@ -54,11 +54,6 @@ PayloadForm = Literal["raw", "hex", "text"]
 HeaderValue = bytes | str | None
 # confluent-kafka's message.headers(): a list of pairs (what a consumer gets), or a dict.
 HeadersLike = Mapping[str, HeaderValue] | Iterable[tuple[str, HeaderValue]] | None
-
-
-class MalformedClaimCheck(RelayError):
-    """The record is marked as a claim-check reference, but its value or headers are not a
-    valid reference (version v1): it was not written by cdc-relay, or was changed on the way."""
 
 
 @dataclass(frozen=True, slots=True)
