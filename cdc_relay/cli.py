@@ -265,5 +265,7 @@ def _prune(args: argparse.Namespace, settings: Settings) -> int:
                 wait_seconds=wait.total_seconds(),
                 dry_run=args.dry_run,
                 say=print,
+                claim_check_over_bytes=settings.claim_check_over_bytes,
+                claim_check_retention=settings.claim_check_retention,
             )
     return EXIT_OK

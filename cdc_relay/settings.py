@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import timedelta
 from string import Formatter
 from typing import Annotated, Any, Literal
 
@@ -23,6 +24,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
+from cdc_relay.core.durations import parse_duration
 from cdc_relay.core.mapping import ColumnMapping, legal_topic
 from cdc_relay.core.names import split_table_name
 from cdc_relay.errors import ConfigError
@@ -171,6 +173,21 @@ class Settings(BaseSettings):
         gt=0,
         description="How long past its due time a scheduled row counts as overdue "
         "(`status`, `cdc_relay_scheduled_overdue_events`).",
+    )
+    claim_check_over_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="Claim-check (README, Events by reference): an outbox row whose payload is "
+        "larger than this many bytes is published as a reference (value "
+        "`cdc-relay-claim-check:v1 {...}`, header `cdc-relay-claim-check: v1`); consumers fetch "
+        "the payload from the outbox with `cdc_relay.claimcheck`. Keep it below the broker's "
+        "and the topic's message size limits. Unset: off.",
+    )
+    claim_check_retention: timedelta = Field(
+        default=timedelta(days=7),
+        description="How long `prune` keeps claim-checked rows after their `created_at` "
+        "(`90s`, `30m`, `12h`, `7d`, `2w`): longer than the relay's lag plus the slowest "
+        "consumer's lag plus how far back consumers may re-read (docs/claim-check.md).",
     )
     slot_name: str = Field(default="cdc_relay", description="Logical replication slot name.")
     slot_failover: Literal["auto", "on", "off"] = Field(
@@ -351,6 +368,11 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("claim_check_retention", mode="before")
+    @classmethod
+    def _parse_retention(cls, value: object) -> object:
+        return parse_duration(value) if isinstance(value, str) else value
+
     @field_validator("outbox_table")
     @classmethod
     def _check_table(cls, value: str) -> str:
@@ -459,6 +481,14 @@ class Settings(BaseSettings):
 
     def _check_sources(self) -> None:
         tables = self.tables
+        over = self.claim_check_over_bytes
+        max_bytes = self.kafka_config.get("message.max.bytes")
+        if over is not None and max_bytes is not None and over >= int(max_bytes):
+            raise ValueError(
+                "CDC_RELAY_CLAIM_CHECK_OVER_BYTES must be below message.max.bytes "
+                f"({max_bytes}, CDC_RELAY_KAFKA_CONFIG): payloads between the two would be "
+                "refused before they could go by reference"
+            )
         if self.scheduled_table:
             try:
                 scheduled = split_table_name(self.scheduled_table)

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from types import FunctionType
 from typing import Final
 
+from cdc_relay.core import claimcheck
 from cdc_relay.core.pgoutput import ColumnValue, Relation
 from cdc_relay.errors import MappingError
 
@@ -120,10 +121,15 @@ if not _COMPILED:
     _SET_TIMESTAMP = vars(OutboxRecord)["timestamp_ms"].__set__
 
 
+NO_CLAIM_CHECK: Final = 1 << 62  # no payload is that large: claim-check off
+_CLAIM_CHECK_HEADERS: Final = frozenset({claimcheck.HEADER, claimcheck.SIZE_HEADER})
+
+
 class TablePlan:
     """Column positions of one Relation version and the per-row mapping."""
 
     __slots__ = (
+        "_claim_check_over",
         "_created_at_idx",
         "_event_type_idx",
         "_headers_idx",
@@ -145,7 +151,17 @@ class TablePlan:
         "table",
     )
 
-    def __init__(self, relation: Relation, mapping: ColumnMapping, topic_template: str) -> None:
+    def __init__(
+        self,
+        relation: Relation,
+        mapping: ColumnMapping,
+        topic_template: str,
+        claim_check_over: int | None = None,
+    ) -> None:
+        # Claim-check (CDC_RELAY_CLAIM_CHECK_OVER_BYTES): a payload larger than this goes as a
+        # reference (core/claimcheck.py); off, a bound no payload reaches, so that the hot path
+        # pays one integer comparison.
+        self._claim_check_over = NO_CLAIM_CHECK if claim_check_over is None else claim_check_over
         positions = {column.name: i for i, column in enumerate(relation.columns)}
         missing = [name for name in mapping.required if name not in positions]
         if missing:
@@ -206,6 +222,7 @@ class TablePlan:
             and type(value) is bytes
             and not self._payload_is_bytea
             and (self._headers_idx is None or values[self._headers_idx] is None)
+            and len(value) <= self._claim_check_over
         ):
             topic: str | None
             if aggregate_type == self._last_aggregate_type and event_type == self._last_event_type:
@@ -279,6 +296,7 @@ class TablePlan:
                 if type(item) is not bytes:
                     return Rejected(f"the {role} column is NULL", key_bytes, value, headers)
         assert type(aggregate_type) is bytes and type(event_type) is bytes  # for mypy
+        assert type(event_id) is bytes
         topic = self._topics.get((aggregate_type, event_type))
         if topic is None:
             topic_or_error = self._topic(aggregate_type, event_type)
@@ -291,6 +309,22 @@ class TablePlan:
             if isinstance(extra, Rejected):
                 return Rejected(extra.error, key_bytes, value, headers)
             headers.extend(extra)
+
+        if self._claim_check_over != NO_CLAIM_CHECK:
+            reserved = [name for name, _ in headers if name in _CLAIM_CHECK_HEADERS]
+            if reserved:
+                return Rejected(
+                    f"the headers column uses {reserved[0]!r}, a header name claim-check reserves",
+                    key_bytes,
+                    value,
+                    headers,
+                )
+            if value is not None and len(value) > self._claim_check_over:
+                # By reference: the payload stays in the outbox row, the consumer fetches it
+                # by event id (cdc_relay.claimcheck); prune keeps the row for the retention.
+                size = len(value)
+                headers.extend(claimcheck.reference_headers(size))
+                value = claimcheck.reference_value(event_id.decode(), size, self.table)
 
         timestamp_ms = 0
         if self._created_at_idx is not None:

@@ -107,6 +107,8 @@ class PipelineConfig:
     mapping: ColumnMapping = field(default_factory=ColumnMapping)
     tables: tuple[TableSource, ...] = ()
     message_prefix: str = ""
+    # Claim-check: payloads larger than this go as references (None: off).
+    claim_check_over_bytes: int | None = None
     # The publication lists its tables (FOR TABLE): a table in the stream that is not a source
     # was added to it while this relay ran, and passing over its rows would confirm past them;
     # stop instead. (A FOR TABLES IN SCHEMA publication carries other tables too: ignored.)
@@ -530,7 +532,9 @@ class Pipeline:
         # A new Relation message follows every schema change: re-resolve the columns. A table
         # that lost a mapped column cannot deliver anything, so that is fatal, not per row.
         try:
-            plan = TablePlan(relation, mapping, self.config.topic_template)
+            plan = TablePlan(
+                relation, mapping, self.config.topic_template, self.config.claim_check_over_bytes
+            )
         except RelayError as exc:
             raise PrerequisiteError(str(exc)) from None
         counts = self.stats.published_by_source.setdefault(plan.table, {})

@@ -33,7 +33,6 @@ current transaction counter (every unfrozen id lies within 2^31 of it). A frozen
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -42,26 +41,15 @@ from psycopg import sql
 
 from cdc_relay.claimcheck import PAYLOAD_TYPE_SQL
 from cdc_relay.core.claimcheck import PayloadForm, payload_form
+from cdc_relay.core.durations import parse_duration as parse_duration
 from cdc_relay.core.lsn import Lsn, format_lsn, parse_lsn
 from cdc_relay.errors import ConfigError, PrerequisiteError, PruneBlocked
 from cdc_relay.ops import admin, control
 from cdc_relay.ops.admin import Connection, Say
 from cdc_relay.settings import Settings
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _POLL_SECONDS = 0.25
 DEFAULT_CLAIM_CHECK_RETENTION = timedelta(days=7)
-
-
-def parse_duration(text: str) -> timedelta:
-    """``90s``, ``30m``, ``12h``, ``7d``, ``2w`` → timedelta; anything else → ValueError."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(
-            f"{text!r} is not a duration: write a whole number and a unit, e.g. 90s, 30m, 12h, 7d"
-        )
-    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
 
 
 _NEXT_XID = sql.SQL("pg_snapshot_xmax(pg_current_snapshot())::text::bigint")

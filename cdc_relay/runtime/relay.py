@@ -388,6 +388,7 @@ class Relay:
                 for schema, name in settings.tables
             ),
             message_prefix=settings.message_prefix,
+            claim_check_over_bytes=settings.claim_check_over_bytes,
             unlisted_tables_halt=unlisted_tables_halt,
             topic_template=settings.topic_template,
             dead_letter_topic=settings.dead_letter_topic,

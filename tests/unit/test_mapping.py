@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cdc_relay.core import claimcheck
 from cdc_relay.core.mapping import (
     ColumnMapping,
     OutboxRecord,
@@ -276,3 +277,55 @@ def test_timestamps_follow_created_at_from_row_to_row():
     ]
     got = [p.map(row(created_at=s)).timestamp_ms for s in stamps]
     assert got == [1795343907123, 1795343907123, 1795343908000, 0, 1795343907123]
+
+
+def claim_checked_plan(over: int, columns=DEFAULT_COLUMNS) -> TablePlan:
+    return TablePlan(relation(columns), DEFAULT_MAPPING, "outbox.event.{aggregate_type}", over)
+
+
+@pytest.mark.parametrize("size", [99, 100])
+def test_claim_check_leaves_a_payload_up_to_the_threshold_as_it_is(size):
+    payload = b'"' + b"x" * (size - 2) + b'"'
+    p = claim_checked_plan(100)
+    for _ in range(2):  # the hot path (topic known) and the general one (first row)
+        record = p.map(row(payload=payload))
+        assert record.value is payload
+        assert claimcheck.parse_reference(record.value, record.headers) is None
+
+
+@pytest.mark.parametrize("headers", [None, b'{"tenant": "acme"}'])
+def test_claim_check_sends_a_larger_payload_as_a_reference(headers):
+    payload = b'"' + b"x" * 99 + b'"'  # 101 bytes
+    p = claim_checked_plan(100)
+    for _ in range(2):
+        record = p.map(row(payload=payload, headers=headers))
+        reference = claimcheck.parse_reference(record.value, record.headers)
+        assert reference is not None
+        assert (reference.event_id, reference.size, reference.table) == (
+            EVENT_ID.decode(),
+            101,
+            "public.outbox",
+        )
+        assert record.key == b"order-42" and record.topic == "outbox.event.order"
+        assert record.headers[:3] == [
+            ("id", EVENT_ID),
+            ("event_type", b"OrderCreated"),
+            ("aggregate_type", b"order"),
+        ]
+        assert (claimcheck.HEADER, claimcheck.VERSION.encode()) in record.headers
+        assert (("tenant", b"acme") in record.headers) == (headers is not None)
+
+
+def test_claim_check_counts_a_bytea_payload_by_its_decoded_size():
+    columns = [(n, BYTEA_OID if n == "payload" else oid) for n, oid in DEFAULT_COLUMNS]
+    p = claim_checked_plan(3, columns)
+    assert p.map(row(payload=b"\\x00ff10")).value == b"\x00\xff\x10"  # 3 bytes: as it is
+    reference = p.map(row(payload=b"\\x00ff1020")).value
+    assert reference.startswith(claimcheck.VALUE_PREFIX)
+
+
+def test_claim_check_refuses_its_header_names_in_the_headers_column():
+    verdict = claim_checked_plan(100).map(row(headers=b'{"cdc-relay-claim-check": "v1"}'))
+    assert isinstance(verdict, Rejected) and "reserves" in verdict.error
+    # Off, the same row is an ordinary one.
+    assert plan().map(row(headers=b'{"cdc-relay-claim-check": "v1"}')).value is not None

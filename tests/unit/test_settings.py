@@ -301,3 +301,12 @@ def test_a_scheduled_table_is_refused_among_the_outbox_tables_and_without_one():
         load_settings(**base, outbox_table="", scheduled_table="public.outbox_scheduled")
     with pytest.raises(ConfigError, match="is not a table name"):
         load_settings(**base, scheduled_table="a.b.c")
+
+
+def test_the_documented_claim_check_retention_is_the_default():
+    from cdc_relay.core.durations import parse_duration
+    from cdc_relay.settings_doc import _DEFAULT_TEXT
+
+    documented = _DEFAULT_TEXT["claim_check_retention"].strip("`")
+    default = load_settings(database_url="postgresql://u@h/db").claim_check_retention
+    assert parse_duration(documented) == default
