@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from cdc_relay.core import verdicts
+from cdc_relay.core import claimcheck, verdicts
 from cdc_relay.core.acks import AckTracker, Transaction, record_size
 from cdc_relay.core.copydata import (
     XLOG_DATA_HEADER_SIZE,
@@ -642,11 +642,69 @@ class Pipeline:
         if poisoned is not None:
             _, error, size_error = poisoned
             rejected = Rejected(error, outcome.key, outcome.value, outcome.headers)
-            return self._dead_letter(rejected, txn, lsn, plan.table, include_value=not size_error)
+            if size_error and self._by_reference_possible(rejected, plan.table):
+                self._count_published(outcome.topic, counts)
+            return self._dead_letter(
+                rejected,
+                txn,
+                lsn,
+                plan.table,
+                include_value=not size_error,
+                topic=outcome.topic,
+            )
         self.tracker.sent(txn, record_size(outcome.key, outcome.value))
         self._count_published(outcome.topic, counts)
         alone = outcome.topic in self._isolated_topics
         return [Produce(outcome, txn, alone=alone, lsn=lsn, source=plan.table)]
+
+    def _by_reference_possible(self, rejected: Rejected, table: str) -> bool:
+        """Claim-check is on, and the row is a table's (a message has no row to fetch from)
+        with a payload, not already a reference (whose refusal takes the dead-letter path)."""
+        return (
+            self.config.claim_check_over_bytes is not None
+            and rejected.value is not None
+            and any(".".join(name) == table for name in self._sources.tables)
+            and all(name != claimcheck.HEADER for name, _ in rejected.headers)
+        )
+
+    def _by_reference(
+        self,
+        rejected: Rejected,
+        topic: str,
+        txn: Transaction,
+        event_lsn: Lsn | None,
+        table: str,
+        replacing: int | None,
+    ) -> list[Action]:
+        """Kafka refused the row as too large: publish it on its topic as a claim-check
+        reference (core/claimcheck.py), and keep the row from prune for good, as a dead-lettered
+        row without its payload is kept: the reference points at it."""
+        assert rejected.value is not None
+        event, size = event_id(rejected.headers), len(rejected.value)
+        record = OutboxRecord(
+            topic,
+            rejected.key,
+            claimcheck.reference_value(event, size, table),
+            [*rejected.headers, *claimcheck.reference_headers(size)],
+            0,  # the row's timestamp is not known here: Kafka stamps it
+        )
+        reference_size = record_size(record.key, record.value)
+        if replacing is None:
+            self.tracker.sent(txn, reference_size)
+        else:
+            self.tracker.resize(replacing, reference_size)
+            self._uncounted += 1  # the event was counted when its record was produced
+        self.tracker.sent(txn, 0)  # the Keep, acknowledged once carried out
+        lsn = format_lsn(txn.final_lsn)
+        return [
+            Notice(
+                WARNING,
+                f"event {event} from {table} at {lsn} is too large for Kafka ({size} bytes, "
+                f"{rejected.error}): published by reference (claim-check)",
+            ),
+            Produce(record, txn, alone=True, lsn=event_lsn, source=table),
+            Keep(event, table, lsn, claimcheck.KEPT_REASON, txn),
+        ]
 
     def _count_published(self, topic: str, counts: dict[str, int]) -> None:
         self.stats.published += 1
@@ -679,11 +737,21 @@ class Pipeline:
         include_value: bool,
         replacing: int | None = None,
         forced: bool = False,
+        topic: str | None = None,
     ) -> list[Action]:
         """A row that can never reach its topic: a dead-letter record, or a halt (per policy;
         ``forced``: the operator asked for it, whatever the policy). ``replacing`` is the size
-        of the in-flight record it stands in for (it takes that record's place in ``txn``)."""
+        of the in-flight record it stands in for (it takes that record's place in ``txn``).
+        With claim-check on, a row too large for Kafka (``include_value`` False) goes to its
+        ``topic`` by reference instead."""
         lsn = format_lsn(txn.final_lsn)
+        if (
+            not include_value
+            and not forced
+            and topic is not None
+            and self._by_reference_possible(rejected, table)
+        ):
+            return self._by_reference(rejected, topic, txn, event_lsn, table, replacing)
         event = event_id(rejected.headers)
         form = FULL if include_value else WITHOUT_VALUE
         if event_lsn is not None:
@@ -803,6 +871,7 @@ class Pipeline:
             self._source_of(frame, source),
             include_value=not too_large,
             replacing=record_size(record.key, record.value),
+            topic=record.topic,
         )
 
     def not_produced(self, record: OutboxRecord, delivery: Transaction) -> None:
@@ -902,6 +971,7 @@ class Pipeline:
             self._source_of(None, source),
             include_value=not size_error,
             replacing=record_size(failure.key, failure.value),
+            topic=failure.topic,
         )
 
     # ------------------------------------------------------------------ time and stopping

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from cdc_relay.core import verdicts
+from cdc_relay.core import claimcheck, verdicts
 from cdc_relay.core.lsn import Lsn
 from cdc_relay.core.mapping import OutboxRecord
 from cdc_relay.core.pipeline import (
@@ -428,3 +428,23 @@ def test_stop_gives_up_waiting_after_the_shutdown_timeout():
     assert p.tick(1.0) == []
     (finish,) = p.tick(6.5)
     assert type(finish) is Finish and finish.unacknowledged == 1 and finish.lsn == 0x100
+
+
+def test_with_claim_check_a_record_too_large_for_kafka_goes_by_reference_and_is_kept():
+    p = pipeline(claim_check_over_bytes=10_000)
+    p.feed(frames.begin(0x2F0))
+    frame = frames.insert(frames.outbox_row("k", b"y" * 5000, event_id="e-7"), 0x201)
+    record = p.feed(frame)
+    assert isinstance(record, OutboxRecord)
+    actions = p.refused(record, p.delivery, "Message size too large", too_large=True, frame=frame)  # type: ignore[arg-type]
+    (reference,) = produced(actions)
+    assert reference.record.topic == record.topic and reference.record.key == b"k"
+    parsed = claimcheck.parse_reference(reference.record.value, reference.record.headers)
+    assert parsed is not None and (parsed.event_id, parsed.size) == ("e-7", len(record.value))
+    (keep,) = [a for a in actions if type(a) is Keep]
+    assert keep.reason == claimcheck.KEPT_REASON
+    assert p.stats.dead_lettered == 0 and p.stats.published == 1
+    # A reference refused in turn is dead-lettered, not referenced again.
+    again = p.refused(reference.record, p.delivery, "too large", too_large=True, frame=frame)  # type: ignore[arg-type]
+    (dead,) = produced(again)
+    assert dead.record.topic == DLQ and p.stats.dead_lettered == 1
