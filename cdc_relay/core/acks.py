@@ -162,6 +162,20 @@ class AckTracker:
         if txn.pending == 0 and txn.committed:
             self._completed(txn)
 
+    def hold(self, txn: Transaction) -> None:
+        """``txn`` waits for something that is not a Kafka record (a row kept from prune):
+        it is pending like a record, but takes no room in the in-flight bounds, which count
+        what the producer holds."""
+        txn.pending += 1
+
+    def release(self, txn: Transaction) -> None:
+        """What ``hold`` waited for is done."""
+        if txn.pending <= 0:
+            raise ValueError("released more than was held")
+        txn.pending -= 1
+        if txn.pending == 0 and txn.committed:
+            self._completed(txn)
+
     def resize(self, old_nbytes: int, new_nbytes: int) -> None:
         """A record in flight was replaced by one of another size (a dead-letter record)."""
         self.in_flight_bytes += new_nbytes - old_nbytes

@@ -694,7 +694,7 @@ class Pipeline:
         else:
             self.tracker.resize(replacing, reference_size)
             self._uncounted += 1  # the event was counted when its record was produced
-        self.tracker.sent(txn, 0)  # the Keep, acknowledged once carried out
+        self.tracker.hold(txn)  # for the Keep, released once carried out
         lsn = format_lsn(txn.final_lsn)
         return [
             Notice(
@@ -796,7 +796,7 @@ class Pipeline:
         if record.value is None and rejected.value is not None:
             # Its payload is not in Kafka: the outbox row stays the only full copy, and prune
             # must know. The transaction waits for that record as for an acknowledgement.
-            self.tracker.sent(txn, 0)
+            self.tracker.hold(txn)
             actions.append(Keep(event, table, lsn, rejected.error, txn))
         return actions
 
@@ -882,7 +882,7 @@ class Pipeline:
 
     def kept(self, delivery: Transaction) -> None:
         """A Keep action was carried out."""
-        self.tracker.acked(delivery, 0)
+        self.tracker.release(delivery)
 
     def _on_failure(self, txn: Transaction, err: Any, msg: Any) -> None:
         """A delivery callback with an error (from inside the producer's poll)."""

@@ -298,8 +298,33 @@ def test_a_record_produce_refuses_goes_to_the_dead_letter_topic_without_its_valu
     (dead,) = produced(actions)
     assert dead.record.value is None and dead.lsn == 0x201
     assert any(type(a) is Keep for a in actions)
-    assert p.tracker.in_flight_events == 2  # the dead-letter record and the kept row
+    assert p.tracker.in_flight_events == 1  # the dead-letter record; the Keep is no record
     assert p.stats.delivery_errors == {"refused": 1}
+
+
+def test_a_row_kept_from_prune_takes_no_room_in_the_in_flight_bounds():
+    """Found by the full-size property run: a record refused as too large became its
+    dead-letter record plus a Keep counted as a second event in flight, so one frame read just
+    under max_in_flight_events left the relay one event over it."""
+    p = pipeline(max_in_flight_events=2)
+    p.feed(frames.begin(0x2F0))
+    first = p.feed(frames.insert(frames.outbox_row("a"), 0x201))
+    assert isinstance(first, OutboxRecord) and p.reading
+    frame = frames.insert(frames.outbox_row("k", b"y" * 5000, event_id="e-7"), 0x202)
+    record = p.feed(frame)
+    assert isinstance(record, OutboxRecord)
+    txn = p.delivery
+    assert txn is not None
+    actions = p.refused(record, txn, "Message size too large", too_large=True, frame=frame)
+    (keep,) = [a for a in actions if type(a) is Keep]
+    assert p.tracker.in_flight_events == 2  # the first record and the dead letter: the bound
+    p.feed(frames.commit(0x2F0, 0x300))
+    (dead,) = produced(actions)
+    txn(None, Msg(first))
+    dead.delivery(None, Msg(dead.record))
+    assert p.tracker.in_flight_events == 0 and p.confirmed == 0x100  # the row not kept yet
+    p.kept(keep.delivery)
+    assert p.confirmed == 0x300
 
 
 def test_counters_never_go_down_when_a_delivered_record_is_replaced():
