@@ -109,6 +109,19 @@ class _AcknowledgingPublisher:
     def produce(self, record: OutboxRecord, on_delivery: Any, while_waiting: Any = None) -> None:
         self.pending.append((on_delivery, _Acknowledgement(record.key, record.value)))
 
+    def enqueue(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        partition: int,
+        callback: Any,
+        on_delivery: Any,
+        timestamp: int,
+        headers: Any,
+    ) -> None:
+        self.pending.append((callback, _Acknowledgement(key, value)))
+
     def poll(self, timeout: float = 0.0) -> int:
         pending, self.pending = self.pending, []
         for on_delivery, message in pending:

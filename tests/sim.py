@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cdc_relay.core import verdicts
-from cdc_relay.core.mapping import OutboxRecord
+from cdc_relay.core.mapping import Headers, OutboxRecord
 from cdc_relay.core.pipeline import Memory, Pipeline, PipelineConfig
 from cdc_relay.core.progress import Progress
 from cdc_relay.core.stats import RelayStats
@@ -273,6 +273,30 @@ class Producer:
         message = Message(record, on_delivery, partition_of(record))
         if message.size() > CLIENT_LIMIT:
             raise RecordRefused("Message size too large", too_large=True)
+        self.queued.setdefault((record.topic, message.partition), deque()).append(message)
+
+    def enqueue(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        partition: int,
+        callback: Callable[[Any, Any], None],
+        on_delivery: None,
+        timestamp: int,
+        headers: Headers,
+    ) -> None:
+        """confluent-kafka's produce(), positionally, as Pipeline.pump calls it: raises for
+        anything produce() above would not take at once, which the driver then sends there."""
+        assert partition == -1 and on_delivery is None
+        record = OutboxRecord(topic, key, value, headers, timestamp)
+        message = Message(record, callback, partition_of(record))
+        if (
+            self.fatal_error
+            or (self.transactional and not self.in_transaction)
+            or message.size() > CLIENT_LIMIT
+        ):
+            raise BufferError("not taken at once (simulated)")
         self.queued.setdefault((record.topic, message.partition), deque()).append(message)
 
     def poll(self, timeout: float = 0.0) -> int:

@@ -56,6 +56,10 @@ class Publisher:
             )
         except KafkaException as exc:
             raise ConfigError(f"CDC_RELAY_KAFKA_CONFIG: {exc.args[0].str()}") from None
+        # confluent-kafka's produce() itself, for Pipeline.pump's plain records: positionally,
+        # in its C signature's order (see produce() below). Whatever it raises (queue full, a
+        # refusal) sends the record through produce() below, which knows what it means.
+        self.enqueue: Callable[..., object] = self._producer.produce
 
     def _error_cb(self, error: Any) -> None:
         if error.fatal():

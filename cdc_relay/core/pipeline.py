@@ -299,6 +299,22 @@ class Failure:
     headers: Headers
 
 
+class Held:
+    """A frame pump() stopped at (see Pipeline.pump)."""
+
+    __slots__ = ("error", "frame", "out")
+
+    def __init__(
+        self,
+        frame: bytes | memoryview,
+        out: OutboxRecord | list[Action],
+        error: Exception | None,
+    ) -> None:
+        self.frame = frame
+        self.out = out
+        self.error = error
+
+
 class State(enum.Enum):
     STREAMING = "streaming"
     DRAINING = "draining"  # a reset was decided: waiting for the producer to settle
@@ -380,6 +396,9 @@ class Pipeline:
         # Records counted in stats.published that never went out as one (replaced by their
         # dead-letter record, or never produced): ``_counted`` is then one record per event.
         self._uncounted = 0
+        # Where pump() stopped for the driver: the frame, its outcome, and the error the
+        # producer raised for that record (None when the outcome is a list of actions).
+        self.held: Held | None = None
         self.kafka: KafkaTransaction | None = None
         if config.exactly_once:
             self.kafka = KafkaTransaction(config.transaction_limits, self.memory.progress, start)
@@ -409,6 +428,55 @@ class Pipeline:
         return stats.published + stats.dead_lettered - self._uncounted
 
     # ------------------------------------------------------------------ frames
+
+    def pump(
+        self,
+        read: Callable[[], bytes | memoryview | None],
+        enqueue: Callable[..., object],
+        limit: int,
+    ) -> int:
+        """The read loop's fast path, compiled with the rest of the core: feed up to ``limit``
+        frames from ``read`` (None: nothing buffered) and hand each insert's record straight to
+        ``enqueue``, the producer's own produce(topic, value, key, partition, callback,
+        on_delivery, timestamp, headers), partition -1 for the partitioner's choice. It
+        returns the number of frames read, stopping early at the in-flight bounds, when
+        ``read`` has nothing, or at a frame the driver must see, left in ``held``: one whose
+        outcome is a list of actions, or a record ``enqueue`` raised for (queue full, refused),
+        which the driver then produces the careful way. One event costs no interpreted frame
+        here, and no call through the driver's produce wrapper."""
+        self.held = None
+        tracker, config = self.tracker, self.config
+        max_events, max_bytes = config.max_in_flight_events, config.max_in_flight_bytes
+        processed = 0
+        while processed < limit:
+            frame = read()
+            if frame is None:
+                break
+            processed += 1
+            out = self.feed(frame)
+            if out is None:
+                pass
+            elif type(out) is OutboxRecord:
+                try:
+                    enqueue(
+                        out.topic,
+                        out.value,
+                        out.key,
+                        -1,
+                        self.delivery,
+                        None,
+                        out.timestamp_ms,
+                        out.headers,
+                    )
+                except Exception as exc:  # the driver's produce() tells what it was
+                    self.held = Held(frame, out, exc)
+                    break
+            else:
+                self.held = Held(frame, out, None)
+                break
+            if tracker.in_flight_events >= max_events or tracker.in_flight_bytes >= max_bytes:
+                break
+        return processed
 
     def feed(self, frame: bytes | memoryview) -> OutboxRecord | list[Action] | None:
         """One CopyData frame of the replication stream. Returns an OutboxRecord to produce with

@@ -61,6 +61,12 @@ class Producer(Protocol):
         while_waiting: Callable[[], bool] = ...,
     ) -> None: ...
 
+    # The producer's own produce(topic, value, key, partition, callback, on_delivery,
+    # timestamp, headers), which raises when it cannot take a record at once: what
+    # Pipeline.pump hands plain records to (adapters/kafka.py, Publisher.enqueue).
+    @property
+    def enqueue(self) -> Callable[..., object]: ...
+
     def poll(self, timeout: float = 0.0) -> int: ...
 
     def outstanding(self) -> int: ...
@@ -175,53 +181,60 @@ class Session:
         return True
 
     def read_batch(self) -> None:
-        # Locals: this is the hot loop.
+        """Read and handle up to READ_BATCH frames: Pipeline.pump does the plain inserts; what
+        it stops at (actions, a record the producer did not take at once) is done here."""
         pipeline, stream = self.pipeline, self.stream
-        produce, feed, tracker = self.publisher.produce, pipeline.feed, pipeline.tracker
-        max_events = pipeline.config.max_in_flight_events
-        max_bytes = pipeline.config.max_in_flight_bytes
-        while_waiting = self.while_queue_full
+        pump, read, enqueue = pipeline.pump, stream.read, self.publisher.enqueue
+        tracker, config = pipeline.tracker, pipeline.config
         processed = 0
         while processed < READ_BATCH:
-            frame = stream.read()
-            if frame is None:
-                break
-            processed += 1
-            out = feed(frame)
-            if out is None:
-                pass
-            elif type(out) is OutboxRecord:
-                delivery = pipeline.delivery
-                assert delivery is not None
-                try:
-                    produce(out, delivery, while_waiting)
-                except RecordRefused as refused:
-                    self.perform(
-                        pipeline.refused(
-                            out, delivery, str(refused), too_large=refused.too_large, frame=frame
-                        )
-                    )
-                    if pipeline.state is not State.STREAMING:
-                        return  # a halt: not one frame more
-                except ProduceInterrupted:
-                    pipeline.not_produced(out, delivery)
-                    pipeline.stop()
+            processed += pump(read, enqueue, READ_BATCH - processed)
+            held = pipeline.held
+            if held is None:
+                break  # nothing buffered, the in-flight bounds, or the batch is full
+            out = held.out
+            if type(out) is OutboxRecord:
+                if not self._produce_held(out, held.frame):
                     return
             else:
                 self.perform(out)  # type: ignore[arg-type]
                 if pipeline.state is not State.STREAMING:
                     return
-            if tracker.in_flight_events >= max_events or tracker.in_flight_bytes >= max_bytes:
-                return
-        if processed == 0:
-            # Nothing buffered: commit what is complete (exactly-once) before waiting.
-            idle = pipeline.idle(self.clock())
-            if idle:
-                self.perform(idle)
-                return
-            stream.wait(0.005 if tracker.in_flight_events else 0.1)
-        else:
+            if (
+                tracker.in_flight_events >= config.max_in_flight_events
+                or tracker.in_flight_bytes >= config.max_in_flight_bytes
+            ):
+                break
+        if processed:
             pipeline.received(self.clock())
+            return
+        # Nothing buffered: commit what is complete (exactly-once) before waiting.
+        idle = pipeline.idle(self.clock())
+        if idle:
+            self.perform(idle)
+            return
+        stream.wait(0.005 if tracker.in_flight_events else 0.1)
+
+    def _produce_held(self, record: OutboxRecord, frame: bytes | memoryview) -> bool:
+        """A record the producer did not take at once: produce it the careful way (waiting for
+        room, judging a refusal). False when reading must stop (a halt, or a stop request)."""
+        pipeline = self.pipeline
+        delivery = pipeline.delivery
+        assert delivery is not None
+        try:
+            self.publisher.produce(record, delivery, self.while_queue_full)
+        except RecordRefused as refused:
+            self.perform(
+                pipeline.refused(
+                    record, delivery, str(refused), too_large=refused.too_large, frame=frame
+                )
+            )
+            return pipeline.state is State.STREAMING  # a halt: not one frame more
+        except ProduceInterrupted:
+            pipeline.not_produced(record, delivery)
+            pipeline.stop()
+            return False
+        return True
 
     def while_queue_full(self) -> bool:
         """Called while produce() waits for room (and while settling): keep the server

@@ -473,3 +473,60 @@ def test_with_claim_check_a_record_too_large_for_kafka_goes_by_reference_and_is_
     again = p.refused(reference.record, p.delivery, "too large", too_large=True, frame=frame)  # type: ignore[arg-type]
     (dead,) = produced(again)
     assert dead.record.topic == DLQ and p.stats.dead_lettered == 1
+
+
+# --------------------------------------------------------------------------- the pump
+
+
+def _reader(items: list[bytes]):
+    stream = iter(items)
+    return lambda: next(stream, None)
+
+
+def test_the_pump_enqueues_plain_records_positionally_and_stops_when_nothing_is_buffered():
+    p = pipeline()
+    calls: list[tuple] = []
+    row = frames.outbox_row("k", b'{"a":1}', event_id="e-1")
+    read = _reader([frames.begin(0x2F0), frames.insert(row, 0x201)])
+    assert p.pump(read, lambda *args: calls.append(args), 100) == 2
+    assert p.held is None
+    ((topic, value, key, partition, callback, on_delivery, timestamp, headers),) = calls
+    assert (topic, key, partition, on_delivery) == ("outbox.event.order", b"k", -1, None)
+    assert callback is p.delivery and value == b'{"a":1}' and dict(headers)["id"] == b"e-1"
+    assert isinstance(timestamp, int) and p.tracker.in_flight_events == 1
+
+
+def test_the_pump_stops_at_the_in_flight_bounds_and_at_its_limit():
+    p = pipeline(max_in_flight_events=2)
+    inserts = [frames.insert(frames.outbox_row(k), 0x201 + i) for i, k in enumerate("abc")]
+    read = _reader([frames.begin(0x2F0), *inserts])
+    assert p.pump(read, lambda *args: None, 1) == 1  # the limit: the Begin alone
+    assert p.pump(read, lambda *args: None, 100) == 2  # two inserts: the bound
+    assert p.tracker.in_flight_events == 2 and not p.reading
+
+
+def test_the_pump_leaves_actions_and_records_the_producer_did_not_take_to_the_driver():
+    memory = Memory(isolate={(0x2F0, "outbox.event.order")})
+    p = pipeline(memory=memory)
+    isolated = frames.insert(frames.outbox_row("k"), 0x201)
+    assert (
+        p.pump(
+            _reader([frames.begin(0x2F0), isolated, frames.commit(0x2F0, 0x300)]),
+            lambda *args: None,
+            100,
+        )
+        == 2
+    )
+    assert p.held is not None and p.held.frame == isolated and p.held.error is None
+    (action,) = p.held.out  # type: ignore[misc]
+    assert type(action) is Produce and action.alone  # stopped at it: the Commit is unread
+
+    def full(*args: object) -> None:
+        raise BufferError("Local: Queue full")
+
+    q = pipeline()
+    plain = frames.insert(frames.outbox_row("k"), 0x201)
+    assert q.pump(_reader([frames.begin(0x2F0), plain]), full, 100) == 2
+    assert q.held is not None and q.held.frame == plain
+    assert isinstance(q.held.out, OutboxRecord) and isinstance(q.held.error, BufferError)
+    assert q.tracker.in_flight_events == 1  # counted: the driver produces it the careful way
