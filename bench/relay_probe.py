@@ -21,18 +21,36 @@ from cdc_relay.cli import main
 
 
 def install(log: AckLog) -> None:
-    produce = Publisher.produce
+    """Both ways a record reaches librdkafka: ``Publisher.produce`` (the driver's careful path)
+    and ``Publisher.enqueue`` (confluent-kafka's produce() itself, which Pipeline.pump calls
+    for plain records)."""
+    produce, init = Publisher.produce, Publisher.__init__
     entries = log.entries
 
-    def noting_produce(self: Publisher, record: Any, on_delivery: Any, *rest: Any) -> None:
+    def noting(on_delivery: Any) -> Any:
         def noted(err: Any, msg: Any) -> None:
             if err is None:
                 entries.append((msg.value(), time.time()))
             on_delivery(err, msg)
 
-        produce(self, record, noted, *rest)
+        return noted
+
+    def noting_produce(self: Publisher, record: Any, on_delivery: Any, *rest: Any) -> None:
+        produce(self, record, noting(on_delivery), *rest)
+
+    def noting_init(self: Publisher, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        enqueue = self.enqueue
+
+        def noting_enqueue(
+            topic: Any, value: Any, key: Any, partition: Any, callback: Any, *rest: Any
+        ) -> object:
+            return enqueue(topic, value, key, partition, noting(callback), *rest)
+
+        self.enqueue = noting_enqueue
 
     Publisher.produce = noting_produce  # type: ignore[method-assign, assignment]
+    Publisher.__init__ = noting_init  # type: ignore[method-assign]
     atexit.register(log.write)
 
 
