@@ -38,6 +38,8 @@ class Latency:
     p50_ms: float
     p99_ms: float
     max_ms: float
+    # The relay's CPU over the steady writes, in % of one core (all its threads), when measured.
+    cpu_percent: float | None = None
 
     @classmethod
     def of(cls, seconds: Sequence[float]) -> Latency:

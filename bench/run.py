@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -48,7 +49,7 @@ from cdc_relay.core import native
 from cdc_relay.settings import relay_producer_defaults
 from tests.integration.relay_process import cli, lsn_int
 from tests.kafka_servers import KafkaBroker
-from tests.servers import PostgresServer, TansuBroker, wait_until
+from tests.servers import PostgresServer, TansuBroker, cpu_seconds, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN_MARK = "<!-- bench:begin (written by make bench; edit outside the markers) -->"
@@ -443,6 +444,10 @@ def run_all(
     # latency
     if not args.skip_latency:
         row_c.latency = latency_relay(args, workload, run_id, broker, url, admin)
+        if row_c.latency.cpu_percent is not None:
+            row_c.note += (
+                f"; at {args.rate:,} events/s it used {row_c.latency.cpu_percent:.1f} % of a core"
+            )
         if row_e is not None:
             row_e.latency = latency_relay(
                 args, workload, run_id, broker, url, admin, delivery="exactly-once", visible=True
@@ -592,11 +597,13 @@ def latency_relay(
                 message="the relay did not start streaming",
             )
             say(f"{what}: {args.rate} events/s for {args.latency_seconds:.0f} s")
+            cpu_before, started = cpu_seconds(proc.pid), time.monotonic()
             committed = steady_writes(args, workload, url, "outbox", first_seq)
             end = lsn_int(str(admin.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]))  # type: ignore[index]
             wait_until(
                 lambda: slot_state(admin, slot)[1] >= end, 60, message=f"{what}: no catching up"
             )
+            cpu_percent = 100 * (cpu_seconds(proc.pid) - cpu_before) / (time.monotonic() - started)
             if visible:
                 consumer.wait_for(set(committed), 60)
         proc.terminate()
@@ -610,6 +617,7 @@ def latency_relay(
     seen = consumer.seen if visible else acklog.read(ack_log)
     counted_from = first_seq + int(WARMUP_SECONDS * args.rate)
     result = Latency.of(latency.latencies(committed, seen, counted_from=counted_from))
+    result = dataclasses.replace(result, cpu_percent=cpu_percent)
     say(f"{what}: {result}")
     return result
 
