@@ -99,6 +99,9 @@ class _Acknowledgement:
     def value(self) -> bytes | None:
         return self._value
 
+    def __len__(self) -> int:  # confluent-kafka's: the value's length
+        return len(self._value) if self._value else 0
+
 
 class _AcknowledgingPublisher:
     """Keeps what was produced; poll() acknowledges all of it."""

@@ -272,7 +272,7 @@ class Settings(BaseSettings):
     max_in_flight_bytes: int = Field(
         default=64 * 1024 * 1024,
         ge=1024,
-        description="Bytes (keys and values) produced but not yet acknowledged, at most.",
+        description="Bytes of record values (payloads) produced but not yet acknowledged, at most.",
     )
     status_interval_seconds: float = Field(
         default=1.0,

@@ -136,7 +136,7 @@ class RelayCollector(Collector):
         )
         yield GaugeMetricFamily(
             "cdc_relay_in_flight_bytes",
-            "Bytes (keys and values) produced and not yet acknowledged.",
+            "Bytes of record values (payloads) produced and not yet acknowledged.",
             value=stats.in_flight_bytes,
         )
         yield GaugeMetricFamily(

@@ -23,9 +23,10 @@ from cdc_relay.core.lsn import Lsn
 FailureSink = Callable[["Transaction", Any, Any], None]
 
 
-def record_size(key: bytes | None, value: bytes | None) -> int:
-    """The bytes of a record that count against the in-flight bound."""
-    return (len(key) if key else 0) + (len(value) if value else 0)
+def record_size(value: bytes | None) -> int:
+    """The bytes of a record that count against the in-flight bound: its value's, which is
+    what a delivery report gives without a call (``len(msg)``); keys are short ids."""
+    return len(value) if value else 0
 
 
 class Transaction:
@@ -64,8 +65,7 @@ class Transaction:
         """librdkafka's delivery report of one of this transaction's records."""
         tracker = self.tracker
         if err is None:
-            key, value = msg.key(), msg.value()
-            tracker.in_flight_bytes -= (len(key) if key else 0) + (len(value) if value else 0)
+            tracker.in_flight_bytes -= len(msg)  # the value's length (record_size)
             tracker.in_flight_events -= 1
             self.pending -= 1
             if self.pending == 0 and self.committed:

@@ -505,9 +505,9 @@ class Pipeline:
                     outcome, delivery, plan, by_topic, xlog_data_start(buf)
                 )
             # tracker.sent() and the counters, inlined: this runs once per event.
-            key, value = outcome.key, outcome.value
+            value = outcome.value
             tracker = self.tracker
-            tracker.in_flight_bytes += (len(key) if key else 0) + (len(value) if value else 0)
+            tracker.in_flight_bytes += len(value) if value else 0  # record_size
             tracker.in_flight_events += 1
             delivery.pending += 1
             self.stats.published += 1
@@ -636,7 +636,7 @@ class Pipeline:
         if self._careful or type(outcome) is not OutboxRecord:
             return self._insert_carefully(outcome, delivery, plan, counts, xlog_data_start(buf))
         # As the insert path (which stays inlined: it is the hotter one).
-        self.tracker.sent(delivery, record_size(outcome.key, outcome.value))
+        self.tracker.sent(delivery, record_size(outcome.value))
         self._count_published(outcome.topic, counts)
         return outcome
 
@@ -720,7 +720,7 @@ class Pipeline:
                 include_value=not size_error,
                 topic=outcome.topic,
             )
-        self.tracker.sent(txn, record_size(outcome.key, outcome.value))
+        self.tracker.sent(txn, record_size(outcome.value))
         self._count_published(outcome.topic, counts)
         alone = outcome.topic in self._isolated_topics
         return [Produce(outcome, txn, alone=alone, lsn=lsn, source=plan.table)]
@@ -756,7 +756,7 @@ class Pipeline:
             [*rejected.headers, *claimcheck.reference_headers(size)],
             0,  # the row's timestamp is not known here: Kafka stamps it
         )
-        reference_size = record_size(record.key, record.value)
+        reference_size = record_size(record.value)
         if replacing is None:
             self.tracker.sent(txn, reference_size)
         else:
@@ -849,7 +849,7 @@ class Pipeline:
             ),
             form,
         )
-        size = record_size(record.key, record.value)
+        size = record_size(record.value)
         if replacing is None:
             self.tracker.sent(txn, size)
         else:
@@ -883,7 +883,7 @@ class Pipeline:
         """The dead-letter record itself was refused: try the next smaller form; halt when even
         the smallest is refused."""
         txn = failure.delivery
-        size = record_size(failure.key, failure.value)
+        size = record_size(failure.value)
         form = self._next_form(failure, event_lsn)
         if form == NONE_TAKEN:
             self.tracker.abandon(txn, size)
@@ -896,7 +896,7 @@ class Pipeline:
         smaller = dead_letter_form(
             OutboxRecord(failure.topic, failure.key, failure.value, failure.headers, 0), form
         )
-        self.tracker.resize(size, record_size(smaller.key, smaller.value))
+        self.tracker.resize(size, record_size(smaller.value))
         return [Produce(smaller, txn, alone=True, lsn=event_lsn)]
 
     def _halt_on(self, message: str, event_lsn: Lsn | None) -> list[Action]:
@@ -938,14 +938,14 @@ class Pipeline:
             event_lsn,
             self._source_of(frame, source),
             include_value=not too_large,
-            replacing=record_size(record.key, record.value),
+            replacing=record_size(record.value),
             topic=record.topic,
         )
 
     def not_produced(self, record: OutboxRecord, delivery: Transaction) -> None:
         """produce() gave up on ``record`` (stop requested while the queue was full): it is not
         in flight, and its transaction will not be confirmed."""
-        self.tracker.abandon(delivery, record_size(record.key, record.value))
+        self.tracker.abandon(delivery, record_size(record.value))
         self._uncounted += 1
 
     def kept(self, delivery: Transaction) -> None:
@@ -1038,7 +1038,7 @@ class Pipeline:
             event_lsn,
             self._source_of(None, source),
             include_value=not size_error,
-            replacing=record_size(failure.key, failure.value),
+            replacing=record_size(failure.value),
             topic=failure.topic,
         )
 

@@ -72,7 +72,8 @@ def test_the_pipeline_pump_hands_records_to_librdkafka_as_produce_does() -> None
     assert pipeline.pump(lambda: next(stream, None), publisher.enqueue, 100) == 4
     assert pipeline.held is None and pipeline.tracker.in_flight_events == 1
     assert publisher.flush(10) == 0
-    assert pipeline.tracker.in_flight_events == 0 and pipeline.confirmed == 0x300
+    tracker = pipeline.tracker
+    assert (tracker.in_flight_events, tracker.in_flight_bytes, pipeline.confirmed) == (0, 0, 0x300)
     message = _consume_one(bootstrap, "outbox.event.order")
     assert (message.key(), message.value()) == (b"a-1", b'{"total": "12.50"}')
     assert dict(message.headers())["id"] == b"e-1"

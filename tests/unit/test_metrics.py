@@ -131,6 +131,9 @@ class Ack:
     def value(self) -> bytes:
         return b"v"
 
+    def __len__(self) -> int:
+        return 1
+
 
 def test_latency_is_observed_once_per_transaction_at_its_last_ack():
     stats = RelayStats()

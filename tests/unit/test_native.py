@@ -114,6 +114,9 @@ def _pipeline_outcomes() -> list[str]:
         def value(self) -> bytes | None:
             return self.record.value
 
+        def __len__(self) -> int:
+            return len(self.record.value or b"")
+
     for delivery, record in deliveries:
         assert delivery is not None
         delivery(None, Ack(record))

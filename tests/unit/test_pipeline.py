@@ -47,6 +47,9 @@ class Msg:
     def value(self) -> bytes | None:
         return self.record.value
 
+    def __len__(self) -> int:  # confluent-kafka's: the value's length
+        return len(self.record.value or b"")
+
     def headers(self) -> list[tuple[str, bytes]]:
         return self.record.headers
 
