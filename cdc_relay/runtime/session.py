@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from cdc_relay.core.acks import Transaction
 from cdc_relay.core.lsn import Lsn, format_lsn
 from cdc_relay.core.mapping import OutboxRecord
 from cdc_relay.core.pipeline import (
@@ -200,12 +201,15 @@ class Session:
                 break  # nothing buffered, the in-flight bounds, or the batch is full
             out = held.out
             if type(out) is OutboxRecord:
-                if not self._produce_held(out, held.frame):
-                    return
+                # The producer did not take it at once: the careful way (waiting for room,
+                # judging a refusal).
+                delivery = pipeline.delivery
+                assert delivery is not None
+                self._produce_record(out, delivery, frame=held.frame)
             else:
                 self.perform(out)  # type: ignore[arg-type]
-                if pipeline.state is not State.STREAMING:
-                    return
+            if pipeline.state is not State.STREAMING:
+                return  # a halt or a stop: not one frame more
             if (
                 tracker.in_flight_events >= config.max_in_flight_events
                 or tracker.in_flight_bytes >= config.max_in_flight_bytes
@@ -220,27 +224,6 @@ class Session:
             self.perform(idle)
             return
         stream.wait(WAIT_IN_FLIGHT if tracker.in_flight_events else WAIT_IDLE)
-
-    def _produce_held(self, record: OutboxRecord, frame: bytes | memoryview) -> bool:
-        """A record the producer did not take at once: produce it the careful way (waiting for
-        room, judging a refusal). False when reading must stop (a halt, or a stop request)."""
-        pipeline = self.pipeline
-        delivery = pipeline.delivery
-        assert delivery is not None
-        try:
-            self.publisher.produce(record, delivery, self.while_queue_full)
-        except RecordRefused as refused:
-            self.perform(
-                pipeline.refused(
-                    record, delivery, str(refused), too_large=refused.too_large, frame=frame
-                )
-            )
-            return pipeline.state is State.STREAMING  # a halt: not one frame more
-        except ProduceInterrupted:
-            pipeline.not_produced(record, delivery)
-            pipeline.stop()
-            return False
-        return True
 
     def while_queue_full(self) -> bool:
         """Called while produce() waits for room (and while settling): keep the server
@@ -309,22 +292,41 @@ class Session:
             raise TypeError(f"unknown action {action!r}")
 
     def _produce(self, action: Produce) -> None:
+        self._produce_record(action.record, action.delivery, lsn=action.lsn, source=action.source)
+
+    def _produce_record(
+        self,
+        record: OutboxRecord,
+        delivery: Transaction,
+        *,
+        frame: bytes | memoryview | None = None,
+        lsn: Lsn | None = None,
+        source: str | None = None,
+    ) -> bool:
+        """Hand ``record`` to the producer, waiting for room; a refusal goes to the pipeline
+        (its event's position: ``lsn`` and ``source``, or read from ``frame``), a stop request
+        while waiting stops it. True if the record is in flight."""
+        pipeline = self.pipeline
         try:
-            self.publisher.produce(action.record, action.delivery, self.while_queue_full)
+            self.publisher.produce(record, delivery, self.while_queue_full)
         except RecordRefused as refused:
             self.perform(
-                self.pipeline.refused(
-                    action.record,
-                    action.delivery,
+                pipeline.refused(
+                    record,
+                    delivery,
                     str(refused),
                     too_large=refused.too_large,
-                    lsn=action.lsn,
-                    source=action.source,
+                    frame=frame,
+                    lsn=lsn,
+                    source=source,
                 )
             )
+            return False
         except ProduceInterrupted:
-            self.pipeline.not_produced(action.record, action.delivery)
-            self.pipeline.stop()
+            pipeline.not_produced(record, delivery)
+            pipeline.stop()
+            return False
+        return True
 
     def _produce_alone(self, action: Produce) -> None:
         """Produce with nothing else in flight before or after, so that the broker's verdict on
@@ -338,23 +340,9 @@ class Session:
             self._todo.appendleft(action)
             self._todo.extendleft(reversed(pipeline.judge()))
             return
-        try:
-            self.publisher.produce(action.record, action.delivery, self.while_queue_full)
-        except RecordRefused as refused:
-            self.perform(
-                pipeline.refused(
-                    action.record,
-                    action.delivery,
-                    str(refused),
-                    too_large=refused.too_large,
-                    lsn=action.lsn,
-                    source=action.source,
-                )
-            )
-            return
-        except ProduceInterrupted:
-            pipeline.not_produced(action.record, action.delivery)
-            pipeline.stop()
+        if not self._produce_record(
+            action.record, action.delivery, lsn=action.lsn, source=action.source
+        ):
             return
         self._alone = action
         self.settle()
