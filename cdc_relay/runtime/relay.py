@@ -86,11 +86,20 @@ class FailureLog:
         self._current: str | None = None
 
     def failed(
-        self, message: str, *, level: int = logging.WARNING, extra: dict[str, Any] | None = None
+        self,
+        message: str,
+        *,
+        kind: str | None = None,
+        level: int = logging.WARNING,
+        extra: dict[str, Any] | None = None,
     ) -> None:
-        if message != self._current:
+        """``kind`` names the failure when ``message`` quotes details that vary while it lasts
+        (librdkafka words one outage as "Connection refused", then as "1/1 brokers are
+        down"): a new kind is a change, new details are not."""
+        current = kind if kind is not None else message
+        if current != self._current:
             log.log(level, "%s", message, extra=extra)
-            self._current = message
+            self._current = current
 
     def recovered(self, what: str, *, extra: dict[str, Any] | None = None) -> None:
         if self._current is not None:
@@ -320,12 +329,14 @@ class Relay:
             except DeliveryError as exc:
                 log.debug("Kafka still unreachable: %s", exc)
                 publisher.poll(0)  # error callbacks: why it is unreachable
-                self._kafka_log.failed(self._unreachable())
+                kind, message = self._unreachable()
+                self._kafka_log.failed(message, kind=kind)
         return publisher
 
-    def _unreachable(self) -> str:
-        """What to say while Kafka does not answer; raise ConfigError if, at start, it refuses
-        this client (credentials, TLS): waiting cannot fix that."""
+    def _unreachable(self) -> tuple[str, str]:
+        """What kind of failure keeps Kafka from answering, and what to say; raise
+        ConfigError if, at start, it refuses this client (credentials, TLS): waiting cannot
+        fix that."""
         servers = self.settings.kafka_bootstrap_servers
         code, text = self._last_kafka_error or (0, "")
         refused = _REFUSED_CLIENT.get(code)
@@ -333,9 +344,14 @@ class Relay:
             hint = "check security.protocol, sasl.* and ssl.* in CDC_RELAY_KAFKA_CONFIG"
             if self.stats.sessions == 0:
                 raise ConfigError(f"{refused} at {servers}: {text} ({hint})")
-            return f"{refused} at {servers}: {text}; waiting before taking the slot ({hint})"
+            return (
+                refused,
+                f"{refused} at {servers}: {text}; waiting before taking the slot ({hint})",
+            )
         why = f" ({text})" if text else ""
-        return f"Kafka at {servers} is unreachable{why}; waiting for it before taking the slot"
+        return "unreachable", (
+            f"Kafka at {servers} is unreachable{why}; waiting for it before taking the slot"
+        )
 
     # ---------------------------------------------------------------- exactly-once
 
