@@ -53,6 +53,10 @@ def _constant(name: str) -> Any:
 
 MODULES: tuple[str, ...] = _constant("COMPILED_MODULES")
 SOURCES = [str(CORE / f"{name}.py") for name in MODULES]
+# The C acknowledgement path (cdc_relay/adapters/native_acks.py), built with the compiled core;
+# if it alone fails to compile, the core stays compiled and the callbacks count acknowledgements.
+ACKS_SOURCE = Path("cdc_relay", "adapters", "_kafka_acks.c")
+ACKS_NAME = "cdc_relay.adapters._kafka_acks"
 
 
 def _why_not() -> str | None:
@@ -79,6 +83,7 @@ def _why_not() -> str | None:
 DIGESTS = {
     name: hashlib.sha256((HERE / CORE / f"{name}.py").read_bytes()).hexdigest() for name in MODULES
 }
+DIGESTS[ACKS_SOURCE.name] = hashlib.sha256((HERE / ACKS_SOURCE).read_bytes()).hexdigest()
 
 
 def _extensions() -> list[Any]:
@@ -88,9 +93,15 @@ def _extensions() -> list[Any]:
 
         try:
             # C sources into build/ (mypyc's default), compiled by build_ext below.
-            return list(mypycify(SOURCES, opt_level="3", group_name=GROUP))
+            core = list(mypycify(SOURCES, opt_level="3", group_name=GROUP))
         except (Exception, SystemExit) as exc:  # mypyc exits on a type error
             why = f"mypyc failed: {exc!r}"
+        else:
+            from setuptools import Extension
+
+            # optional: if it alone fails, build_ext warns and goes on without it.
+            acks = Extension(ACKS_NAME, [str(ACKS_SOURCE)], optional=True)
+            return [*core, acks]
     _say(f"the pure-Python core only: {why}")
     return []
 
@@ -134,9 +145,9 @@ class OptionalBuildExt(build_ext):
         """All or none: no extension of a failed build may be installed (or stay in the source
         tree of an editable install), nor the manifest of an earlier one."""
         for ext in self.extensions:
-            name = Path(self.get_ext_filename(ext.name)).name
-            for folder in self._folders(inplace):
-                (folder / name).unlink(missing_ok=True)
+            path = Path(self.get_ext_filename(ext.name))
+            for folder in (Path(self.build_lib), *([HERE] if inplace else [])):
+                (folder / path).unlink(missing_ok=True)
         for folder in self._folders(inplace):
             (folder / MANIFEST).unlink(missing_ok=True)
 

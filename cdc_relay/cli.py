@@ -20,6 +20,7 @@ from types import FrameType
 import psycopg
 
 from cdc_relay import __version__
+from cdc_relay.adapters import native_acks
 from cdc_relay.adapters.database import connect, describe_psycopg_error
 from cdc_relay.core import native
 from cdc_relay.errors import ConfigError, RelayError
@@ -50,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common],
     )
     parser.add_argument(
-        "--version", action="version", version=f"cdc-relay {__version__} ({native.describe()})"
+        "--version",
+        action="version",
+        version=f"cdc-relay {__version__} ({native.describe()}; {native_acks.describe()})",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     setup = commands.add_parser(
@@ -217,7 +220,7 @@ def _run(settings: Settings, stop_requested: threading.Event) -> int:
     from cdc_relay.adapters.metrics import registry_for
     from cdc_relay.runtime.relay import Relay
 
-    log.debug("cdc-relay %s, %s", __version__, native.describe_why())
+    log.debug("cdc-relay %s, %s, %s", __version__, native.describe_why(), native_acks.describe())
     relay = Relay(settings, stop_requested=stop_requested)
     server = None
     if settings.http_port:

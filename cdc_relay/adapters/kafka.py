@@ -6,12 +6,15 @@ Delivery reports are served by ``poll``; what a report means is the pipeline's t
 
 from __future__ import annotations
 
+import builtins
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from cdc_relay.adapters import native_acks
+from cdc_relay.core.acks import settle
 from cdc_relay.core.mapping import OutboxRecord
 from cdc_relay.core.verdicts import is_size_error
 from cdc_relay.errors import (
@@ -48,18 +51,27 @@ class Publisher:
         self.fatal_error: str | None = None
         self.in_transaction = False  # a Kafka transaction is open (exactly-once)
         self._on_error = on_error
+        acks_module, _ = native_acks.load()
+        config = {**config, "error_cb": self._error_cb}
+        if acks_module is not None:
+            config["plugin.library.paths"] = ";".join(
+                p for p in (config.get("plugin.library.paths"), acks_module.__file__) if p
+            )
         try:
             # librdkafka's own log repeats what error_cb reports (per connection attempt), so
             # it goes to a logger that is shown with --debug only (see logs.configure_logging).
-            self._producer = Producer(
-                {**config, "error_cb": self._error_cb}, logger=logging.getLogger(LIBRDKAFKA_LOGGER)
-            )
+            self._producer = Producer(config, logger=logging.getLogger(LIBRDKAFKA_LOGGER))
         except KafkaException as exc:
             raise ConfigError(f"CDC_RELAY_KAFKA_CONFIG: {exc.args[0].str()}") from None
-        # confluent-kafka's produce() itself, for Pipeline.pump's plain records: positionally,
-        # in its C signature's order (see produce() below). Whatever it raises (queue full, a
-        # refusal) sends the record through produce() below, which knows what it means.
-        self.enqueue: Callable[..., object] = self._producer.produce
+        # What Pipeline.pump hands its plain records to, positionally, in the order of
+        # confluent-kafka's produce() (see produce() below): the C path's produce, whose
+        # records' acknowledgements collect() brings back, or confluent-kafka's own. Whatever
+        # it raises (queue full, a refusal) sends the record through produce() below, which
+        # knows what it means.
+        self._acks = acks_module.Acks() if acks_module is not None else None
+        self.enqueue: Callable[..., object] = (
+            self._acks.produce if self._acks is not None else self._producer.produce
+        )
 
     def _error_cb(self, error: Any) -> None:
         if error.fatal():
@@ -94,6 +106,7 @@ class Publisher:
                 return
             except BufferError:
                 producer.poll(0.05)
+                self._collect()
                 if not while_waiting():
                     raise ProduceInterrupted from None
             except KafkaException as exc:
@@ -166,14 +179,19 @@ class Publisher:
                     raise self._failed(error, f"Kafka transaction {what} failed") from None
                 if not while_waiting():
                     raise ProduceInterrupted from None
+            finally:
+                self._collect()  # commit flushes: its delivery reports are served
 
     def poll(self, timeout: float = 0.0) -> int:
         """Serve delivery reports and error callbacks. A fatal error is raised once, from the
         poll that meets it (ProducerFatal); the reports of the records it failed come after."""
         try:
-            return int(self._producer.poll(timeout))
+            served = int(self._producer.poll(timeout))
         except KafkaException as exc:
             raise self._failed(exc.args[0], "the producer failed") from None
+        finally:
+            self._collect()
+        return served
 
     def outstanding(self) -> int:
         """Records queued or in flight, whose delivery report has not been served yet."""
@@ -189,7 +207,10 @@ class Publisher:
 
     def flush(self, timeout: float) -> int:
         """Wait up to ``timeout`` for outstanding deliveries; returns how many remain."""
-        return int(self._producer.flush(timeout))
+        try:
+            return int(self._producer.flush(timeout))
+        finally:
+            self._collect()
 
     def wait_for_broker(self, timeout: float) -> None:
         """Raise DeliveryError unless a broker answers a metadata request within ``timeout``."""
@@ -207,3 +228,63 @@ class Publisher:
             self._producer.flush(0)
         except KafkaException:
             log.debug("purge failed", exc_info=True)
+        self._collect()
+
+    def _collect(self) -> None:
+        """Hand the acknowledgements the C path counted since the last call to their
+        transactions (after every call that serves delivery reports): successes a run at a
+        time, failures one by one, as confluent-kafka's callbacks would have."""
+        acks = self._acks
+        if acks is None:
+            return
+        reports = acks.collect()
+        if reports is None:
+            return
+        acknowledged, failed = reports
+        settle(acknowledged)
+        for token, code, text, topic, key, value, headers in failed:
+            token(_FailedReport(code, text), _FailedRecord(topic, key, value, headers))
+
+
+class _FailedReport:
+    """What a failed delivery report's error says (the part of KafkaError the pipeline reads)."""
+
+    __slots__ = ("_code", "_text")
+
+    def __init__(self, code: int, text: str) -> None:
+        self._code, self._text = code, text
+
+    def __repr__(self) -> str:
+        return f"KafkaError({self._code}, {self._text!r})"
+
+    def code(self) -> int:
+        return self._code
+
+    def str(self) -> builtins.str:  # KafkaError's name for it
+        return self._text
+
+
+class _FailedRecord:
+    """The failed record of a report (the part of confluent-kafka's Message the pipeline reads)."""
+
+    __slots__ = ("_headers", "_key", "_topic", "_value")
+
+    def __init__(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: list[Any] | None
+    ) -> None:
+        self._topic, self._key, self._value, self._headers = topic, key, value, headers
+
+    def topic(self) -> str:
+        return self._topic
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def headers(self) -> list[Any] | None:
+        return self._headers
+
+    def __len__(self) -> int:
+        return len(self._value) if self._value else 0

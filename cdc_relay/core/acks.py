@@ -8,8 +8,10 @@ Pure bookkeeping, no I/O. Invariants it keeps (DESIGN.md 1, 2, 4):
   and not per transaction read: a transaction that completes behind an unfinished one is folded
   into it at once, so the queue is never longer than the number of events in flight.
 
-A Transaction is also the delivery callback of its records (librdkafka calls it once per
-record), so an acknowledgement costs one call and a few integer updates.
+A Transaction is also the delivery callback of its records (confluent-kafka calls it once per
+record), so an acknowledgement costs one call and a few integer updates; where the relay's C
+acknowledgement path runs (cdc_relay/adapters/_kafka_acks.c), it is the records' token instead,
+and ``settle`` hands it its acknowledgements a run at a time.
 """
 
 from __future__ import annotations
@@ -73,11 +75,29 @@ class Transaction:
         else:
             tracker.on_failure(self, err, msg)
 
+    def acked(self, events: int, size: int) -> None:
+        """``events`` of this transaction's records acknowledged, ``size`` bytes of values in
+        all: the reports counted outside Python (``settle``)."""
+        tracker = self.tracker
+        tracker.in_flight_bytes -= size
+        tracker.in_flight_events -= events
+        self.pending -= events
+        if self.pending == 0 and self.committed:
+            tracker._completed(self)
+
     def __repr__(self) -> str:
         return (
             f"Transaction(final_lsn={self.final_lsn}, end_lsn={self.end_lsn}, "
             f"pending={self.pending}, committed={self.committed})"
         )
+
+
+def settle(acknowledged: list[tuple[Transaction, int, int]]) -> None:
+    """Acknowledgements counted in C by cdc_relay/adapters/_kafka_acks.c, which calls no
+    callback per record: one (transaction, events, bytes) per run of one transaction's
+    records. Compiled with the core, so the loop costs no interpreted frame either."""
+    for txn, events, size in acknowledged:
+        txn.acked(events, size)
 
 
 def _ignore_failure(txn: Transaction, err: Any, msg: Any) -> None:

@@ -24,6 +24,7 @@ from unittest import mock
 import pytest
 
 from cdc_relay import __version__, cli
+from cdc_relay.adapters import native_acks
 from cdc_relay.core import native
 from cdc_relay.core.lsn import Lsn
 from cdc_relay.core.mapping import ColumnMapping, OutboxRecord, TablePlan
@@ -192,7 +193,38 @@ def test_an_edited_source_is_never_shadowed_by_its_stale_extension(tmp_path: Pat
 def test_version_names_the_core(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main(["--version"])
-    assert capsys.readouterr().out.strip() == f"cdc-relay {__version__} ({native.describe()})"
+    assert capsys.readouterr().out.strip() == (
+        f"cdc-relay {__version__} ({native.describe()}; {native_acks.describe()})"
+    )
+
+
+# --------------------------------------------------------------------------- the C ack path
+
+
+@pytest.mark.compiled_core
+def test_the_compiled_core_counts_acknowledgements_in_c() -> None:
+    module, why = native_acks.load()
+    assert (module is not None, why) == (True, None)
+    assert native_acks.describe() == "Kafka acknowledgements counted in C"
+
+
+def test_the_pure_python_core_counts_acknowledgements_by_callbacks() -> None:
+    code = "from cdc_relay.adapters import native_acks; print(native_acks.describe())"
+    result = _run_python(code, pure=True)
+    assert result.stdout.strip() == (
+        "Kafka acknowledgements by confluent-kafka callbacks (the pure-Python core runs)"
+    )
+
+
+@pytest.mark.compiled_core
+def test_an_edited_c_source_is_never_run_from_its_stale_extension(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "cdc_relay", tmp_path / "cdc_relay")
+    source = tmp_path / "cdc_relay" / "adapters" / "_kafka_acks.c"
+    source.write_text(source.read_text(encoding="utf-8") + "\n/* edited */\n", encoding="utf-8")
+    code = "from cdc_relay.adapters import native_acks; print(native_acks.load()[1])"
+    result = _run_python(code, pure=False, root=tmp_path)
+    assert result.stdout.strip() == "stale build: _kafka_acks.c changed since it was compiled"
+    assert "_kafka_acks.c changed since it was compiled" in result.stderr
 
 
 # --------------------------------------------------------------------------- the build check

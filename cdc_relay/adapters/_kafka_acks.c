@@ -1,0 +1,726 @@
+/*
+ * cdc_relay.adapters._kafka_acks: the per-event Kafka path without a Python object per
+ * delivery report (docs/performance.md, "The compiled core").
+ *
+ * confluent-kafka builds, for every delivery report, a Message with copies of the key and the
+ * value, and calls a Python callback with it: about 4,700 instructions per event, as much as
+ * the rest of the relay's per-event work. This extension is also a librdkafka interceptor
+ * plugin (plugin.library.paths names this very file), so it sees every record the relay's
+ * producer sends (on_send) and every acknowledgement (on_acknowledgement, in librdkafka's
+ * broker threads). Records produced through Acks.produce() carry no opaque, so
+ * confluent-kafka's delivery callback ignores them (it returns at once on a NULL opaque);
+ * their acknowledgements are kept here, under a mutex, and collect() hands them to the
+ * Python thread in one list: one (token, events, bytes) tuple per run of consecutive
+ * acknowledgements of one token (a transaction), and one tuple per failed record with what
+ * the pipeline needs to judge it. Records produced by confluent-kafka's own produce() are
+ * not ours (no produce call of ours is running when on_send sees them) and keep their
+ * callbacks.
+ *
+ * librdkafka is the copy confluent-kafka loaded: found among the process's loaded objects
+ * and reached through dlsym, so the build needs no librdkafka headers or library. The few
+ * declarations below are librdkafka's public ABI (rdkafka.h), stable since 1.x.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <dlfcn.h>
+#include <link.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/types.h>
+
+/* ---------------------------------------------------------------- librdkafka's ABI */
+
+typedef struct rd_kafka_s rd_kafka_t;
+typedef struct rd_kafka_conf_s rd_kafka_conf_t;
+typedef struct rd_kafka_topic_s rd_kafka_topic_t;
+typedef struct rd_kafka_headers_s rd_kafka_headers_t;
+typedef struct rd_kafka_error_s rd_kafka_error_t;
+typedef int rd_kafka_resp_err_t;
+
+typedef struct {
+    rd_kafka_resp_err_t err;
+    rd_kafka_topic_t *rkt;
+    int32_t partition;
+    void *payload;
+    size_t len;
+    void *key;
+    size_t key_len;
+    int64_t offset;
+    void *_private;
+} rd_kafka_message_t;
+
+enum {
+    VTYPE_END = 0,
+    VTYPE_TOPIC = 1,
+    VTYPE_PARTITION = 3,
+    VTYPE_VALUE = 4,
+    VTYPE_KEY = 5,
+    VTYPE_MSGFLAGS = 7,
+    VTYPE_TIMESTAMP = 8,
+    VTYPE_HEADERS = 10,
+};
+
+typedef struct {
+    int vtype;
+    union {
+        const char *cstr;
+        int i;
+        int32_t i32;
+        int64_t i64;
+        struct {
+            void *ptr;
+            size_t size;
+        } mem;
+        rd_kafka_headers_t *headers;
+        char _pad[64];
+    } u;
+} rd_kafka_vu_t;
+
+#define MSG_F_COPY 0x2
+#define ERR_NO_ERROR 0
+#define ERR__QUEUE_FULL (-184)
+#define PRODUCEVA_VERSION 0x010400ff /* rd_kafka_produceva() came in 1.4.0 */
+
+typedef rd_kafka_resp_err_t(on_new_f)(rd_kafka_t *, const rd_kafka_conf_t *, void *, char *,
+                                      size_t);
+typedef rd_kafka_resp_err_t(on_message_f)(rd_kafka_t *, rd_kafka_message_t *, void *);
+
+static struct {
+    int (*version)(void);
+    const char *(*err2str)(rd_kafka_resp_err_t);
+    rd_kafka_error_t *(*produceva)(rd_kafka_t *, const rd_kafka_vu_t *, size_t);
+    rd_kafka_resp_err_t (*error_code)(const rd_kafka_error_t *);
+    void (*error_destroy)(rd_kafka_error_t *);
+    rd_kafka_headers_t *(*headers_new)(size_t);
+    void (*headers_destroy)(rd_kafka_headers_t *);
+    rd_kafka_resp_err_t (*header_add)(rd_kafka_headers_t *, const char *, ssize_t, const void *,
+                                      ssize_t);
+    rd_kafka_resp_err_t (*conf_add_on_new)(rd_kafka_conf_t *, const char *, on_new_f *, void *);
+    rd_kafka_resp_err_t (*add_on_send)(rd_kafka_t *, const char *, on_message_f *, void *);
+    rd_kafka_resp_err_t (*add_on_ack)(rd_kafka_t *, const char *, on_message_f *, void *);
+} rdk;
+
+static const char *IC_NAME = "cdc_relay.acks";
+
+/* ---------------------------------------------------------------- what is tracked */
+
+/* One record of ours in flight: its token (the transaction, a delivery callback the relay
+ * would otherwise have given confluent-kafka) and what a failure report must give back. The
+ * Python references are taken in produce() (GIL held) and released in collect(); librdkafka's
+ * threads only move the pointers. */
+typedef struct {
+    const void *message; /* librdkafka's rd_kafka_message_t of the record: the table's key */
+    PyObject *token;
+    PyObject *topic;
+    PyObject *value;
+    PyObject *key;
+    PyObject *headers;
+    Py_ssize_t size; /* the value's length: what the in-flight byte bound counts */
+    rd_kafka_resp_err_t err;
+} Entry;
+
+typedef struct {
+    pthread_mutex_t lock;
+    rd_kafka_t *rk;
+    /* In flight: open addressing on the message's address, linear probing, deletion by
+     * backward shift (no tombstones). */
+    Entry *slots;
+    size_t capacity; /* a power of two */
+    size_t count;
+    /* Acknowledged (or failed), in the order librdkafka reported them, until collect(). */
+    Entry *done;
+    size_t done_count;
+    size_t done_capacity;
+    int attached;
+} State;
+
+/* The record produce() is handing to librdkafka on this thread: on_send files it under its
+ * message's address. NULL whenever no produce() of ours runs on this thread, so records of
+ * confluent-kafka's own produce() are left alone. */
+static __thread Entry *producing = NULL;
+static __thread State *producing_state = NULL;
+
+/* The state of the producer being created, set by on_new (which runs inside rd_kafka_new(),
+ * on the thread creating the Producer, GIL held) until attach() takes it. */
+static State *unattached = NULL;
+
+static size_t slot_of(const State *s, const void *message) {
+    uintptr_t h = (uintptr_t)message;
+    h ^= h >> 17;
+    h *= (uintptr_t)0x9E3779B97F4A7C15ULL;
+    return (size_t)(h >> 7) & (s->capacity - 1);
+}
+
+static int table_grow(State *s) {
+    size_t old_capacity = s->capacity, i;
+    Entry *old = s->slots;
+    Entry *slots = calloc(old_capacity * 2, sizeof(Entry));
+    if (slots == NULL)
+        return -1;
+    s->slots = slots;
+    s->capacity = old_capacity * 2;
+    for (i = 0; i < old_capacity; i++) {
+        if (old[i].message != NULL) {
+            size_t j = slot_of(s, old[i].message);
+            while (slots[j].message != NULL)
+                j = (j + 1) & (s->capacity - 1);
+            slots[j] = old[i];
+        }
+    }
+    free(old);
+    return 0;
+}
+
+/* Caller holds the lock. */
+static int table_put(State *s, const Entry *entry) {
+    size_t j;
+    if ((s->count + 1) * 2 > s->capacity && table_grow(s) != 0)
+        return -1;
+    j = slot_of(s, entry->message);
+    while (s->slots[j].message != NULL)
+        j = (j + 1) & (s->capacity - 1);
+    s->slots[j] = *entry;
+    s->count++;
+    return 0;
+}
+
+/* Caller holds the lock. Moves the entry of ``message`` into ``out``; 0 if it is not ours. */
+static int table_take(State *s, const void *message, Entry *out) {
+    size_t mask = s->capacity - 1, i = slot_of(s, message), j, home;
+    while (s->slots[i].message != message) {
+        if (s->slots[i].message == NULL)
+            return 0;
+        i = (i + 1) & mask;
+    }
+    *out = s->slots[i];
+    /* Backward shift: pull later entries of the probe run into the hole. */
+    j = i;
+    for (;;) {
+        j = (j + 1) & mask;
+        if (s->slots[j].message == NULL)
+            break;
+        home = slot_of(s, s->slots[j].message);
+        /* Move slot j to the hole i unless its home lies cyclically in (i, j]. */
+        if ((j > i && (home <= i || home > j)) || (j < i && (home <= i && home > j))) {
+            s->slots[i] = s->slots[j];
+            i = j;
+        }
+    }
+    s->slots[i].message = NULL;
+    s->count--;
+    return 1;
+}
+
+/* Caller holds the lock. */
+static int done_push(State *s, const Entry *entry) {
+    if (s->done_count == s->done_capacity) {
+        size_t capacity = s->done_capacity ? s->done_capacity * 2 : 1024;
+        Entry *done = realloc(s->done, capacity * sizeof(Entry));
+        if (done == NULL)
+            return -1;
+        s->done = done;
+        s->done_capacity = capacity;
+    }
+    s->done[s->done_count++] = *entry;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- the interceptors */
+
+static rd_kafka_resp_err_t on_send(rd_kafka_t *rk, rd_kafka_message_t *message, void *opaque) {
+    State *s = opaque;
+    Entry *entry = producing;
+    if (entry == NULL || producing_state != s)
+        return ERR_NO_ERROR; /* confluent-kafka's own produce(): not ours */
+    entry->message = message;
+    pthread_mutex_lock(&s->lock);
+    if (table_put(s, entry) != 0)
+        entry->message = NULL; /* out of memory: produce() fails the record */
+    pthread_mutex_unlock(&s->lock);
+    (void)rk;
+    return ERR_NO_ERROR;
+}
+
+static rd_kafka_resp_err_t on_ack(rd_kafka_t *rk, rd_kafka_message_t *message, void *opaque) {
+    State *s = opaque;
+    Entry entry;
+    pthread_mutex_lock(&s->lock);
+    if (table_take(s, message, &entry)) {
+        entry.err = message->err;
+        /* Acknowledged inside our own produce() call: the partitioner failed it, and
+         * produceva() returns that error to produce(), which raises it. */
+        if (!(producing != NULL && producing_state == s && producing->message == message)) {
+            if (done_push(s, &entry) != 0) {
+                /* Cannot happen short of memory exhaustion; the record then stays counted
+                 * in flight, so its transaction is never confirmed: stuck, not lost. */
+            }
+        } else {
+            producing->err = message->err;
+        }
+    }
+    pthread_mutex_unlock(&s->lock);
+    (void)rk;
+    return ERR_NO_ERROR;
+}
+
+static rd_kafka_resp_err_t on_new(rd_kafka_t *rk, const rd_kafka_conf_t *conf, void *opaque,
+                                  char *errstr, size_t errstr_size) {
+    State *s = calloc(1, sizeof(State));
+    (void)conf;
+    (void)opaque;
+    if (s == NULL) {
+        snprintf(errstr, errstr_size, "%s: out of memory", IC_NAME);
+        return -1;
+    }
+    s->capacity = 4096;
+    s->slots = calloc(s->capacity, sizeof(Entry));
+    if (s->slots == NULL) {
+        free(s);
+        snprintf(errstr, errstr_size, "%s: out of memory", IC_NAME);
+        return -1;
+    }
+    pthread_mutex_init(&s->lock, NULL);
+    s->rk = rk;
+    rdk.add_on_send(rk, IC_NAME, on_send, s);
+    rdk.add_on_ack(rk, IC_NAME, on_ack, s);
+    /* A producer created but never attached (its construction failed later) leaks this
+     * small state: producers are created once per run and after fatal errors only. */
+    unattached = s;
+    return ERR_NO_ERROR;
+}
+
+/* The plugin entry point librdkafka looks up after dlopen()ing plugin.library.paths. */
+__attribute__((visibility("default"))) rd_kafka_resp_err_t
+conf_init(rd_kafka_conf_t *conf, void **plug_opaque, char *errstr, size_t errstr_size) {
+    (void)plug_opaque;
+    if (rdk.conf_add_on_new == NULL) {
+        snprintf(errstr, errstr_size, "%s: import cdc_relay.adapters._kafka_acks first", IC_NAME);
+        return -1;
+    }
+    return rdk.conf_add_on_new(conf, IC_NAME, on_new, NULL);
+}
+
+/* ---------------------------------------------------------------- the Python type */
+
+typedef struct {
+    PyObject_HEAD State *state;
+} Acks;
+
+static PyObject *ProduceFailed; /* produce()'s error for anything but a full queue */
+
+static void entry_release(Entry *e) {
+    Py_XDECREF(e->token);
+    Py_XDECREF(e->topic);
+    Py_XDECREF(e->value);
+    Py_XDECREF(e->key);
+    Py_XDECREF(e->headers);
+}
+
+static PyObject *Acks_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    Acks *self;
+    if (!PyArg_ParseTuple(args, ":Acks"))
+        return NULL;
+    if (unattached == NULL) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "no producer was created with this plugin since the last Acks()");
+        return NULL;
+    }
+    self = (Acks *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->state = unattached;
+    self->state->attached = 1;
+    unattached = NULL;
+    (void)kwargs;
+    return (PyObject *)self;
+}
+
+/* The buffers and references stay with the state (librdkafka's threads may still report
+ * into it until the producer is destroyed); dropping the Acks object drops what was
+ * reported but not collected. */
+static void Acks_dealloc(Acks *self) {
+    State *s = self->state;
+    if (s != NULL) {
+        size_t i;
+        pthread_mutex_lock(&s->lock);
+        for (i = 0; i < s->done_count; i++)
+            entry_release(&s->done[i]);
+        s->done_count = 0;
+        s->attached = 0;
+        pthread_mutex_unlock(&s->lock);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int utf8_of(PyObject *text, const char **out, Py_ssize_t *size) {
+    *out = PyUnicode_AsUTF8AndSize(text, size);
+    return *out == NULL ? -1 : 0;
+}
+
+/* bytes or None into (pointer, size). */
+static int buffer_of(PyObject *obj, const char *what, void **ptr, size_t *size) {
+    if (obj == Py_None) {
+        *ptr = NULL;
+        *size = 0;
+        return 0;
+    }
+    if (!PyBytes_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be bytes or None, not %.100s", what,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *ptr = PyBytes_AS_STRING(obj);
+    *size = (size_t)PyBytes_GET_SIZE(obj);
+    return 0;
+}
+
+static rd_kafka_headers_t *headers_of(PyObject *headers) {
+    Py_ssize_t n, i;
+    rd_kafka_headers_t *out;
+    if (!PyList_Check(headers)) {
+        PyErr_SetString(PyExc_TypeError, "headers must be a list of (str, bytes) pairs");
+        return NULL;
+    }
+    n = PyList_GET_SIZE(headers);
+    out = rdk.headers_new((size_t)n);
+    for (i = 0; i < n; i++) {
+        PyObject *pair = PyList_GET_ITEM(headers, i);
+        const char *name;
+        Py_ssize_t name_size;
+        void *value;
+        size_t value_size;
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 ||
+            !PyUnicode_Check(PyTuple_GET_ITEM(pair, 0))) {
+            PyErr_SetString(PyExc_TypeError, "headers must be a list of (str, bytes) pairs");
+            goto fail;
+        }
+        if (utf8_of(PyTuple_GET_ITEM(pair, 0), &name, &name_size) != 0 ||
+            buffer_of(PyTuple_GET_ITEM(pair, 1), "a header value", &value, &value_size) != 0)
+            goto fail;
+        rdk.header_add(out, name, name_size, value, (ssize_t)value_size);
+    }
+    return out;
+fail:
+    rdk.headers_destroy(out);
+    return NULL;
+}
+
+/* produce(topic, value, key, partition, callback, on_delivery, timestamp, headers): the
+ * signature and argument order of confluent-kafka's Producer.produce, so that the pipeline's
+ * pump calls either. ``callback`` is the record's token, given back by collect(); it is not
+ * called. ``on_delivery`` must be None. Raises BufferError when librdkafka's queue is full
+ * and ProduceFailed(code, text) for any other refusal. */
+static PyObject *Acks_produce(Acks *self, PyObject *const *args, Py_ssize_t nargs) {
+    State *s = self->state;
+    PyObject *topic, *value, *key, *token, *headers;
+    const char *topic_name;
+    Py_ssize_t topic_size;
+    int32_t partition;
+    int64_t timestamp;
+    rd_kafka_vu_t vus[7];
+    rd_kafka_headers_t *hdrs = NULL;
+    rd_kafka_error_t *error;
+    Entry entry;
+    rd_kafka_resp_err_t err;
+
+    if (nargs != 8) {
+        PyErr_Format(PyExc_TypeError, "produce() takes 8 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    topic = args[0], value = args[1], key = args[2], token = args[4], headers = args[7];
+    if (args[5] != Py_None) {
+        PyErr_SetString(PyExc_TypeError, "produce(): on_delivery must be None");
+        return NULL;
+    }
+    if (!PyUnicode_Check(topic)) {
+        PyErr_SetString(PyExc_TypeError, "produce(): topic must be a str");
+        return NULL;
+    }
+    if (utf8_of(topic, &topic_name, &topic_size) != 0)
+        return NULL;
+    partition = (int32_t)PyLong_AsLong(args[3]);
+    timestamp = (int64_t)PyLong_AsLongLong(args[6]);
+    if (PyErr_Occurred())
+        return NULL;
+
+    memset(vus, 0, sizeof(vus));
+    vus[0].vtype = VTYPE_TOPIC;
+    vus[0].u.cstr = topic_name;
+    vus[1].vtype = VTYPE_PARTITION;
+    vus[1].u.i32 = partition;
+    vus[2].vtype = VTYPE_MSGFLAGS;
+    vus[2].u.i = MSG_F_COPY;
+    vus[3].vtype = VTYPE_VALUE;
+    vus[4].vtype = VTYPE_KEY;
+    if (buffer_of(value, "value", &vus[3].u.mem.ptr, &vus[3].u.mem.size) != 0 ||
+        buffer_of(key, "key", &vus[4].u.mem.ptr, &vus[4].u.mem.size) != 0)
+        return NULL;
+    vus[5].vtype = VTYPE_TIMESTAMP;
+    vus[5].u.i64 = timestamp;
+    vus[6].vtype = VTYPE_HEADERS;
+    if (headers != Py_None) {
+        hdrs = headers_of(headers);
+        if (hdrs == NULL)
+            return NULL;
+    }
+    vus[6].u.headers = hdrs;
+
+    entry.message = NULL;
+    entry.token = token;
+    entry.topic = topic;
+    entry.value = value;
+    entry.key = key;
+    entry.headers = headers;
+    entry.size = value == Py_None ? 0 : PyBytes_GET_SIZE(value);
+    entry.err = ERR_NO_ERROR;
+
+    producing = &entry;
+    producing_state = s;
+    error = rdk.produceva(s->rk, vus, hdrs != NULL ? 7 : 6);
+    producing = NULL;
+    producing_state = NULL;
+
+    if (error != NULL) {
+        err = rdk.error_code(error);
+        rdk.error_destroy(error);
+        if (hdrs != NULL)
+            rdk.headers_destroy(hdrs); /* not taken over on failure */
+        if (entry.message != NULL) {
+            /* on_send filed it but the call failed after (not through on_acknowledgement):
+             * take it back, it will never be reported. */
+            Entry gone;
+            pthread_mutex_lock(&s->lock);
+            table_take(s, entry.message, &gone);
+            pthread_mutex_unlock(&s->lock);
+        }
+        if (err == ERR__QUEUE_FULL) {
+            PyErr_SetString(PyExc_BufferError, "Local: Queue full");
+            return NULL;
+        }
+        {
+            PyObject *why = Py_BuildValue("(is)", err, rdk.err2str(err));
+            if (why != NULL) {
+                PyErr_SetObject(ProduceFailed, why);
+                Py_DECREF(why);
+            }
+        }
+        return NULL;
+    }
+    if (entry.message == NULL) {
+        /* Taken by librdkafka but not filed (on_send found no memory): it will be sent, and
+         * its report lost, so its transaction would never be confirmed. Say so loudly. */
+        PyErr_NoMemory();
+        return NULL;
+    }
+    /* The references the entry holds (filed by on_send, perhaps already acknowledged). */
+    Py_INCREF(token);
+    Py_INCREF(topic);
+    Py_INCREF(value);
+    Py_INCREF(key);
+    Py_INCREF(headers);
+    Py_RETURN_NONE;
+}
+
+/* collect() -> (acknowledged, failed) or None when nothing was reported since the last call.
+ * acknowledged: [(token, events, bytes)], one per run of consecutive successes of one token,
+ * in the order reported; failed: [(token, code, text, topic, key, value, headers)]. */
+static PyObject *Acks_collect(Acks *self, PyObject *unused) {
+    State *s = self->state;
+    Entry *done;
+    size_t count, i;
+    PyObject *acked = NULL, *failed = NULL, *result;
+    PyObject *run_token = NULL;
+    long run_events = 0;
+    Py_ssize_t run_bytes = 0;
+    (void)unused;
+
+    pthread_mutex_lock(&s->lock);
+    done = s->done;
+    count = s->done_count;
+    s->done = NULL;
+    s->done_count = 0;
+    s->done_capacity = 0;
+    pthread_mutex_unlock(&s->lock);
+    if (count == 0) {
+        free(done);
+        Py_RETURN_NONE;
+    }
+
+    acked = PyList_New(0);
+    failed = PyList_New(0);
+    if (acked == NULL || failed == NULL)
+        goto error;
+    for (i = 0; i < count; i++) {
+        Entry *e = &done[i];
+        if (e->err == ERR_NO_ERROR) {
+            if (e->token != run_token) {
+                if (run_token != NULL) {
+                    PyObject *run = Py_BuildValue("(Oln)", run_token, run_events, run_bytes);
+                    if (run == NULL || PyList_Append(acked, run) != 0) {
+                        Py_XDECREF(run);
+                        goto error;
+                    }
+                    Py_DECREF(run);
+                }
+                run_token = e->token;
+                run_events = 0;
+                run_bytes = 0;
+            }
+            run_events += 1;
+            run_bytes += e->size;
+        } else {
+            PyObject *failure =
+                Py_BuildValue("(OisOOOO)", e->token, e->err, rdk.err2str(e->err), e->topic,
+                              e->key, e->value, e->headers);
+            if (failure == NULL || PyList_Append(failed, failure) != 0) {
+                Py_XDECREF(failure);
+                goto error;
+            }
+            Py_DECREF(failure);
+        }
+    }
+    if (run_token != NULL) {
+        PyObject *run = Py_BuildValue("(Oln)", run_token, run_events, run_bytes);
+        if (run == NULL || PyList_Append(acked, run) != 0) {
+            Py_XDECREF(run);
+            goto error;
+        }
+        Py_DECREF(run);
+    }
+    for (i = 0; i < count; i++)
+        entry_release(&done[i]);
+    free(done);
+    result = PyTuple_Pack(2, acked, failed);
+    Py_DECREF(acked);
+    Py_DECREF(failed);
+    return result;
+
+error:
+    /* Only memory can fail here; the reports are lost with it, which leaves their
+     * transactions unconfirmed (stuck, never skipped). */
+    for (i = 0; i < count; i++)
+        entry_release(&done[i]);
+    free(done);
+    Py_XDECREF(acked);
+    Py_XDECREF(failed);
+    return NULL;
+}
+
+static PyObject *Acks_in_flight(Acks *self, PyObject *unused) {
+    State *s = self->state;
+    size_t count;
+    (void)unused;
+    pthread_mutex_lock(&s->lock);
+    count = s->count;
+    pthread_mutex_unlock(&s->lock);
+    return PyLong_FromSize_t(count);
+}
+
+static PyMethodDef Acks_methods[] = {
+    {"produce", (PyCFunction)(void (*)(void))Acks_produce, METH_FASTCALL,
+     "produce(topic, value, key, partition, token, None, timestamp, headers)"},
+    {"collect", (PyCFunction)Acks_collect, METH_NOARGS,
+     "collect() -> ([(token, events, bytes)], [(token, code, text, topic, key, value, "
+     "headers)]) or None"},
+    {"in_flight", (PyCFunction)Acks_in_flight, METH_NOARGS,
+     "records produced here and not yet acknowledged"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject AcksType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "cdc_relay.adapters._kafka_acks.Acks",
+    .tp_basicsize = sizeof(Acks),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The acknowledgements of the last producer created with this plugin.",
+    .tp_new = Acks_new,
+    .tp_dealloc = (destructor)Acks_dealloc,
+    .tp_methods = Acks_methods,
+};
+
+/* ---------------------------------------------------------------- finding librdkafka */
+
+static int find_rdkafka(struct dl_phdr_info *info, size_t size, void *data) {
+    char *found = data;
+    (void)size;
+    if (info->dlpi_name != NULL && strstr(info->dlpi_name, "librdkafka") != NULL &&
+        strlen(info->dlpi_name) < 4096) {
+        strcpy(found, info->dlpi_name);
+        return 1;
+    }
+    return 0;
+}
+
+static int resolve(void) {
+    char path[4096] = "";
+    void *lib;
+    dl_iterate_phdr(find_rdkafka, path);
+    if (path[0] == '\0') {
+        PyErr_SetString(PyExc_ImportError, "librdkafka is not loaded (import confluent_kafka)");
+        return -1;
+    }
+    lib = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    if (lib == NULL) {
+        PyErr_Format(PyExc_ImportError, "cannot reach %s: %s", path, dlerror());
+        return -1;
+    }
+#define SYM(field, name)                                                                       \
+    do {                                                                                       \
+        *(void **)(&rdk.field) = dlsym(lib, name);                                             \
+        if (rdk.field == NULL) {                                                               \
+            PyErr_Format(PyExc_ImportError, "%s has no %s", path, name);                       \
+            return -1;                                                                         \
+        }                                                                                      \
+    } while (0)
+    SYM(version, "rd_kafka_version");
+    SYM(err2str, "rd_kafka_err2str");
+    SYM(produceva, "rd_kafka_produceva");
+    SYM(error_code, "rd_kafka_error_code");
+    SYM(error_destroy, "rd_kafka_error_destroy");
+    SYM(headers_new, "rd_kafka_headers_new");
+    SYM(headers_destroy, "rd_kafka_headers_destroy");
+    SYM(header_add, "rd_kafka_header_add");
+    SYM(add_on_send, "rd_kafka_interceptor_add_on_send");
+    SYM(add_on_ack, "rd_kafka_interceptor_add_on_acknowledgement");
+    SYM(conf_add_on_new, "rd_kafka_conf_interceptor_add_on_new"); /* last: the ready flag */
+#undef SYM
+    if (rdk.version() < PRODUCEVA_VERSION) {
+        rdk.conf_add_on_new = NULL;
+        PyErr_Format(PyExc_ImportError, "librdkafka 0x%x is older than 1.4.0", rdk.version());
+        return -1;
+    }
+    return 0;
+}
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "cdc_relay.adapters._kafka_acks",
+    .m_doc = "Kafka acknowledgements counted in C: see the source's opening comment.",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__kafka_acks(void) {
+    PyObject *m, *ck;
+    ck = PyImport_ImportModule("confluent_kafka"); /* loads librdkafka */
+    if (ck == NULL)
+        return NULL;
+    Py_DECREF(ck);
+    if (resolve() != 0)
+        return NULL;
+    if (PyType_Ready(&AcksType) < 0)
+        return NULL;
+    m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    ProduceFailed = PyErr_NewException("cdc_relay.adapters._kafka_acks.ProduceFailed",
+                                       PyExc_Exception, NULL);
+    Py_INCREF(&AcksType);
+    if (PyModule_AddObject(m, "Acks", (PyObject *)&AcksType) < 0 ||
+        PyModule_AddObject(m, "ProduceFailed", ProduceFailed) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,64 @@
+"""Which path counts Kafka's acknowledgements of the read loop's records: the C one
+(_kafka_acks.c, a librdkafka interceptor plugin built with the compiled core, no Python object
+per report) or confluent-kafka's per-record delivery callbacks (the reference, and the fallback).
+
+The C path runs with the compiled core only: CDC_RELAY_PURE_PYTHON=1 gives the pure-Python core
+and the callbacks together, the way the tests run both. Decided once, at first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import logging
+from pathlib import Path
+from types import ModuleType
+
+from cdc_relay.core import native
+
+log = logging.getLogger(__name__)
+
+MODULE_NAME = "cdc_relay.adapters._kafka_acks"
+SOURCE = Path(__file__).resolve().with_name("_kafka_acks.c")
+# The key of its source's digest in the compiled core's manifest (setup.py writes it).
+MANIFEST_KEY = "_kafka_acks.c"
+
+
+def _stale() -> bool:
+    """The C source is there and differs from what the manifest says was compiled."""
+    if not SOURCE.exists():  # an installed wheel: built from its own source
+        return False
+    try:
+        manifest = json.loads((native.FOLDER / native.MANIFEST).read_text(encoding="utf-8"))
+        compiled_from = manifest["sources"].get(MANIFEST_KEY)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return True
+    return bool(compiled_from != native.source_digest(SOURCE))
+
+
+@functools.cache
+def load() -> tuple[ModuleType | None, str | None]:
+    """(the C module, None) when it runs, else (None, why not)."""
+    if not native.compiled():
+        return None, "the pure-Python core runs"
+    try:
+        module = importlib.import_module(MODULE_NAME)
+    except ImportError as exc:
+        return None, f"not built ({exc})" if "No module named" in str(exc) else str(exc)
+    if _stale():
+        log.warning(
+            "%s changed since it was compiled: Kafka acknowledgements go through "
+            "confluent-kafka's callbacks (rebuild with `make install` or `pip install .`)",
+            SOURCE.name,
+        )
+        return None, f"stale build: {SOURCE.name} changed since it was compiled"
+    return module, None
+
+
+def describe() -> str:
+    """For --version and logs."""
+    module, why = load()
+    if module is not None:
+        return "Kafka acknowledgements counted in C"
+    return f"Kafka acknowledgements by confluent-kafka callbacks ({why})"
