@@ -105,7 +105,7 @@ install: postgres $(STAMP) $(CORE_STAMP) $(PG_STAMP)
 # while the suite runs on the compiled one (when built): both implementations pass the same
 # tests, and tests/unit/test_native.py checks that they give the same results.
 CORE_TESTS := $(addprefix tests/unit/test_,copydata.py pgoutput.py mapping.py framing.py acks.py verdicts.py \
-	pipeline.py pipeline_properties.py sources.py session.py native.py)
+	pipeline.py pipeline_properties.py sources.py session.py native.py kafka_publisher.py)
 CORE_NAME = $$($(PY) -c 'from cdc_relay.core import native; print(native.describe())')
 
 # Every run goes on after a failure, so that one result shows every version; the exit status

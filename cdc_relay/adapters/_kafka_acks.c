@@ -98,6 +98,10 @@ static struct {
     void (*headers_destroy)(rd_kafka_headers_t *);
     rd_kafka_resp_err_t (*header_add)(rd_kafka_headers_t *, const char *, ssize_t, const void *,
                                       ssize_t);
+    const char *(*topic_name)(const rd_kafka_topic_t *);
+    rd_kafka_resp_err_t (*message_headers)(const rd_kafka_message_t *, rd_kafka_headers_t **);
+    rd_kafka_resp_err_t (*header_get_all)(const rd_kafka_headers_t *, size_t, const char **,
+                                          const void **, size_t *);
     rd_kafka_resp_err_t (*conf_add_on_new)(rd_kafka_conf_t *, const char *, on_new_f *, void *);
     rd_kafka_resp_err_t (*add_on_send)(rd_kafka_t *, const char *, on_message_f *, void *);
     rd_kafka_resp_err_t (*add_on_ack)(rd_kafka_t *, const char *, on_message_f *, void *);
@@ -107,19 +111,34 @@ static const char *IC_NAME = "cdc_relay.acks";
 
 /* ---------------------------------------------------------------- what is tracked */
 
-/* One record of ours in flight: its token (the transaction, a delivery callback the relay
- * would otherwise have given confluent-kafka) and what a failure report must give back. The
- * Python references are taken in produce() (GIL held) and released in collect(); librdkafka's
- * threads only move the pointers. */
+/* A failed record, copied out of librdkafka's message in on_acknowledgement (the message is
+ * freed after): what the pipeline needs to judge it, and to dead-letter it. One allocation. */
+typedef struct {
+    char *topic;
+    char *key; /* NULL: no key */
+    size_t key_size;
+    char *value; /* NULL: no value */
+    size_t value_size;
+    size_t header_count;
+    struct {
+        char *name;
+        char *value; /* NULL: a header without a value */
+        size_t size;
+    } headers[];
+} Failed;
+
+/* One record of ours in flight: its token (the transaction, the delivery callback the relay
+ * would otherwise give confluent-kafka). Only the token is referenced (taken in produce(),
+ * GIL held; released in collect()): holding each record's headers list until its report
+ * would keep four tracked containers alive per record in flight, and Python's cyclic GC
+ * would then run (and cost more than the report saves). librdkafka's threads only move the
+ * pointers. */
 typedef struct {
     const void *message; /* librdkafka's rd_kafka_message_t of the record: the table's key */
     PyObject *token;
-    PyObject *topic;
-    PyObject *value;
-    PyObject *key;
-    PyObject *headers;
     Py_ssize_t size; /* the value's length: what the in-flight byte bound counts */
     rd_kafka_resp_err_t err;
+    Failed *failed; /* err != 0: the record, or NULL when even that copy found no memory */
 } Entry;
 
 typedef struct {
@@ -134,6 +153,10 @@ typedef struct {
     Entry *done;
     size_t done_count;
     size_t done_capacity;
+    /* The other buffer: collect() swaps it with ``done`` (allocations of this size are
+     * mmap()ed, so freeing and growing one per call costs page faults every time). */
+    Entry *spare;
+    size_t spare_capacity;
     int attached;
 } State;
 
@@ -244,6 +267,44 @@ static rd_kafka_resp_err_t on_send(rd_kafka_t *rk, rd_kafka_message_t *message, 
     return ERR_NO_ERROR;
 }
 
+static Failed *copy_failed(const rd_kafka_message_t *message) {
+    rd_kafka_headers_t *hdrs = NULL;
+    const char *topic = rdk.topic_name(message->rkt), *name;
+    const void *value;
+    size_t count = 0, size, bytes, i;
+    char *at;
+    Failed *f;
+    if (rdk.message_headers(message, &hdrs) != ERR_NO_ERROR)
+        hdrs = NULL;
+    bytes = strlen(topic) + 1 + message->key_len + message->len;
+    while (hdrs != NULL && rdk.header_get_all(hdrs, count, &name, &value, &size) == 0) {
+        bytes += strlen(name) + 1 + size;
+        count++;
+    }
+    f = malloc(sizeof(Failed) + count * sizeof(f->headers[0]) + bytes);
+    if (f == NULL)
+        return NULL;
+    at = (char *)&f->headers[count];
+    f->topic = strcpy(at, topic);
+    at += strlen(topic) + 1;
+    f->key = message->key ? memcpy(at, message->key, message->key_len) : NULL;
+    f->key_size = message->key_len;
+    at += message->key_len;
+    f->value = message->payload ? memcpy(at, message->payload, message->len) : NULL;
+    f->value_size = message->len;
+    at += message->len;
+    f->header_count = count;
+    for (i = 0; i < count; i++) {
+        rdk.header_get_all(hdrs, i, &name, &value, &size);
+        f->headers[i].name = strcpy(at, name);
+        at += strlen(name) + 1;
+        f->headers[i].value = value ? memcpy(at, value, size) : NULL;
+        f->headers[i].size = size;
+        at += size;
+    }
+    return f;
+}
+
 static rd_kafka_resp_err_t on_ack(rd_kafka_t *rk, rd_kafka_message_t *message, void *opaque) {
     State *s = opaque;
     Entry entry;
@@ -253,6 +314,7 @@ static rd_kafka_resp_err_t on_ack(rd_kafka_t *rk, rd_kafka_message_t *message, v
         /* Acknowledged inside our own produce() call: the partitioner failed it, and
          * produceva() returns that error to produce(), which raises it. */
         if (!(producing != NULL && producing_state == s && producing->message == message)) {
+            entry.failed = entry.err != ERR_NO_ERROR ? copy_failed(message) : NULL;
             if (done_push(s, &entry) != 0) {
                 /* Cannot happen short of memory exhaustion; the record then stays counted
                  * in flight, so its transaction is never confirmed: stuck, not lost. */
@@ -305,18 +367,24 @@ conf_init(rd_kafka_conf_t *conf, void **plug_opaque, char *errstr, size_t errstr
 
 /* ---------------------------------------------------------------- the Python type */
 
+/* A transaction's acknowledgements within one collect(). */
+typedef struct {
+    PyObject *token;
+    Py_ssize_t events;
+    Py_ssize_t bytes;
+} Run;
+
 typedef struct {
     PyObject_HEAD State *state;
+    Run *runs; /* collect()'s, kept from call to call */
+    size_t runs_capacity;
 } Acks;
 
 static PyObject *ProduceFailed; /* produce()'s error for anything but a full queue */
 
 static void entry_release(Entry *e) {
     Py_XDECREF(e->token);
-    Py_XDECREF(e->topic);
-    Py_XDECREF(e->value);
-    Py_XDECREF(e->key);
-    Py_XDECREF(e->headers);
+    free(e->failed);
 }
 
 static PyObject *Acks_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
@@ -352,6 +420,7 @@ static void Acks_dealloc(Acks *self) {
         s->attached = 0;
         pthread_mutex_unlock(&s->lock);
     }
+    free(self->runs);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -470,12 +539,9 @@ static PyObject *Acks_produce(Acks *self, PyObject *const *args, Py_ssize_t narg
 
     entry.message = NULL;
     entry.token = token;
-    entry.topic = topic;
-    entry.value = value;
-    entry.key = key;
-    entry.headers = headers;
     entry.size = value == Py_None ? 0 : PyBytes_GET_SIZE(value);
     entry.err = ERR_NO_ERROR;
+    entry.failed = NULL;
 
     producing = &entry;
     producing_state = s;
@@ -515,98 +581,143 @@ static PyObject *Acks_produce(Acks *self, PyObject *const *args, Py_ssize_t narg
         PyErr_NoMemory();
         return NULL;
     }
-    /* The references the entry holds (filed by on_send, perhaps already acknowledged). */
+    /* The reference the entry holds (filed by on_send, perhaps already acknowledged). */
     Py_INCREF(token);
-    Py_INCREF(topic);
-    Py_INCREF(value);
-    Py_INCREF(key);
-    Py_INCREF(headers);
     Py_RETURN_NONE;
 }
 
+static PyObject *bytes_or_none(const char *data, size_t size) {
+    if (data == NULL)
+        Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize(data, (Py_ssize_t)size);
+}
+
+/* (token, code, text, topic, key, value, headers) of a failed record. */
+static PyObject *failure_tuple(const Entry *e) {
+    const Failed *f = e->failed;
+    PyObject *headers, *result;
+    size_t i;
+    if (f == NULL) /* its copy found no memory: judged on its code alone */
+        return Py_BuildValue("(OisOOO[])", e->token, e->err, rdk.err2str(e->err), Py_None,
+                             Py_None, Py_None);
+    headers = PyList_New((Py_ssize_t)f->header_count);
+    if (headers == NULL)
+        return NULL;
+    for (i = 0; i < f->header_count; i++) {
+        PyObject *pair =
+            Py_BuildValue("(sN)", f->headers[i].name,
+                          bytes_or_none(f->headers[i].value, f->headers[i].size));
+        if (pair == NULL) {
+            Py_DECREF(headers);
+            return NULL;
+        }
+        PyList_SET_ITEM(headers, (Py_ssize_t)i, pair);
+    }
+    result = Py_BuildValue("(OissNNN)", e->token, e->err, rdk.err2str(e->err), f->topic,
+                           bytes_or_none(f->key, f->key_size),
+                           bytes_or_none(f->value, f->value_size), headers);
+    return result;
+}
+
+/* How many of the latest runs an acknowledgement is matched against: the records of one
+ * transaction go to several partitions, whose acknowledgements interleave. */
+#define RUN_LOOKBACK 8
+
+static PyObject *run_tuple(const Run *run) {
+    PyObject *events = PyLong_FromSsize_t(run->events), *bytes = PyLong_FromSsize_t(run->bytes);
+    PyObject *tuple = events && bytes ? PyTuple_Pack(3, run->token, events, bytes) : NULL;
+    Py_XDECREF(events);
+    Py_XDECREF(bytes);
+    return tuple;
+}
+
 /* collect() -> (acknowledged, failed) or None when nothing was reported since the last call.
- * acknowledged: [(token, events, bytes)], one per run of consecutive successes of one token,
- * in the order reported; failed: [(token, code, text, topic, key, value, headers)]. */
+ * acknowledged: [(token, events, bytes)], one per token (transaction) with acknowledgements
+ * since the last call, in no particular order; failed: [(token, code, text, topic, key,
+ * value, headers)] in the order reported. */
 static PyObject *Acks_collect(Acks *self, PyObject *unused) {
     State *s = self->state;
     Entry *done;
-    size_t count, i;
-    PyObject *acked = NULL, *failed = NULL, *result;
-    PyObject *run_token = NULL;
-    long run_events = 0;
-    Py_ssize_t run_bytes = 0;
+    Run *runs;
+    size_t count, capacity, i, run_count = 0, j;
+    PyObject *acked = NULL, *failed = NULL, *result = NULL;
     (void)unused;
 
     pthread_mutex_lock(&s->lock);
     done = s->done;
     count = s->done_count;
-    s->done = NULL;
+    capacity = s->done_capacity;
+    s->done = s->spare;
+    s->done_capacity = s->spare_capacity;
     s->done_count = 0;
-    s->done_capacity = 0;
+    s->spare = NULL; /* until this call gives ``done`` back */
+    s->spare_capacity = 0;
     pthread_mutex_unlock(&s->lock);
     if (count == 0) {
-        free(done);
-        Py_RETURN_NONE;
+        result = Py_None;
+        Py_INCREF(result);
+        goto done;
     }
 
-    acked = PyList_New(0);
+    if (self->runs_capacity < count) {
+        runs = realloc(self->runs, count * sizeof(Run));
+        if (runs == NULL)
+            goto done;
+        self->runs = runs;
+        self->runs_capacity = count;
+    }
+    runs = self->runs;
     failed = PyList_New(0);
-    if (acked == NULL || failed == NULL)
-        goto error;
+    if (failed == NULL)
+        goto done;
     for (i = 0; i < count; i++) {
         Entry *e = &done[i];
         if (e->err == ERR_NO_ERROR) {
-            if (e->token != run_token) {
-                if (run_token != NULL) {
-                    PyObject *run = Py_BuildValue("(Oln)", run_token, run_events, run_bytes);
-                    if (run == NULL || PyList_Append(acked, run) != 0) {
-                        Py_XDECREF(run);
-                        goto error;
-                    }
-                    Py_DECREF(run);
-                }
-                run_token = e->token;
-                run_events = 0;
-                run_bytes = 0;
+            for (j = run_count; j > 0 && j + RUN_LOOKBACK > run_count; j--) {
+                if (runs[j - 1].token == e->token)
+                    break;
             }
-            run_events += 1;
-            run_bytes += e->size;
+            if (j > 0 && j + RUN_LOOKBACK > run_count) {
+                runs[j - 1].events += 1;
+                runs[j - 1].bytes += e->size;
+            } else {
+                runs[run_count].token = e->token;
+                runs[run_count].events = 1;
+                runs[run_count].bytes = e->size;
+                run_count++;
+            }
         } else {
-            PyObject *failure =
-                Py_BuildValue("(OisOOOO)", e->token, e->err, rdk.err2str(e->err), e->topic,
-                              e->key, e->value, e->headers);
+            PyObject *failure = failure_tuple(e);
             if (failure == NULL || PyList_Append(failed, failure) != 0) {
                 Py_XDECREF(failure);
-                goto error;
+                goto done;
             }
             Py_DECREF(failure);
         }
     }
-    if (run_token != NULL) {
-        PyObject *run = Py_BuildValue("(Oln)", run_token, run_events, run_bytes);
-        if (run == NULL || PyList_Append(acked, run) != 0) {
-            Py_XDECREF(run);
-            goto error;
-        }
-        Py_DECREF(run);
+    acked = PyList_New((Py_ssize_t)run_count);
+    if (acked == NULL)
+        goto done;
+    for (j = 0; j < run_count; j++) {
+        PyObject *run = run_tuple(&runs[j]);
+        if (run == NULL)
+            goto done;
+        PyList_SET_ITEM(acked, (Py_ssize_t)j, run);
     }
-    for (i = 0; i < count; i++)
-        entry_release(&done[i]);
-    free(done);
     result = PyTuple_Pack(2, acked, failed);
-    Py_DECREF(acked);
-    Py_DECREF(failed);
-    return result;
 
-error:
-    /* Only memory can fail here; the reports are lost with it, which leaves their
+done:
+    /* Only memory can fail above; the reports are lost with it, which leaves their
      * transactions unconfirmed (stuck, never skipped). */
     for (i = 0; i < count; i++)
         entry_release(&done[i]);
-    free(done);
+    pthread_mutex_lock(&s->lock);
+    s->spare = done;
+    s->spare_capacity = capacity;
+    pthread_mutex_unlock(&s->lock);
     Py_XDECREF(acked);
     Py_XDECREF(failed);
-    return NULL;
+    return result;
 }
 
 static PyObject *Acks_in_flight(Acks *self, PyObject *unused) {
@@ -684,6 +795,9 @@ static int resolve(void) {
     SYM(header_add, "rd_kafka_header_add");
     SYM(add_on_send, "rd_kafka_interceptor_add_on_send");
     SYM(add_on_ack, "rd_kafka_interceptor_add_on_acknowledgement");
+    SYM(topic_name, "rd_kafka_topic_name");
+    SYM(message_headers, "rd_kafka_message_headers");
+    SYM(header_get_all, "rd_kafka_header_get_all");
     SYM(conf_add_on_new, "rd_kafka_conf_interceptor_add_on_new"); /* last: the ready flag */
 #undef SYM
     if (rdk.version() < PRODUCEVA_VERSION) {

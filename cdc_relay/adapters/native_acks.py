@@ -3,7 +3,9 @@
 per report) or confluent-kafka's per-record delivery callbacks (the reference, and the fallback).
 
 The C path runs with the compiled core only: CDC_RELAY_PURE_PYTHON=1 gives the pure-Python core
-and the callbacks together, the way the tests run both. Decided once, at first use.
+and the callbacks together, the way the tests run both; CDC_RELAY_ACKS_BY_CALLBACKS=1 keeps the
+compiled core with the callbacks (to compare the two, or to rule the C path out). Decided once,
+at first use.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import functools
 import importlib
 import json
 import logging
+import os
 from pathlib import Path
 from types import ModuleType
 
@@ -20,6 +23,7 @@ from cdc_relay.core import native
 log = logging.getLogger(__name__)
 
 MODULE_NAME = "cdc_relay.adapters._kafka_acks"
+CALLBACKS_ENV = "CDC_RELAY_ACKS_BY_CALLBACKS"
 SOURCE = Path(__file__).resolve().with_name("_kafka_acks.c")
 # The key of its source's digest in the compiled core's manifest (setup.py writes it).
 MANIFEST_KEY = "_kafka_acks.c"
@@ -42,6 +46,8 @@ def load() -> tuple[ModuleType | None, str | None]:
     """(the C module, None) when it runs, else (None, why not)."""
     if not native.compiled():
         return None, "the pure-Python core runs"
+    if os.environ.get(CALLBACKS_ENV, "") not in ("", "0"):
+        return None, f"{CALLBACKS_ENV} is set"
     try:
         module = importlib.import_module(MODULE_NAME)
     except ImportError as exc:
