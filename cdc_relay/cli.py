@@ -220,7 +220,9 @@ def _run(settings: Settings, stop_requested: threading.Event) -> int:
     from cdc_relay.adapters.metrics import registry_for
     from cdc_relay.runtime.relay import Relay
 
-    log.debug("cdc-relay %s, %s, %s", __version__, native.describe_why(), native_acks.describe())
+    log.debug(
+        "cdc-relay %s, %s, %s", __version__, native.describe_why(), native_acks.describe_why()
+    )
     relay = Relay(settings, stop_requested=stop_requested)
     server = None
     if settings.http_port:

@@ -72,6 +72,10 @@ class Publisher:
         self.enqueue: Callable[..., object] = (
             self._acks.produce if self._acks is not None else self._producer.produce
         )
+        # What the C path raises for a record librdkafka refused (code, text).
+        self._produce_failed: type[Exception] | tuple[()] = (
+            acks_module.ProduceFailed if acks_module is not None else ()
+        )
 
     def _error_cb(self, error: Any) -> None:
         if error.fatal():
@@ -87,13 +91,14 @@ class Publisher:
         """Hand one record to librdkafka. While its queue is full, serve callbacks and call
         ``while_waiting`` (which keeps the replication connection informed); when that returns
         False, give up with ProduceInterrupted."""
-        producer = self._producer
+        producer, enqueue = self._producer, self.enqueue
         while True:
             try:
-                # Positionally, in the order of produce()'s C signature: its keyword parsing
-                # cost ~4,500 instructions per record (docs/performance.md, "The compiled
-                # core"). tests/unit/test_kafka_publisher.py pins the order.
-                producer.produce(
+                # Positionally, in the order of confluent-kafka's produce() C signature (the C
+                # path takes the same): its keyword parsing cost ~4,500 instructions per
+                # record (docs/performance.md, "The compiled core").
+                # tests/unit/test_kafka_publisher.py pins the order.
+                enqueue(
                     record.topic,
                     record.value,
                     record.key,
@@ -101,7 +106,7 @@ class Publisher:
                     on_delivery,  # "callback"
                     None,  # "on_delivery", an alias of "callback"
                     record.timestamp_ms,
-                    record.headers,  # type: ignore[arg-type]  # list is invariant
+                    record.headers,
                 )
                 return
             except BufferError:
@@ -110,11 +115,15 @@ class Publisher:
                 if not while_waiting():
                     raise ProduceInterrupted from None
             except KafkaException as exc:
-                error = exc.args[0]
-                code = error.code()
-                if code in _PRODUCE_RECORD_ERRORS:
-                    raise RecordRefused(error.str(), too_large=is_size_error(code)) from None
-                raise self._failed(error, "produce failed") from exc
+                raise self._refused(exc.args[0]) from None
+            except self._produce_failed as exc:
+                code, text = exc.args
+                raise self._refused(KafkaError(code, text)) from None
+
+    def _refused(self, error: Any) -> RecordRefused | DeliveryError:
+        if error.code() in _PRODUCE_RECORD_ERRORS:
+            return RecordRefused(error.str(), too_large=is_size_error(error.code()))
+        return self._failed(error, "produce failed")
 
     def _failed(self, error: Any, what: str) -> DeliveryError:
         if error.code() in _FENCED:
@@ -195,7 +204,11 @@ class Publisher:
 
     def outstanding(self) -> int:
         """Records queued or in flight, whose delivery report has not been served yet."""
-        return len(self._producer)
+        count = len(self._producer)
+        # Then collected: the C path files each acknowledgement before its record leaves the
+        # count, so none of the records counted out is left uncollected.
+        self._collect()
+        return count
 
     def purge_queue(self) -> None:
         """Drop what librdkafka has not sent yet (its reports come back as purged). What is in

@@ -63,8 +63,13 @@ def load() -> tuple[ModuleType | None, str | None]:
 
 
 def describe() -> str:
-    """For --version and logs."""
+    """For --version (argparse wraps a long version line, so short): ``Kafka acks in C`` or
+    ``Kafka acks by callbacks``."""
+    module, _ = load()
+    return "Kafka acks in C" if module is not None else "Kafka acks by callbacks"
+
+
+def describe_why() -> str:
+    """``describe()``, with the reason when the callbacks count acknowledgements."""
     module, why = load()
-    if module is not None:
-        return "Kafka acknowledgements counted in C"
-    return f"Kafka acknowledgements by confluent-kafka callbacks ({why})"
+    return describe() if module is not None else f"{describe()} ({why})"

@@ -17,7 +17,7 @@ and ``settle`` hands it its acknowledgements a run at a time.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from cdc_relay.core.lsn import Lsn
 
@@ -92,12 +92,18 @@ class Transaction:
         )
 
 
-def settle(acknowledged: list[tuple[Transaction, int, int]]) -> None:
+def settle(acknowledged: list[tuple[object, int, int]]) -> None:
     """Acknowledgements counted in C by cdc_relay/adapters/_kafka_acks.c, which calls no
-    callback per record: one (transaction, events, bytes) per run of one transaction's
-    records. Compiled with the core, so the loop costs no interpreted frame either."""
-    for txn, events, size in acknowledged:
-        txn.acked(events, size)
+    callback per record: one (token, events, bytes) per token with records acknowledged, the
+    token being the delivery callback the record was produced with. Compiled with the core, so
+    the loop costs no interpreted frame either."""
+    for token, events, size in acknowledged:
+        if type(token) is Transaction:
+            token.acked(events, size)
+        else:  # another callback (the exactly-once progress record's): once per record
+            callback = cast(Callable[[Any, Any], None], token)
+            for _ in range(events):
+                callback(None, None)
 
 
 def _ignore_failure(txn: Transaction, err: Any, msg: Any) -> None:
