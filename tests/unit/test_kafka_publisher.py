@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from cdc_relay.adapters import native_acks
@@ -12,6 +13,7 @@ from cdc_relay.adapters.kafka import Publisher
 from cdc_relay.core.lsn import Lsn
 from cdc_relay.core.mapping import OutboxRecord
 from cdc_relay.core.pipeline import Pipeline, PipelineConfig
+from cdc_relay.errors import RecordRefused
 from tests import frames
 
 
@@ -187,3 +189,16 @@ def test_a_record_produced_with_another_callback_is_reported_once() -> None:
     assert publisher.flush(20) == 0
     assert reports == [None]
     assert (pipeline.tracker.in_flight_events, pipeline.confirmed) == (0, 0x1000 + 3 + 0x11)
+
+
+def test_a_record_too_large_for_the_producer_is_refused_as_too_large() -> None:
+    publisher = Publisher(
+        {"test.mock.num.brokers": 1, "message.max.bytes": 10_000}, on_error=lambda error: None
+    )
+    record = OutboxRecord("outbox.event.order", b"a-1", b"x" * 20_000, [("id", b"e-1")], 0)
+    with pytest.raises(RecordRefused) as refused:
+        publisher.produce(record, lambda err, msg: None)
+    assert refused.value.too_large
+    assert publisher.flush(10) == 0
+    acks = publisher._acks
+    assert acks is None or acks.in_flight() == 0  # nothing left filed for a record not taken
