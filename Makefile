@@ -169,4 +169,4 @@ bench: install kafka
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info build dist \
-		cdc_relay/core/*.so cdc_relay/core/native.json
+		cdc_relay/core/*.so cdc_relay/core/native.json cdc_relay/adapters/*.so

@@ -1,9 +1,11 @@
 """Instructions per event of the relay's hot path, counted by valgrind's callgrind: unlike CPU
 time, the count is the same run after run, whatever else the shared machine is doing.
 
-``python -m bench.instructions [--transactions N] [--core pure|compiled|both] [--parts ...]``
-runs, for each core (pure-Python: CDC_RELAY_PURE_PYTHON=1; compiled: as built), one callgrind
-child per part and prints instructions per event:
+``python -m bench.instructions [--transactions N] [--core VARIANT] [--parts ...]`` runs, for
+each variant (``pure``: the pure-Python core, CDC_RELAY_PURE_PYTHON=1; ``callbacks``: the
+compiled core with confluent-kafka's per-record delivery callbacks, CDC_RELAY_ACKS_BY_CALLBACKS=1;
+``compiled``: as built, acknowledgements counted in C; ``both``: pure and compiled; ``all``, the
+default: the three), one callgrind child per part and prints instructions per event:
 
 - ``session``: bench/hotpath.py's run, the whole in-process hot path (frames → the session's
   read loop → the pipeline → records → a fake producer → delivery callbacks);
@@ -181,6 +183,12 @@ def _child(transactions: int, part: str) -> None:
         core = native.describe()
     except ImportError:  # a tree from before the compiled core (a baseline)
         core = "pure-Python core"
+    try:
+        from cdc_relay.adapters import native_acks
+
+        core += f"; {native_acks.describe()}"
+    except ImportError:  # a tree from before the C ack path
+        pass
     frames = hotpath.make_frames(transactions)
     work = _region(frames, part)
     events = functools.reduce(lambda _none, _item: work(), (0,), 0)
@@ -190,15 +198,31 @@ def _child(transactions: int, part: str) -> None:
 # --------------------------------------------------------------------------- the parent
 
 
-def _count(transactions: int, part: str, pure: bool, keep: Path | None) -> tuple[int, int, str]:
+# What each --core variant sets: the pure-Python core; the compiled core with confluent-kafka's
+# per-record callbacks counting acknowledgements; the compiled core as built (with the C path).
+VARIANTS = {
+    "pure": {"CDC_RELAY_PURE_PYTHON": "1"},
+    "callbacks": {"CDC_RELAY_ACKS_BY_CALLBACKS": "1"},
+    "compiled": {},
+}
+CORE_CHOICES = {
+    "pure": ["pure"],
+    "callbacks": ["callbacks"],
+    "compiled": ["compiled"],
+    "both": ["pure", "compiled"],
+    "all": ["pure", "callbacks", "compiled"],
+}
+
+
+def _count(transactions: int, part: str, variant: str, keep: Path | None) -> tuple[int, int, str]:
     """(instructions, events, core) of one child run under callgrind."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    env.pop("CDC_RELAY_PURE_PYTHON", None)
-    if pure:
-        env["CDC_RELAY_PURE_PYTHON"] = "1"
+    for name in ("CDC_RELAY_PURE_PYTHON", "CDC_RELAY_ACKS_BY_CALLBACKS"):
+        env.pop(name, None)
+    env.update(VARIANTS[variant])
     with tempfile.TemporaryDirectory() as tmp:
         folder = keep or Path(tmp)
-        out = folder / f"callgrind.{'pure' if pure else 'compiled'}.{part}.out"
+        out = folder / f"callgrind.{variant}.{part}.out"
         result = subprocess.run(
             [
                 "valgrind",
@@ -233,7 +257,7 @@ def _count(transactions: int, part: str, pure: bool, keep: Path | None) -> tuple
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__)
     parser.add_argument("--transactions", type=int, default=1_000, help="of 10 events each")
-    parser.add_argument("--core", choices=("pure", "compiled", "both"), default="both")
+    parser.add_argument("--core", choices=tuple(CORE_CHOICES), default="all")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--keep", type=Path, help="keep the callgrind files in this folder")
     parser.add_argument("--child", choices=PARTS, help=argparse.SUPPRESS)
@@ -243,22 +267,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-    cores = {"pure": [True], "compiled": [False], "both": [True, False]}[args.core]
+    variants = CORE_CHOICES[args.core]
     rows: dict[str, dict[str, float]] = {}
-    names: dict[bool, str] = {}
-    for pure in cores:
+    for variant in variants:
         for part in args.parts:
-            total, events, core = _count(args.transactions, part, pure, args.keep)
-            names[pure] = core
-            rows.setdefault(part, {})[core] = total / events
-            print(f"{core:>24}  {part:<9} {total / events:>9,.0f} instructions/event", flush=True)
-    if len(cores) == 2 and names[True] != names[False]:
+            total, events, core = _count(args.transactions, part, variant, args.keep)
+            rows.setdefault(part, {})[variant] = total / events
+            print(f"{core:>40}  {part:<9} {total / events:>9,.0f} instructions/event", flush=True)
+    if len(variants) > 1:
+        first, last = variants[0], variants[-1]
         print()
-        print(f"| part | {names[True]} | {names[False]} | ratio |")
-        print("|---|---:|---:|---:|")
-        for part, by_core in rows.items():
-            pure_n, comp_n = by_core[names[True]], by_core[names[False]]
-            print(f"| {part} | {pure_n:,.0f} | {comp_n:,.0f} | {pure_n / comp_n:.2f} |")
+        print(f"| part | {' | '.join(variants)} | {first} / {last} |")
+        print("|---|" + "---:|" * (len(variants) + 1))
+        for part, by_variant in rows.items():
+            counts = " | ".join(f"{by_variant[v]:,.0f}" for v in variants)
+            print(f"| {part} | {counts} | {by_variant[first] / by_variant[last]:.2f} |")
     return 0
 
 

@@ -19,6 +19,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from cdc_relay import __version__
+from cdc_relay.adapters import native_acks
 from cdc_relay.core import native
 from cdc_relay.core.schedule import ScheduledStats
 from cdc_relay.core.stats import RelayStats
@@ -83,11 +84,12 @@ class RelayCollector(Collector):
         stats = self._stats
         info = GaugeMetricFamily(
             "cdc_relay_info",
-            "The relay's version, slot and publication, and its core: mypyc (compiled) or "
-            "pure-Python.",
-            labels=["version", "slot", "publication", "core"],
+            "The relay's version, slot and publication, its core: mypyc (compiled) or "
+            "pure-Python, and what counts Kafka's acknowledgements: C or callbacks.",
+            labels=["version", "slot", "publication", "core", "acks"],
         )
-        info.add_metric([__version__, self._slot, self._publication, native.IMPLEMENTATION], 1)
+        labels = [__version__, self._slot, self._publication, native.IMPLEMENTATION]
+        info.add_metric([*labels, native_acks.label()], 1)
         yield info
 
         published = CounterMetricFamily(

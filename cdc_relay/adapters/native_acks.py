@@ -62,6 +62,11 @@ def load() -> tuple[ModuleType | None, str | None]:
     return module, None
 
 
+def label() -> str:
+    """For the ``acks`` label of cdc_relay_info: ``C`` or ``callbacks``."""
+    return "C" if load()[0] is not None else "callbacks"
+
+
 def describe() -> str:
     """For --version (argparse wraps a long version line, so short): ``Kafka acks in C`` or
     ``Kafka acks by callbacks``."""

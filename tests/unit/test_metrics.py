@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cdc_relay.adapters import native_acks
 from cdc_relay.adapters.http import HEARTBEAT_STALE_SECONDS, MetricsServer, health, readiness
 from cdc_relay.adapters.metrics import METRIC_NAMES, registry_for
 from cdc_relay.core import native
@@ -75,7 +76,12 @@ def test_stats_become_metrics_at_scrape_time():
     assert m[("cdc_relay_slot_wal_status", (("status", "extended"),))] == 1
     assert m[("cdc_relay_slot_wal_status", (("status", "reserved"),))] == 0
     assert m[("cdc_relay_streaming", ())] == 1
-    info = (("core", native.IMPLEMENTATION), ("publication", "p1"), ("slot", "s1"))
+    info = (
+        ("acks", native_acks.label()),
+        ("core", native.IMPLEMENTATION),
+        ("publication", "p1"),
+        ("slot", "s1"),
+    )
     assert m[("cdc_relay_info", (*info, ("version", "0.1.0")))] == 1
     # Read live: a later change shows in the next scrape.
     stats.published_by_source["public.outbox"]["outbox.event.order"] += 1
