@@ -18,6 +18,7 @@ from typing import Any
 from bench.acklog import AckLog
 from cdc_relay.adapters.kafka import Publisher
 from cdc_relay.cli import main
+from cdc_relay.core.acks import Transaction, record_size
 
 
 def install(log: AckLog) -> None:
@@ -27,16 +28,23 @@ def install(log: AckLog) -> None:
     produce, init = Publisher.produce, Publisher.__init__
     entries = log.entries
 
-    def noting(on_delivery: Any) -> Any:
+    def noting(on_delivery: Any, value: bytes | None) -> Any:
+        """A callback for one record. On the C ack path (cdc_relay/adapters/native_acks.py)
+        a token that is not a transaction is called once per acknowledged record with no
+        message; the transaction it stands for is then told of its one record."""
+
         def noted(err: Any, msg: Any) -> None:
             if err is None:
-                entries.append((msg.value(), time.time()))
+                entries.append((value, time.time()))
+                if msg is None and type(on_delivery) is Transaction:
+                    on_delivery.acked(1, record_size(value))
+                    return
             on_delivery(err, msg)
 
         return noted
 
     def noting_produce(self: Publisher, record: Any, on_delivery: Any, *rest: Any) -> None:
-        produce(self, record, noting(on_delivery), *rest)
+        produce(self, record, noting(on_delivery, record.value), *rest)
 
     def noting_init(self: Publisher, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
@@ -45,7 +53,7 @@ def install(log: AckLog) -> None:
         def noting_enqueue(
             topic: Any, value: Any, key: Any, partition: Any, callback: Any, *rest: Any
         ) -> object:
-            return enqueue(topic, value, key, partition, noting(callback), *rest)
+            return enqueue(topic, value, key, partition, noting(callback, value), *rest)
 
         self.enqueue = noting_enqueue
 

@@ -104,7 +104,7 @@ def test_a_paused_relay_is_fenced_when_a_standby_takes_over_and_publishes_nothin
                 zombie.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
         zombie_log = zombie.log()
         if not zombie.running():
-            assert zombie.wait(10) == 0
+            assert zombie.wait(10) == 0, zombie.log()
             assert "fenced" in zombie_log and "publishes nothing more" in zombie_log
     seen, records = counts(kafka, box.topic(), 6_000)
     assert len(seen) == 6_000 and max(seen.values()) == 1, zombie_log
