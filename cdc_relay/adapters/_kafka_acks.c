@@ -3,18 +3,21 @@
  * delivery report (docs/performance.md, "The compiled core").
  *
  * confluent-kafka builds, for every delivery report, a Message with copies of the key and the
- * value, and calls a Python callback with it: about 4,700 instructions per event, as much as
- * the rest of the relay's per-event work. This extension is also a librdkafka interceptor
- * plugin (plugin.library.paths names this very file), so it sees every record the relay's
- * producer sends (on_send) and every acknowledgement (on_acknowledgement, in librdkafka's
- * broker threads). Records produced through Acks.produce() carry no opaque, so
- * confluent-kafka's delivery callback ignores them (it returns at once on a NULL opaque);
- * their acknowledgements are kept here, under a mutex, and collect() hands them to the
- * Python thread in one list: one (token, events, bytes) tuple per run of consecutive
- * acknowledgements of one token (a transaction), and one tuple per failed record with what
- * the pipeline needs to judge it. Records produced by confluent-kafka's own produce() are
- * not ours (no produce call of ours is running when on_send sees them) and keep their
- * callbacks.
+ * value, and calls a Python callback with it. This extension is also a librdkafka interceptor
+ * plugin (plugin.library.paths names this very file), so it sees every acknowledgement
+ * (on_acknowledgement, in librdkafka's broker threads). A record produced through
+ * Acks.produce() carries its token (the transaction it belongs to) as its opaque, tagged in
+ * its lowest bit; on_acknowledgement takes the token, notes the report under a mutex, and
+ * clears the opaque, so that confluent-kafka's delivery callback, which runs later for the
+ * same message in the relay's poll, finds none and returns at once. collect() hands the
+ * reports to the Python thread in one list: (token, events, bytes) per transaction, and one
+ * tuple per failed record with what the pipeline needs to judge it.
+ *
+ * The opaque is cleared although rdkafka.h calls the message immutable in that interceptor:
+ * librdkafka passes it on to the delivery callback and reads it nowhere else. The tag keeps
+ * it safe beside records of confluent-kafka's own produce(), whose opaque (its per-message
+ * state, a malloc()ed pointer, never odd) is left alone. tests/unit/test_kafka_publisher.py
+ * runs both kinds on one producer.
  *
  * librdkafka is the copy confluent-kafka loaded: found among the process's loaded objects
  * and reached through dlsym, so the build needs no librdkafka headers or library. The few
@@ -58,6 +61,7 @@ enum {
     VTYPE_PARTITION = 3,
     VTYPE_VALUE = 4,
     VTYPE_KEY = 5,
+    VTYPE_OPAQUE = 6,
     VTYPE_MSGFLAGS = 7,
     VTYPE_TIMESTAMP = 8,
     VTYPE_HEADERS = 10,
@@ -103,7 +107,6 @@ static struct {
     rd_kafka_resp_err_t (*header_get_all)(const rd_kafka_headers_t *, size_t, const char **,
                                           const void **, size_t *);
     rd_kafka_resp_err_t (*conf_add_on_new)(rd_kafka_conf_t *, const char *, on_new_f *, void *);
-    rd_kafka_resp_err_t (*add_on_send)(rd_kafka_t *, const char *, on_message_f *, void *);
     rd_kafka_resp_err_t (*add_on_ack)(rd_kafka_t *, const char *, on_message_f *, void *);
 } rdk;
 
@@ -127,14 +130,13 @@ typedef struct {
     } headers[];
 } Failed;
 
-/* One record of ours in flight: its token (the transaction, the delivery callback the relay
+/* One report of a record of ours: its token (the transaction, the delivery callback the relay
  * would otherwise give confluent-kafka). Only the token is referenced (taken in produce(),
  * GIL held; released in collect()): holding each record's headers list until its report
  * would keep four tracked containers alive per record in flight, and Python's cyclic GC
  * would then run (and cost more than the report saves). librdkafka's threads only move the
  * pointers. */
 typedef struct {
-    const void *message; /* librdkafka's rd_kafka_message_t of the record: the table's key */
     PyObject *token;
     Py_ssize_t size; /* the value's length: what the in-flight byte bound counts */
     rd_kafka_resp_err_t err;
@@ -144,11 +146,7 @@ typedef struct {
 typedef struct {
     pthread_mutex_t lock;
     rd_kafka_t *rk;
-    /* In flight: open addressing on the message's address, linear probing, deletion by
-     * backward shift (no tombstones). */
-    Entry *slots;
-    size_t capacity; /* a power of two */
-    size_t count;
+    size_t in_flight; /* produced here, not yet reported (atomic) */
     /* Acknowledged (or failed), in the order librdkafka reported them, until collect(). */
     Entry *done;
     size_t done_count;
@@ -160,82 +158,16 @@ typedef struct {
     int attached;
 } State;
 
-/* The record produce() is handing to librdkafka on this thread: on_send files it under its
- * message's address. NULL whenever no produce() of ours runs on this thread, so records of
- * confluent-kafka's own produce() are left alone. */
-static __thread Entry *producing = NULL;
-static __thread State *producing_state = NULL;
+/* The producer whose produce() of ours runs on this thread, else NULL: an acknowledgement on
+ * this thread meanwhile is the synchronous failure of that record (the partitioner failed
+ * it), which produce() raises instead. */
+static __thread State *producing = NULL;
+
+#define TAG ((uintptr_t)1)
 
 /* The state of the producer being created, set by on_new (which runs inside rd_kafka_new(),
  * on the thread creating the Producer, GIL held) until attach() takes it. */
 static State *unattached = NULL;
-
-static size_t slot_of(const State *s, const void *message) {
-    uintptr_t h = (uintptr_t)message;
-    h ^= h >> 17;
-    h *= (uintptr_t)0x9E3779B97F4A7C15ULL;
-    return (size_t)(h >> 7) & (s->capacity - 1);
-}
-
-static int table_grow(State *s) {
-    size_t old_capacity = s->capacity, i;
-    Entry *old = s->slots;
-    Entry *slots = calloc(old_capacity * 2, sizeof(Entry));
-    if (slots == NULL)
-        return -1;
-    s->slots = slots;
-    s->capacity = old_capacity * 2;
-    for (i = 0; i < old_capacity; i++) {
-        if (old[i].message != NULL) {
-            size_t j = slot_of(s, old[i].message);
-            while (slots[j].message != NULL)
-                j = (j + 1) & (s->capacity - 1);
-            slots[j] = old[i];
-        }
-    }
-    free(old);
-    return 0;
-}
-
-/* Caller holds the lock. */
-static int table_put(State *s, const Entry *entry) {
-    size_t j;
-    if ((s->count + 1) * 2 > s->capacity && table_grow(s) != 0)
-        return -1;
-    j = slot_of(s, entry->message);
-    while (s->slots[j].message != NULL)
-        j = (j + 1) & (s->capacity - 1);
-    s->slots[j] = *entry;
-    s->count++;
-    return 0;
-}
-
-/* Caller holds the lock. Moves the entry of ``message`` into ``out``; 0 if it is not ours. */
-static int table_take(State *s, const void *message, Entry *out) {
-    size_t mask = s->capacity - 1, i = slot_of(s, message), j, home;
-    while (s->slots[i].message != message) {
-        if (s->slots[i].message == NULL)
-            return 0;
-        i = (i + 1) & mask;
-    }
-    *out = s->slots[i];
-    /* Backward shift: pull later entries of the probe run into the hole. */
-    j = i;
-    for (;;) {
-        j = (j + 1) & mask;
-        if (s->slots[j].message == NULL)
-            break;
-        home = slot_of(s, s->slots[j].message);
-        /* Move slot j to the hole i unless its home lies cyclically in (i, j]. */
-        if ((j > i && (home <= i || home > j)) || (j < i && (home <= i && home > j))) {
-            s->slots[i] = s->slots[j];
-            i = j;
-        }
-    }
-    s->slots[i].message = NULL;
-    s->count--;
-    return 1;
-}
 
 /* Caller holds the lock. */
 static int done_push(State *s, const Entry *entry) {
@@ -252,20 +184,6 @@ static int done_push(State *s, const Entry *entry) {
 }
 
 /* ---------------------------------------------------------------- the interceptors */
-
-static rd_kafka_resp_err_t on_send(rd_kafka_t *rk, rd_kafka_message_t *message, void *opaque) {
-    State *s = opaque;
-    Entry *entry = producing;
-    if (entry == NULL || producing_state != s)
-        return ERR_NO_ERROR; /* confluent-kafka's own produce(): not ours */
-    entry->message = message;
-    pthread_mutex_lock(&s->lock);
-    if (table_put(s, entry) != 0)
-        entry->message = NULL; /* out of memory: produce() fails the record */
-    pthread_mutex_unlock(&s->lock);
-    (void)rk;
-    return ERR_NO_ERROR;
-}
 
 static Failed *copy_failed(const rd_kafka_message_t *message) {
     rd_kafka_headers_t *hdrs = NULL;
@@ -307,24 +225,25 @@ static Failed *copy_failed(const rd_kafka_message_t *message) {
 
 static rd_kafka_resp_err_t on_ack(rd_kafka_t *rk, rd_kafka_message_t *message, void *opaque) {
     State *s = opaque;
+    uintptr_t tagged = (uintptr_t)message->_private;
     Entry entry;
+    (void)rk;
+    if ((tagged & TAG) == 0)
+        return ERR_NO_ERROR; /* confluent-kafka's own produce(): its callback will come */
+    message->_private = NULL; /* so that confluent-kafka's delivery callback skips it */
+    if (producing == s)
+        return ERR_NO_ERROR;
+    entry.token = (PyObject *)(tagged & ~TAG);
+    entry.size = (Py_ssize_t)message->len;
+    entry.err = message->err;
+    entry.failed = entry.err != ERR_NO_ERROR ? copy_failed(message) : NULL;
     pthread_mutex_lock(&s->lock);
-    if (table_take(s, message, &entry)) {
-        entry.err = message->err;
-        /* Acknowledged inside our own produce() call: the partitioner failed it, and
-         * produceva() returns that error to produce(), which raises it. */
-        if (!(producing != NULL && producing_state == s && producing->message == message)) {
-            entry.failed = entry.err != ERR_NO_ERROR ? copy_failed(message) : NULL;
-            if (done_push(s, &entry) != 0) {
-                /* Cannot happen short of memory exhaustion; the record then stays counted
-                 * in flight, so its transaction is never confirmed: stuck, not lost. */
-            }
-        } else {
-            producing->err = message->err;
-        }
+    if (done_push(s, &entry) != 0) {
+        /* Cannot happen short of memory exhaustion; the record then stays counted in
+         * flight, so its transaction is never confirmed: stuck, not lost. */
     }
     pthread_mutex_unlock(&s->lock);
-    (void)rk;
+    __atomic_sub_fetch(&s->in_flight, 1, __ATOMIC_RELAXED);
     return ERR_NO_ERROR;
 }
 
@@ -337,16 +256,8 @@ static rd_kafka_resp_err_t on_new(rd_kafka_t *rk, const rd_kafka_conf_t *conf, v
         snprintf(errstr, errstr_size, "%s: out of memory", IC_NAME);
         return -1;
     }
-    s->capacity = 4096;
-    s->slots = calloc(s->capacity, sizeof(Entry));
-    if (s->slots == NULL) {
-        free(s);
-        snprintf(errstr, errstr_size, "%s: out of memory", IC_NAME);
-        return -1;
-    }
     pthread_mutex_init(&s->lock, NULL);
     s->rk = rk;
-    rdk.add_on_send(rk, IC_NAME, on_send, s);
     rdk.add_on_ack(rk, IC_NAME, on_ack, s);
     /* A producer created but never attached (its construction failed later) leaks this
      * small state: producers are created once per run and after fatal errors only. */
@@ -489,11 +400,11 @@ static PyObject *Acks_produce(Acks *self, PyObject *const *args, Py_ssize_t narg
     Py_ssize_t topic_size;
     int32_t partition;
     int64_t timestamp;
-    rd_kafka_vu_t vus[7];
+    rd_kafka_vu_t vus[8];
     rd_kafka_headers_t *hdrs = NULL;
     rd_kafka_error_t *error;
-    Entry entry;
     rd_kafka_resp_err_t err;
+    size_t count = 7;
 
     if (nargs != 8) {
         PyErr_Format(PyExc_TypeError, "produce() takes 8 arguments (%zd given)", nargs);
@@ -529,39 +440,28 @@ static PyObject *Acks_produce(Acks *self, PyObject *const *args, Py_ssize_t narg
         return NULL;
     vus[5].vtype = VTYPE_TIMESTAMP;
     vus[5].u.i64 = timestamp;
-    vus[6].vtype = VTYPE_HEADERS;
+    vus[6].vtype = VTYPE_OPAQUE;
+    vus[6].u.cstr = (const char *)((uintptr_t)token | TAG);
     if (headers != Py_None) {
         hdrs = headers_of(headers);
         if (hdrs == NULL)
             return NULL;
+        vus[7].vtype = VTYPE_HEADERS;
+        vus[7].u.headers = hdrs;
+        count = 8;
     }
-    vus[6].u.headers = hdrs;
 
-    entry.message = NULL;
-    entry.token = token;
-    entry.size = value == Py_None ? 0 : PyBytes_GET_SIZE(value);
-    entry.err = ERR_NO_ERROR;
-    entry.failed = NULL;
-
-    producing = &entry;
-    producing_state = s;
-    error = rdk.produceva(s->rk, vus, hdrs != NULL ? 7 : 6);
+    __atomic_add_fetch(&s->in_flight, 1, __ATOMIC_RELAXED);
+    producing = s;
+    error = rdk.produceva(s->rk, vus, count);
     producing = NULL;
-    producing_state = NULL;
 
     if (error != NULL) {
         err = rdk.error_code(error);
         rdk.error_destroy(error);
+        __atomic_sub_fetch(&s->in_flight, 1, __ATOMIC_RELAXED);
         if (hdrs != NULL)
             rdk.headers_destroy(hdrs); /* not taken over on failure */
-        if (entry.message != NULL) {
-            /* on_send filed it but the call failed after (not through on_acknowledgement):
-             * take it back, it will never be reported. */
-            Entry gone;
-            pthread_mutex_lock(&s->lock);
-            table_take(s, entry.message, &gone);
-            pthread_mutex_unlock(&s->lock);
-        }
         if (err == ERR__QUEUE_FULL) {
             PyErr_SetString(PyExc_BufferError, "Local: Queue full");
             return NULL;
@@ -575,13 +475,8 @@ static PyObject *Acks_produce(Acks *self, PyObject *const *args, Py_ssize_t narg
         }
         return NULL;
     }
-    if (entry.message == NULL) {
-        /* Taken by librdkafka but not filed (on_send found no memory): it will be sent, and
-         * its report lost, so its transaction would never be confirmed. Say so loudly. */
-        PyErr_NoMemory();
-        return NULL;
-    }
-    /* The reference the entry holds (filed by on_send, perhaps already acknowledged). */
+    /* The reference the record's opaque holds, until collect() (perhaps already reported:
+     * collect() needs the GIL, held here). */
     Py_INCREF(token);
     Py_RETURN_NONE;
 }
@@ -722,12 +617,8 @@ done:
 
 static PyObject *Acks_in_flight(Acks *self, PyObject *unused) {
     State *s = self->state;
-    size_t count;
     (void)unused;
-    pthread_mutex_lock(&s->lock);
-    count = s->count;
-    pthread_mutex_unlock(&s->lock);
-    return PyLong_FromSize_t(count);
+    return PyLong_FromSize_t(__atomic_load_n(&s->in_flight, __ATOMIC_RELAXED));
 }
 
 static PyMethodDef Acks_methods[] = {
@@ -793,7 +684,6 @@ static int resolve(void) {
     SYM(headers_new, "rd_kafka_headers_new");
     SYM(headers_destroy, "rd_kafka_headers_destroy");
     SYM(header_add, "rd_kafka_header_add");
-    SYM(add_on_send, "rd_kafka_interceptor_add_on_send");
     SYM(add_on_ack, "rd_kafka_interceptor_add_on_acknowledgement");
     SYM(topic_name, "rd_kafka_topic_name");
     SYM(message_headers, "rd_kafka_message_headers");

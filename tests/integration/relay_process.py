@@ -18,9 +18,19 @@ from tests.servers import wait_until
 SLOT = "cdc_relay"
 
 
+# Not settings: which implementation runs (cdc_relay/core/native.py, adapters/native_acks.py).
+IMPLEMENTATION_SWITCHES = frozenset({"CDC_RELAY_PURE_PYTHON", "CDC_RELAY_ACKS_BY_CALLBACKS"})
+
+
 def relay_env(database_url: str, bootstrap: str | None, **settings: Any) -> dict[str, str]:
-    """A clean environment: only the CDC_RELAY_* settings given, plus PATH and friends."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_RELAY_")}
+    """A clean environment: only the CDC_RELAY_* settings given, plus PATH and friends, and the
+    switches that choose an implementation rather than a setting (the pure-Python core, the
+    acknowledgement callbacks), which the relay under test inherits."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("CDC_RELAY_") or k in IMPLEMENTATION_SWITCHES
+    }
     env["CDC_RELAY_DATABASE_URL"] = database_url
     if bootstrap:
         env["CDC_RELAY_KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
