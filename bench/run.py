@@ -45,6 +45,7 @@ from bench.workload import (
     fill_outbox,
     insert_one_transaction,
 )
+from cdc_relay.adapters import native_acks
 from cdc_relay.core import native
 from cdc_relay.settings import relay_producer_defaults
 from tests.integration.relay_process import cli, lsn_int
@@ -183,7 +184,8 @@ def machine_facts(pg: PostgresServer, broker: Broker) -> list[str]:
         f"(librdkafka {confluent_kafka.libversion()[0]}), PostgreSQL {pg_version}, "
         + describe_broker(broker),
         # The relay under test inherits this environment (CDC_RELAY_PURE_PYTHON included).
-        f"cdc-relay at {rev or 'unknown revision'} ({native.describe_why()}), "
+        f"cdc-relay at {rev or 'unknown revision'} ({native.describe_why()}; "
+        f"{native_acks.describe_why()}), "
         f"{platform.platform()}",
     ]
 
