@@ -219,9 +219,12 @@ class Publisher:
             log.debug("purge failed", exc_info=True)
 
     def flush(self, timeout: float) -> int:
-        """Wait up to ``timeout`` for outstanding deliveries; returns how many remain."""
+        """Wait up to ``timeout`` for outstanding deliveries; returns how many remain. A fatal
+        error met meanwhile is raised as poll() raises it."""
         try:
             return int(self._producer.flush(timeout))
+        except KafkaException as exc:
+            raise self._failed(exc.args[0], "the producer failed") from None
         finally:
             self._collect()
 

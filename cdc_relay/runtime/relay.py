@@ -197,9 +197,15 @@ class Relay:
             sampler.stop()
             pool.close()
             if self._publisher is not None:
-                remaining = self._publisher.flush(0)
-                if remaining:
-                    log.debug("%d records left unacknowledged at exit", remaining)
+                try:
+                    remaining = self._publisher.flush(0)
+                except DeliveryError as exc:
+                    # The fatal error that ended the run, met once more on the way out (a
+                    # fenced producer's, queued behind the abort that reported it).
+                    log.debug("at exit: %s", exc)
+                else:
+                    if remaining:
+                        log.debug("%d records left unacknowledged at exit", remaining)
             stats = self.stats
             log.debug(
                 "exiting: sessions=%d producer_resets=%d reconnects=%s",

@@ -6,14 +6,14 @@ from __future__ import annotations
 import time
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from cdc_relay.adapters import native_acks
 from cdc_relay.adapters.kafka import Publisher
 from cdc_relay.core.lsn import Lsn
 from cdc_relay.core.mapping import OutboxRecord
 from cdc_relay.core.pipeline import Pipeline, PipelineConfig
-from cdc_relay.errors import RecordRefused
+from cdc_relay.errors import ProducerFenced, RecordRefused
 from tests import frames
 
 
@@ -202,3 +202,18 @@ def test_a_record_too_large_for_the_producer_is_refused_as_too_large() -> None:
     assert publisher.flush(10) == 0
     acks = publisher._acks
     assert acks is None or acks.in_flight() == 0  # nothing left filed for a record not taken
+
+
+def test_a_fatal_error_met_by_a_flush_is_raised_as_the_relays_error() -> None:
+    """CI caught a fenced relay exiting 1 with an "unexpected error: KafkaException": the
+    fatal error, queued behind the abort that had already reported it, came out of the flush
+    at exit."""
+
+    class FencedProducer:
+        def flush(self, timeout: float) -> int:
+            raise KafkaException(KafkaError(KafkaError._FENCED, "fenced", fatal=True))
+
+    publisher, _ = _mock_publisher()
+    publisher._producer = FencedProducer()  # type: ignore[assignment]
+    with pytest.raises(ProducerFenced):
+        publisher.flush(0)
