@@ -155,7 +155,6 @@ typedef struct {
      * mmap()ed, so freeing and growing one per call costs page faults every time). */
     Entry *spare;
     size_t spare_capacity;
-    int attached;
 } State;
 
 /* The producer whose produce() of ours runs on this thread, else NULL: an acknowledgement on
@@ -311,7 +310,6 @@ static PyObject *Acks_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) 
     if (self == NULL)
         return NULL;
     self->state = unattached;
-    self->state->attached = 1;
     unattached = NULL;
     (void)kwargs;
     return (PyObject *)self;
@@ -328,7 +326,6 @@ static void Acks_dealloc(Acks *self) {
         for (i = 0; i < s->done_count; i++)
             entry_release(&s->done[i]);
         s->done_count = 0;
-        s->attached = 0;
         pthread_mutex_unlock(&s->lock);
     }
     free(self->runs);
