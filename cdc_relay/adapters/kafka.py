@@ -301,6 +301,3 @@ class _FailedRecord:
 
     def headers(self) -> list[Any] | None:
         return self._headers
-
-    def __len__(self) -> int:
-        return len(self._value) if self._value else 0

@@ -178,12 +178,17 @@ def test_cdc_relay_pure_python_forces_the_interpreted_modules() -> None:
     assert path.endswith("pgoutput.py") and compiled == "False"
 
 
+def _copy_with_edited_source(tmp_path: Path, relative: str, addition: str) -> None:
+    """A copy of the built package in ``tmp_path``, one of whose compiled sources is then
+    edited (``addition`` appended)."""
+    shutil.copytree(ROOT / "cdc_relay", tmp_path / "cdc_relay")
+    source = tmp_path / "cdc_relay" / relative
+    source.write_text(source.read_text(encoding="utf-8") + addition, encoding="utf-8")
+
+
 @pytest.mark.compiled_core
 def test_an_edited_source_is_never_shadowed_by_its_stale_extension(tmp_path: Path) -> None:
-    # A copy of the built package, one of whose compiled modules is then edited.
-    shutil.copytree(ROOT / "cdc_relay", tmp_path / "cdc_relay")
-    source = tmp_path / "cdc_relay" / "core" / "mapping.py"
-    source.write_text(source.read_text(encoding="utf-8") + "\nEDITED = True\n", encoding="utf-8")
+    _copy_with_edited_source(tmp_path, "core/mapping.py", "\nEDITED = True\n")
     code = "from cdc_relay.core import native, mapping; print(native.REASON, '|', mapping.EDITED)"
     result = _run_python(code, pure=False, root=tmp_path)
     assert result.stdout.strip() == "stale build: mapping.py changed since it was compiled | True"
@@ -215,9 +220,7 @@ def test_the_pure_python_core_counts_acknowledgements_by_callbacks() -> None:
 
 @pytest.mark.compiled_core
 def test_an_edited_c_source_is_never_run_from_its_stale_extension(tmp_path: Path) -> None:
-    shutil.copytree(ROOT / "cdc_relay", tmp_path / "cdc_relay")
-    source = tmp_path / "cdc_relay" / "adapters" / "_kafka_acks.c"
-    source.write_text(source.read_text(encoding="utf-8") + "\n/* edited */\n", encoding="utf-8")
+    _copy_with_edited_source(tmp_path, "adapters/_kafka_acks.c", "\n/* edited */\n")
     code = "from cdc_relay.adapters import native_acks; print(native_acks.load()[1])"
     result = _run_python(code, pure=False, root=tmp_path)
     assert result.stdout.strip() == "stale build: _kafka_acks.c changed since it was compiled"
