@@ -92,9 +92,10 @@ $(STAMP): pyproject.toml
 # shadows an edited module (the loader refuses a stale one anyway, and runs the pure-Python
 # core, with a warning). Without a C compiler the build installs the pure-Python core.
 CORE_STAMP := $(VENV)/.core-built
-CORE_CHECK := import sys; from cdc_relay.core import native as n; sys.exit(not n.check_build(n.FOLDER)[0])
+CORE_CHECK := import sys; from cdc_relay.core import native as n; from cdc_relay.adapters import native_acks as a; \
+	sys.exit(not n.check_build(n.FOLDER)[0] or a.stale() is not None)
 
-$(CORE_STAMP): $(STAMP) setup.py $(wildcard cdc_relay/core/*.py)
+$(CORE_STAMP): $(STAMP) setup.py $(wildcard cdc_relay/core/*.py) $(wildcard cdc_relay/adapters/_*.[ch])
 	@$(PY) -c '$(CORE_CHECK)' 2>/dev/null || $(PY) -m pip install -q --no-deps -e .
 	@$(PY) -c 'from cdc_relay.core import native; print("cdc-relay:", native.describe_why())'
 	@touch $@

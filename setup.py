@@ -55,7 +55,9 @@ MODULES: tuple[str, ...] = _constant("COMPILED_MODULES")
 SOURCES = [str(CORE / f"{name}.py") for name in MODULES]
 # The C acknowledgement path (cdc_relay/adapters/native_acks.py), built with the compiled core;
 # if it alone fails to compile, the core stays compiled and the callbacks count acknowledgements.
-ACKS_SOURCE = Path("cdc_relay", "adapters", "_kafka_acks.c")
+ACKS_FOLDER = Path("cdc_relay", "adapters")
+ACKS_SOURCES = [ACKS_FOLDER / "_kafka_acks.c", ACKS_FOLDER / "_outbox_rows.c"]
+ACKS_HEADER = ACKS_FOLDER / "_kafka_acks.h"
 ACKS_NAME = "cdc_relay.adapters._kafka_acks"
 
 
@@ -83,7 +85,8 @@ def _why_not() -> str | None:
 DIGESTS = {
     name: hashlib.sha256((HERE / CORE / f"{name}.py").read_bytes()).hexdigest() for name in MODULES
 }
-DIGESTS[ACKS_SOURCE.name] = hashlib.sha256((HERE / ACKS_SOURCE).read_bytes()).hexdigest()
+for _source in (*ACKS_SOURCES, ACKS_HEADER):
+    DIGESTS[_source.name] = hashlib.sha256((HERE / _source).read_bytes()).hexdigest()
 
 
 def _extensions() -> list[Any]:
@@ -100,7 +103,12 @@ def _extensions() -> list[Any]:
             from setuptools import Extension
 
             # optional: if it alone fails, build_ext warns and goes on without it.
-            acks = Extension(ACKS_NAME, [str(ACKS_SOURCE)], optional=True)
+            acks = Extension(
+                ACKS_NAME,
+                [str(source) for source in ACKS_SOURCES],
+                depends=[str(ACKS_HEADER)],
+                optional=True,
+            )
             return [*core, acks]
     _say(f"the pure-Python core only: {why}")
     return []

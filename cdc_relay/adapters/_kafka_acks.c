@@ -24,91 +24,12 @@
  * declarations below are librdkafka's public ABI (rdkafka.h), stable since 1.x.
  */
 
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_kafka_acks.h"
 
 #include <dlfcn.h>
 #include <link.h>
-#include <pthread.h>
-#include <stdint.h>
-#include <string.h>
-#include <sys/types.h>
 
-/* ---------------------------------------------------------------- librdkafka's ABI */
-
-typedef struct rd_kafka_s rd_kafka_t;
-typedef struct rd_kafka_conf_s rd_kafka_conf_t;
-typedef struct rd_kafka_topic_s rd_kafka_topic_t;
-typedef struct rd_kafka_headers_s rd_kafka_headers_t;
-typedef struct rd_kafka_error_s rd_kafka_error_t;
-typedef int rd_kafka_resp_err_t;
-
-typedef struct {
-    rd_kafka_resp_err_t err;
-    rd_kafka_topic_t *rkt;
-    int32_t partition;
-    void *payload;
-    size_t len;
-    void *key;
-    size_t key_len;
-    int64_t offset;
-    void *_private;
-} rd_kafka_message_t;
-
-enum {
-    VTYPE_END = 0,
-    VTYPE_TOPIC = 1,
-    VTYPE_PARTITION = 3,
-    VTYPE_VALUE = 4,
-    VTYPE_KEY = 5,
-    VTYPE_OPAQUE = 6,
-    VTYPE_MSGFLAGS = 7,
-    VTYPE_TIMESTAMP = 8,
-    VTYPE_HEADERS = 10,
-};
-
-typedef struct {
-    int vtype;
-    union {
-        const char *cstr;
-        int i;
-        int32_t i32;
-        int64_t i64;
-        struct {
-            void *ptr;
-            size_t size;
-        } mem;
-        rd_kafka_headers_t *headers;
-        char _pad[64];
-    } u;
-} rd_kafka_vu_t;
-
-#define MSG_F_COPY 0x2
-#define ERR_NO_ERROR 0
-#define ERR__QUEUE_FULL (-184)
-#define PRODUCEVA_VERSION 0x010400ff /* rd_kafka_produceva() came in 1.4.0 */
-
-typedef rd_kafka_resp_err_t(on_new_f)(rd_kafka_t *, const rd_kafka_conf_t *, void *, char *,
-                                      size_t);
-typedef rd_kafka_resp_err_t(on_message_f)(rd_kafka_t *, rd_kafka_message_t *, void *);
-
-static struct {
-    int (*version)(void);
-    const char *(*err2str)(rd_kafka_resp_err_t);
-    rd_kafka_error_t *(*produceva)(rd_kafka_t *, const rd_kafka_vu_t *, size_t);
-    rd_kafka_resp_err_t (*error_code)(const rd_kafka_error_t *);
-    void (*error_destroy)(rd_kafka_error_t *);
-    rd_kafka_headers_t *(*headers_new)(size_t);
-    void (*headers_destroy)(rd_kafka_headers_t *);
-    rd_kafka_resp_err_t (*header_add)(rd_kafka_headers_t *, const char *, ssize_t, const void *,
-                                      ssize_t);
-    const char *(*topic_name)(const rd_kafka_topic_t *);
-    rd_kafka_resp_err_t (*message_headers)(const rd_kafka_message_t *, rd_kafka_headers_t **);
-    rd_kafka_resp_err_t (*header_get_all)(const rd_kafka_headers_t *, size_t, const char **,
-                                          const void **, size_t *);
-    rd_kafka_resp_err_t (*conf_add_on_new)(rd_kafka_conf_t *, const char *, on_new_f *, void *);
-    rd_kafka_resp_err_t (*add_on_ack)(rd_kafka_t *, const char *, on_message_f *, void *);
-} rdk;
+HIDDEN Rdk rdk;
 
 static const char *IC_NAME = "cdc_relay.acks";
 
@@ -136,33 +57,14 @@ typedef struct {
  * would keep four tracked containers alive per record in flight, and Python's cyclic GC
  * would then run (and cost more than the report saves). librdkafka's threads only move the
  * pointers. */
-typedef struct {
+struct Entry {
     PyObject *token;
     Py_ssize_t size; /* the value's length: what the in-flight byte bound counts */
     rd_kafka_resp_err_t err;
     Failed *failed; /* err != 0: the record, or NULL when even that copy found no memory */
-} Entry;
+};
 
-typedef struct {
-    pthread_mutex_t lock;
-    rd_kafka_t *rk;
-    size_t in_flight; /* produced here, not yet reported (atomic) */
-    /* Acknowledged (or failed), in the order librdkafka reported them, until collect(). */
-    Entry *done;
-    size_t done_count;
-    size_t done_capacity;
-    /* The other buffer: collect() swaps it with ``done`` (allocations of this size are
-     * mmap()ed, so freeing and growing one per call costs page faults every time). */
-    Entry *spare;
-    size_t spare_capacity;
-} State;
-
-/* The producer whose produce() of ours runs on this thread, else NULL: an acknowledgement on
- * this thread meanwhile is the synchronous failure of that record (the partitioner failed
- * it), which produce() raises instead. */
-static __thread State *producing = NULL;
-
-#define TAG ((uintptr_t)1)
+HIDDEN __thread State *producing = NULL;
 
 /* The state of the producer being created, set by on_new (which runs inside rd_kafka_new(),
  * on the thread creating the Producer, GIL held) until attach() takes it. */
@@ -278,19 +180,13 @@ conf_init(rd_kafka_conf_t *conf, void **plug_opaque, char *errstr, size_t errstr
 /* ---------------------------------------------------------------- the Python type */
 
 /* A transaction's acknowledgements within one collect(). */
-typedef struct {
+struct Run {
     PyObject *token;
     Py_ssize_t events;
     Py_ssize_t bytes;
-} Run;
+};
 
-typedef struct {
-    PyObject_HEAD State *state;
-    Run *runs; /* collect()'s, kept from call to call */
-    size_t runs_capacity;
-} Acks;
-
-static PyObject *ProduceFailed; /* produce()'s error for anything but a full queue */
+HIDDEN PyObject *ProduceFailed;
 
 static void entry_release(Entry *e) {
     Py_XDECREF(e->token);
@@ -399,9 +295,7 @@ static PyObject *Acks_produce(Acks *self, PyObject *const *args, Py_ssize_t narg
     int64_t timestamp;
     rd_kafka_vu_t vus[8];
     rd_kafka_headers_t *hdrs = NULL;
-    rd_kafka_error_t *error;
-    rd_kafka_resp_err_t err;
-    size_t count = 7;
+    size_t count = 6; /* and the opaque, which produce_tagged() adds */
 
     if (nargs != 8) {
         PyErr_Format(PyExc_TypeError, "produce() takes 8 arguments (%zd given)", nargs);
@@ -437,45 +331,50 @@ static PyObject *Acks_produce(Acks *self, PyObject *const *args, Py_ssize_t narg
         return NULL;
     vus[5].vtype = VTYPE_TIMESTAMP;
     vus[5].u.i64 = timestamp;
-    vus[6].vtype = VTYPE_OPAQUE;
-    vus[6].u.cstr = (const char *)((uintptr_t)token | TAG);
     if (headers != Py_None) {
         hdrs = headers_of(headers);
         if (hdrs == NULL)
             return NULL;
-        vus[7].vtype = VTYPE_HEADERS;
-        vus[7].u.headers = hdrs;
-        count = 8;
+        vus[6].vtype = VTYPE_HEADERS;
+        vus[6].u.headers = hdrs;
+        count = 7;
     }
+    if (produce_tagged(s, vus, count, hdrs, token) != 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
 
+int produce_tagged(State *s, rd_kafka_vu_t *vus, size_t count, rd_kafka_headers_t *hdrs,
+                   PyObject *token) {
+    rd_kafka_error_t *error;
+    rd_kafka_resp_err_t err;
+    vus[count].vtype = VTYPE_OPAQUE;
+    vus[count].u.cstr = (const char *)((uintptr_t)token | TAG);
     __atomic_add_fetch(&s->in_flight, 1, __ATOMIC_RELAXED);
     producing = s;
-    error = rdk.produceva(s->rk, vus, count);
+    error = rdk.produceva(s->rk, vus, count + 1);
     producing = NULL;
-
-    if (error != NULL) {
-        err = rdk.error_code(error);
-        rdk.error_destroy(error);
-        __atomic_sub_fetch(&s->in_flight, 1, __ATOMIC_RELAXED);
-        if (hdrs != NULL)
-            rdk.headers_destroy(hdrs); /* not taken over on failure */
-        if (err == ERR__QUEUE_FULL) {
-            PyErr_SetString(PyExc_BufferError, "Local: Queue full");
-            return NULL;
-        }
-        {
-            PyObject *why = Py_BuildValue("(is)", err, rdk.err2str(err));
-            if (why != NULL) {
-                PyErr_SetObject(ProduceFailed, why);
-                Py_DECREF(why);
-            }
-        }
-        return NULL;
+    if (error == NULL) {
+        /* The reference the record's opaque holds, until collect() (perhaps already
+         * reported: collect() needs the GIL, held here). */
+        Py_INCREF(token);
+        return 0;
     }
-    /* The reference the record's opaque holds, until collect() (perhaps already reported:
-     * collect() needs the GIL, held here). */
-    Py_INCREF(token);
-    Py_RETURN_NONE;
+    err = rdk.error_code(error);
+    rdk.error_destroy(error);
+    __atomic_sub_fetch(&s->in_flight, 1, __ATOMIC_RELAXED);
+    if (hdrs != NULL)
+        rdk.headers_destroy(hdrs); /* not taken over on failure */
+    if (err == ERR__QUEUE_FULL) {
+        PyErr_SetString(PyExc_BufferError, "Local: Queue full");
+    } else {
+        PyObject *why = Py_BuildValue("(is)", err, rdk.err2str(err));
+        if (why != NULL) {
+            PyErr_SetObject(ProduceFailed, why);
+            Py_DECREF(why);
+        }
+    }
+    return -1;
 }
 
 static PyObject *bytes_or_none(const char *data, size_t size) {
@@ -629,7 +528,7 @@ static PyMethodDef Acks_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyTypeObject AcksType = {
+HIDDEN PyTypeObject AcksType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "cdc_relay.adapters._kafka_acks.Acks",
     .tp_basicsize = sizeof(Acks),
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -710,7 +609,7 @@ PyMODINIT_FUNC PyInit__kafka_acks(void) {
     Py_DECREF(ck);
     if (resolve() != 0)
         return NULL;
-    if (PyType_Ready(&AcksType) < 0)
+    if (PyType_Ready(&AcksType) < 0 || PyType_Ready(&RowsType) < 0)
         return NULL;
     m = PyModule_Create(&module);
     if (m == NULL)
@@ -718,7 +617,9 @@ PyMODINIT_FUNC PyInit__kafka_acks(void) {
     ProduceFailed = PyErr_NewException("cdc_relay.adapters._kafka_acks.ProduceFailed",
                                        PyExc_Exception, NULL);
     Py_INCREF(&AcksType);
+    Py_INCREF(&RowsType);
     if (PyModule_AddObject(m, "Acks", (PyObject *)&AcksType) < 0 ||
+        PyModule_AddObject(m, "Rows", (PyObject *)&RowsType) < 0 ||
         PyModule_AddObject(m, "ProduceFailed", ProduceFailed) < 0) {
         Py_DECREF(m);
         return NULL;

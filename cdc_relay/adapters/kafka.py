@@ -16,6 +16,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from cdc_relay.adapters import native_acks
 from cdc_relay.core.acks import settle
 from cdc_relay.core.mapping import OutboxRecord
+from cdc_relay.core.pipeline import RowProducer
 from cdc_relay.core.verdicts import is_size_error
 from cdc_relay.errors import (
     ConfigError,
@@ -68,6 +69,7 @@ class Publisher:
         # records' acknowledgements collect() brings back, or confluent-kafka's own. Whatever
         # it raises (queue full, a refusal) sends the record through produce() below, which
         # knows what it means.
+        self._acks_module = acks_module
         self._acks = acks_module.Acks() if acks_module is not None else None
         self.enqueue: Callable[..., object] = (
             self._acks.produce if self._acks is not None else self._producer.produce
@@ -76,6 +78,15 @@ class Publisher:
         self._produce_failed: type[Exception] | tuple[()] = (
             acks_module.ProduceFailed if acks_module is not None else ()
         )
+
+    def rows(self) -> RowProducer | None:
+        """A new C row path on this producer (adapters/_outbox_rows.c), for one pipeline, when
+        the C acknowledgement path runs; else None."""
+        module = self._acks_module
+        if module is None:
+            return None
+        rows: RowProducer = module.Rows(self._acks)
+        return rows
 
     def _error_cb(self, error: Any) -> None:
         if error.fatal():

@@ -24,21 +24,28 @@ log = logging.getLogger(__name__)
 
 MODULE_NAME = "cdc_relay.adapters._kafka_acks"
 CALLBACKS_ENV = "CDC_RELAY_ACKS_BY_CALLBACKS"
-SOURCE = Path(__file__).resolve().with_name("_kafka_acks.c")
-# The key of its source's digest in the compiled core's manifest (setup.py writes it).
-MANIFEST_KEY = "_kafka_acks.c"
+# Its sources; the compiled core's manifest keeps each one's digest under its name (setup.py).
+SOURCES = tuple(
+    Path(__file__).resolve().with_name(name)
+    for name in ("_kafka_acks.c", "_outbox_rows.c", "_kafka_acks.h")
+)
 
 
-def _stale() -> bool:
-    """The C source is there and differs from what the manifest says was compiled."""
-    if not SOURCE.exists():  # an installed wheel: built from its own source
-        return False
+def stale() -> str | None:
+    """The name of a C source that is there and differs from what the manifest says was
+    compiled, else None."""
+    present = [source for source in SOURCES if source.exists()]
+    if not present:  # an installed wheel: built from its own sources
+        return None
     try:
         manifest = json.loads((native.FOLDER / native.MANIFEST).read_text(encoding="utf-8"))
-        compiled_from = manifest["sources"].get(MANIFEST_KEY)
+        digests = dict(manifest["sources"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return True
-    return bool(compiled_from != native.source_digest(SOURCE))
+        return present[0].name
+    for source in present:
+        if digests.get(source.name) != native.source_digest(source):
+            return source.name
+    return None
 
 
 @functools.cache
@@ -52,13 +59,14 @@ def load() -> tuple[ModuleType | None, str | None]:
         module = importlib.import_module(MODULE_NAME)
     except ImportError as exc:
         return None, f"not built ({exc})" if "No module named" in str(exc) else str(exc)
-    if _stale():
+    stale_source = stale()
+    if stale_source is not None:
         log.warning(
             "%s changed since it was compiled: Kafka acknowledgements go through "
             "confluent-kafka's callbacks (rebuild with `make install` or `pip install .`)",
-            SOURCE.name,
+            stale_source,
         )
-        return None, f"stale build: {SOURCE.name} changed since it was compiled"
+        return None, f"stale build: {stale_source} changed since it was compiled"
     return module, None
 
 

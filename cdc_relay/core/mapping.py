@@ -39,6 +39,9 @@ _UNIX_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS: Final = timedelta(milliseconds=1)
 
 Headers = list[tuple[str, bytes]]
+# TablePlan.row_spec(): (width, id, aggregate_type, aggregate_id, event_type, payload, headers,
+# created_at, claim_check_over, topics).
+RowSpec = tuple[int, int, int, int, int, int, int, int, int, dict[tuple[bytes, bytes], str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +205,27 @@ class TablePlan:
             self._created_at_idx,
         ]
         self._width = 1 + max(i for i in used if i is not None)
+
+    def row_spec(self) -> RowSpec | None:
+        """What the C row path (adapters/_outbox_rows.c) needs to do ``map``'s hot path over
+        an Insert's bytes: the row's width, the indexes of id, aggregate type, aggregate id,
+        event type, payload, headers and created_at (-1: none), the claim-check bound, and
+        this plan's topic cache, which it reads and ``map`` fills. None when no row of this
+        table takes the hot path (a bytea payload)."""
+        if self._payload_is_bytea:
+            return None
+        return (
+            self._width,
+            self._id_idx,
+            self._type_idx,
+            self._key_idx,
+            self._event_type_idx,
+            self._payload_idx,
+            -1 if self._headers_idx is None else self._headers_idx,
+            -1 if self._created_at_idx is None else self._created_at_idx,
+            self._claim_check_over,
+            self._topics,
+        )
 
     def map(self, values: tuple[ColumnValue, ...]) -> OutboxRecord | Rejected:
         """Turn one inserted row into a record, or a Rejected verdict. Never raises."""

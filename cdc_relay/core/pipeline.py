@@ -23,7 +23,7 @@ import contextlib
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from cdc_relay.core import claimcheck, verdicts
 from cdc_relay.core.acks import AckTracker, Transaction, record_size
@@ -41,6 +41,7 @@ from cdc_relay.core.mapping import (
     MessagePlan,
     OutboxRecord,
     Rejected,
+    RowSpec,
     TablePlan,
     dead_letter_record,
 )
@@ -81,6 +82,19 @@ IDENTIFYING_HEADERS: Final = ("id", "error", "source_lsn", "source_table")
 FULL, WITHOUT_VALUE, IDENTIFYING_ONLY, NONE_TAKEN = 0, 1, 2, 3
 SKIPPED_BY_OPERATOR: Final = "skipped by the operator (cdc-relay skip)"
 WARNING, INFO = 30, 20  # logging levels, for Notice
+
+
+class RowProducer(Protocol):
+    """Plain inserts decoded, mapped and produced in one call, without a Python object per
+    event (adapters/_outbox_rows.c): told each table's plan, and handed each frame first by
+    ``Pipeline.pump``. Its ``produce`` returns the value's size once the record is the
+    producer's, or -1 for a frame it leaves to ``feed``, having done nothing."""
+
+    def plan(self, relid: int, spec: RowSpec, counts: dict[str, int], /) -> None: ...
+
+    def forget(self, relid: int, /) -> bool: ...
+
+    def produce(self, frame: bytes | memoryview, token: Transaction, /) -> int: ...
 
 
 # --------------------------------------------------------------------------- configuration
@@ -358,6 +372,7 @@ class Pipeline:
         stats: RelayStats | None = None,
         now: float = 0.0,
         wall_clock: Callable[[], float] = lambda: 0.0,
+        rows: RowProducer | None = None,
     ) -> None:
         self.config = config
         self.memory = memory if memory is not None else Memory()
@@ -374,6 +389,11 @@ class Pipeline:
         # relid -> the table's plan and its stats' per-topic counter (a tuple: reading an
         # attribute of a compiled plan from here costs more, per event, than unpacking it).
         self._plans: dict[int, tuple[TablePlan, dict[str, int]]] = {}
+        # The C row path, when the producer has one: pump() offers it each frame first.
+        self._rows = rows
+        self._produce_row: Callable[[bytes | memoryview, Transaction], int] | None = (
+            rows.produce if rows is not None else None
+        )
         self._sources = _Sources(config, self.stats)
         self._failures: list[Failure] = []
         # Per transaction: whether inserts take the careful path (skips, refusals, isolation).
@@ -443,16 +463,43 @@ class Pipeline:
         ``read`` has nothing, or at a frame the driver must see, left in ``held``: one whose
         outcome is a list of actions, or a record ``enqueue`` raised for (queue full, refused),
         which the driver then produces the careful way. One event costs no interpreted frame
-        here, and no call through the driver's produce wrapper."""
+        here, and no call through the driver's produce wrapper.
+
+        With a RowProducer (``rows``), each frame goes to it first, while no insert needs
+        care: a plain insert is then decoded, mapped and produced in C, and only counted
+        here; it leaves anything else (-1) to ``feed``."""
         self.held = None
-        tracker, config = self.tracker, self.config
+        tracker, config, stats = self.tracker, self.config, self.stats
         max_events, max_bytes = config.max_in_flight_events, config.max_in_flight_bytes
+        produce_row = self._produce_row
         processed = 0
         while processed < limit:
             frame = read()
             if frame is None:
                 break
             processed += 1
+            delivery = self.delivery
+            if produce_row is not None and delivery is not None and not self._careful:
+                try:
+                    size = produce_row(frame, delivery)
+                except Exception as exc:  # as enqueue's: the record goes the careful way
+                    record = self.feed(frame)  # the same row: the same record, counted
+                    if record is None:  # not reached: produce_row produced nothing else
+                        raise
+                    self.held = Held(frame, record, exc)
+                    break
+                if size >= 0:
+                    # What feed() counts for a record it returns.
+                    tracker.in_flight_bytes += size
+                    tracker.in_flight_events += 1
+                    delivery.pending += 1
+                    stats.published += 1
+                    if (
+                        tracker.in_flight_events < max_events
+                        and tracker.in_flight_bytes < max_bytes
+                    ):
+                        continue
+                    break
             out = self.feed(frame)
             if out is None:
                 pass
@@ -583,6 +630,8 @@ class Pipeline:
         mapping = self._sources.tables.get((relation.namespace, relation.name))
         if mapping is None:
             entry = self._plans.pop(relation.relid, None)
+            if self._rows is not None:
+                self._rows.forget(relation.relid)
             if entry is not None:
                 plan = entry[0]
                 # The outbox itself under a new name: skipping its rows would confirm past
@@ -607,6 +656,13 @@ class Pipeline:
             raise PrerequisiteError(str(exc)) from None
         counts = self.stats.published_by_source.setdefault(plan.table, {})
         self._plans[relation.relid] = (plan, counts)
+        rows = self._rows
+        if rows is not None:
+            spec = plan.row_spec()
+            if spec is None:
+                rows.forget(relation.relid)
+            else:
+                rows.plan(relation.relid, spec, counts)
 
     def _unmapped(self, relid: int) -> None:
         """A row of a table that is no source: passed over, unless the publication lists its

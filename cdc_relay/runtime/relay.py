@@ -488,6 +488,7 @@ class Relay:
                 stats=self.stats,
                 now=time.monotonic(),
                 wall_clock=time.time,
+                rows=publisher.rows(),
             )
             Session(
                 pipeline=pipeline,

@@ -4,6 +4,7 @@ in-process mock cluster (no broker to start), because produce() is called positi
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -23,21 +24,40 @@ def _mock_publisher() -> tuple[Publisher, str]:
     return publisher, ",".join(f"{b.host}:{b.port}" for b in metadata.brokers.values())
 
 
-def _consume_one(bootstrap: str, topic: str) -> Message:
+# The pump hands records to Publisher.enqueue, or, with the C row path (adapters/_outbox_rows.c,
+# Publisher.rows(); None on the callbacks path), produces plain inserts itself: both must give
+# librdkafka and the pipeline the same.
+PATHS = pytest.mark.parametrize("path", ["enqueue", "rows"])
+
+
+def _pipeline(publisher: Publisher, path: str) -> Pipeline:
+    rows = publisher.rows() if path == "rows" else None
+    if path == "rows":
+        assert (rows is not None) == (native_acks.load()[0] is not None)
+    return Pipeline(PipelineConfig(outbox_table=("public", "outbox")), start=Lsn(0x100), rows=rows)
+
+
+def _by_rows(pipeline: Pipeline) -> int | None:
+    """How many records the pipeline's C row path produced; None without one."""
+    rows: Any = pipeline._rows
+    return None if rows is None else int(rows.produced())
+
+
+def _consume(bootstrap: str, topic: str, count: int = 1) -> list[Message]:
     consumer = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": "t", "enable.auto.commit": False}
     )
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
     deadline = time.monotonic() + 20
-    message = None
-    while message is None and time.monotonic() < deadline:
+    messages: list[Message] = []
+    while len(messages) < count and time.monotonic() < deadline:
         polled = consumer.poll(0.5)
         if polled is not None and polled.error() is None:
-            message = polled
+            messages.append(polled)
     consumer.close()
-    assert message is not None
-    return message
+    assert len(messages) == count
+    return messages
 
 
 def test_a_record_arrives_with_its_key_value_headers_timestamp_and_callback() -> None:
@@ -55,33 +75,48 @@ def test_a_record_arrives_with_its_key_value_headers_timestamp_and_callback() ->
     publisher.produce(record, lambda err, msg: reports.append(err))
     assert publisher.flush(10) == 0
     assert reports == [None]
-    message = _consume_one(bootstrap, record.topic)
+    (message,) = _consume(bootstrap, record.topic)
     assert (message.key(), message.value()) == (record.key, record.value)
     assert message.headers() == record.headers
     assert message.timestamp()[1] == record.timestamp_ms
 
 
-def test_the_pipeline_pump_hands_records_to_librdkafka_as_produce_does() -> None:
-    """Pipeline.pump calls confluent-kafka's produce() itself, positionally (Publisher.enqueue):
-    the record arrives whole and its delivery report confirms its transaction."""
+@PATHS
+def test_the_pipeline_pump_hands_records_to_librdkafka_as_produce_does(path: str) -> None:
+    """Pipeline.pump calls confluent-kafka's produce() itself, positionally (Publisher.enqueue),
+    or the C row path produces the insert (its first row, whose topic the plan does not know
+    yet, goes through enqueue): each record arrives whole and its delivery report confirms
+    its transaction."""
     publisher, bootstrap = _mock_publisher()
-    pipeline = Pipeline(PipelineConfig(outbox_table=("public", "outbox")), start=Lsn(0x100))
+    pipeline = _pipeline(publisher, path)
+    rows = [frames.outbox_row(f"a-{i}", b'{"total": "12.50"}', event_id=f"e-{i}") for i in range(3)]
+    rows[2][6] = b"2026-11-22 13:00:00.5+01"  # created_at: a new one, with an offset
     stream = iter(
         [
             frames.relation(),
             frames.begin(0x2F0, commit_time=0),
-            frames.insert(frames.outbox_row("a-1", b'{"total": "12.50"}', event_id="e-1"), 0x201),
+            *(frames.insert(row, 0x201 + i) for i, row in enumerate(rows)),
             frames.commit(0x2F0, 0x300),
         ]
     )
-    assert pipeline.pump(lambda: next(stream, None), publisher.enqueue, 100) == 4
-    assert pipeline.held is None and pipeline.tracker.in_flight_events == 1
+    assert pipeline.pump(lambda: next(stream, None), publisher.enqueue, 100) == 6
+    assert pipeline.held is None and pipeline.tracker.in_flight_events == 3
+    assert pipeline.tracker.in_flight_bytes == 3 * len(b'{"total": "12.50"}')
     assert publisher.flush(10) == 0
     tracker = pipeline.tracker
     assert (tracker.in_flight_events, tracker.in_flight_bytes, pipeline.confirmed) == (0, 0, 0x300)
-    message = _consume_one(bootstrap, "outbox.event.order")
-    assert (message.key(), message.value()) == (b"a-1", b'{"total": "12.50"}')
-    assert dict(message.headers())["id"] == b"e-1"
+    assert pipeline.stats.published == 3
+    assert pipeline.stats.published_by_source == {"public.outbox": {"outbox.event.order": 3}}
+    messages = sorted(_consume(bootstrap, "outbox.event.order", 3), key=lambda m: m.key())
+    for i, message in enumerate(messages):
+        assert (message.key(), message.value()) == (f"a-{i}".encode(), b'{"total": "12.50"}')
+        assert message.headers() == [
+            ("id", f"e-{i}".encode()),
+            ("event_type", b"Tested"),
+            ("aggregate_type", b"order"),
+        ]
+    assert [m.timestamp()[1] for m in messages] == [1_795_348_800_123] * 2 + [1_795_348_800_500]
+    assert _by_rows(pipeline) == (None if pipeline._rows is None else 2)
 
 
 # Both ways of counting acknowledgements (cdc_relay/adapters/native_acks.py) must give the
@@ -106,9 +141,10 @@ def _transaction_frames(first: int, events: int) -> list[bytes]:
     ]
 
 
-def test_acknowledgements_of_many_transactions_confirm_the_last_one() -> None:
+@PATHS
+def test_acknowledgements_of_many_transactions_confirm_the_last_one(path: str) -> None:
     publisher, _ = _mock_publisher()
-    pipeline = Pipeline(PipelineConfig(outbox_table=("public", "outbox")), start=Lsn(0x100))
+    pipeline = _pipeline(publisher, path)
     stream = iter(
         [frames.relation(), *(f for t in range(3) for f in _transaction_frames(t, 1_000))]
     )
@@ -119,15 +155,18 @@ def test_acknowledgements_of_many_transactions_confirm_the_last_one() -> None:
     assert (tracker.in_flight_events, tracker.in_flight_bytes) == (0, 0)
     assert pipeline.confirmed == 0x1000 + 2 * 0x100 + 1_000 + 0x11
     assert not pipeline.has_failures
+    assert _by_rows(pipeline) == (None if pipeline._rows is None else 2_999)
+    assert pipeline.stats.published_by_source == {"public.outbox": {"outbox.event.order": 3_000}}
 
 
-def test_a_failed_delivery_comes_back_with_its_record() -> None:
+@PATHS
+def test_a_failed_delivery_comes_back_with_its_record(path: str) -> None:
     """Records purged before they were sent: each report carries the record, as the pipeline
     needs it to judge (and, for a refusal, to dead-letter) it."""
     publisher = Publisher(
         {"test.mock.num.brokers": 1, "linger.ms": 60_000}, on_error=lambda error: None
     )
-    pipeline = Pipeline(PipelineConfig(outbox_table=("public", "outbox")), start=Lsn(0x100))
+    pipeline = _pipeline(publisher, path)
     stream = iter([frames.relation(), *_transaction_frames(0, 2)])
     assert pipeline.pump(lambda: next(stream, None), publisher.enqueue, 100) == 5
     publisher.purge_queue()
@@ -150,12 +189,13 @@ def test_a_failed_delivery_comes_back_with_its_record() -> None:
     assert pipeline.tracker.in_flight_events == 2  # a failure is the verdict's to settle
 
 
-def test_a_full_queue_holds_the_record_for_the_careful_way() -> None:
+@PATHS
+def test_a_full_queue_holds_the_record_for_the_careful_way(path: str) -> None:
     publisher = Publisher(
         {"test.mock.num.brokers": 1, "queue.buffering.max.messages": 3, "linger.ms": 100},
         on_error=lambda error: None,
     )
-    pipeline = Pipeline(PipelineConfig(outbox_table=("public", "outbox")), start=Lsn(0x100))
+    pipeline = _pipeline(publisher, path)
     stream = iter([frames.relation(), *_transaction_frames(0, 5)])
     read, frames_read, full = (lambda: next(stream, None)), 0, 0
     while True:
@@ -175,11 +215,12 @@ def test_a_full_queue_holds_the_record_for_the_careful_way() -> None:
     assert (pipeline.tracker.in_flight_events, pipeline.confirmed) == (0, 0x1000 + 5 + 0x11)
 
 
-def test_a_record_produced_with_another_callback_is_reported_once() -> None:
+@PATHS
+def test_a_record_produced_with_another_callback_is_reported_once(path: str) -> None:
     """The exactly-once progress record comes with a plain callback, beside the pump's records
     (whose callbacks are their transactions) on the same producer."""
     publisher, _ = _mock_publisher()
-    pipeline = Pipeline(PipelineConfig(outbox_table=("public", "outbox")), start=Lsn(0x100))
+    pipeline = _pipeline(publisher, path)
     stream = iter([frames.relation(), *_transaction_frames(0, 3)])
     reports: list[object] = []
     record = OutboxRecord("other", b"k", b"v", [("id", b"x")], 0)
