@@ -4,8 +4,10 @@ time, the count is the same run after run, whatever else the shared machine is d
 ``python -m bench.instructions [--transactions N] [--core VARIANT] [--parts ...]`` runs, for
 each variant (``pure``: the pure-Python core, CDC_RELAY_PURE_PYTHON=1; ``callbacks``: the
 compiled core with confluent-kafka's per-record delivery callbacks, CDC_RELAY_ACKS_BY_CALLBACKS=1;
-``compiled``: as built, acknowledgements counted in C; ``both``: pure and compiled; ``all``, the
-default: the three), one callgrind child per part and prints instructions per event:
+``acks``: the compiled core with acknowledgements counted in C and inserts decoded in Python,
+CDC_RELAY_ROWS_IN_PYTHON=1; ``compiled``: as built, plain inserts decoded, mapped and produced
+in C too; ``both``: pure and compiled; ``all``, the default: the four), one callgrind child per
+part and prints instructions per event:
 
 - ``session``: bench/hotpath.py's run, the whole in-process hot path (frames → the session's
   read loop → the pipeline → records → a fake producer → delivery callbacks);
@@ -152,7 +154,9 @@ def _with_mock_kafka(frames: list[bytes]) -> Callable[[], int]:
     del config["bootstrap.servers"]  # the mock cluster's own
     config["test.mock.num.brokers"] = 1
     publisher = Publisher(config, on_error=lambda error: None)
-    pipeline = Pipeline(PipelineConfig(outbox_table=("public", "outbox")), start=Lsn(0))
+    # The C row path, where the tree has one (a baseline from before it has not).
+    rows: dict[str, Any] = {"rows": publisher.rows()} if hasattr(publisher, "rows") else {}
+    pipeline = Pipeline(PipelineConfig(outbox_table=("public", "outbox")), start=Lsn(0), **rows)
     session = Session(
         pipeline=pipeline,
         stream=hotpath._FrameStream(frames),
@@ -199,25 +203,32 @@ def _child(transactions: int, part: str) -> None:
 
 
 # What each --core variant sets: the pure-Python core; the compiled core with confluent-kafka's
-# per-record callbacks counting acknowledgements; the compiled core as built (with the C path).
+# per-record callbacks counting acknowledgements; with the C acknowledgement path but inserts
+# decoded in Python; the compiled core as built (acknowledgements and plain inserts in C).
 VARIANTS = {
     "pure": {"CDC_RELAY_PURE_PYTHON": "1"},
     "callbacks": {"CDC_RELAY_ACKS_BY_CALLBACKS": "1"},
+    "acks": {"CDC_RELAY_ROWS_IN_PYTHON": "1"},
     "compiled": {},
 }
 CORE_CHOICES = {
     "pure": ["pure"],
     "callbacks": ["callbacks"],
+    "acks": ["acks"],
     "compiled": ["compiled"],
     "both": ["pure", "compiled"],
-    "all": ["pure", "callbacks", "compiled"],
+    "all": ["pure", "callbacks", "acks", "compiled"],
 }
 
 
 def _count(transactions: int, part: str, variant: str, keep: Path | None) -> tuple[int, int, str]:
     """(instructions, events, core) of one child run under callgrind."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    for name in ("CDC_RELAY_PURE_PYTHON", "CDC_RELAY_ACKS_BY_CALLBACKS"):
+    for name in (
+        "CDC_RELAY_PURE_PYTHON",
+        "CDC_RELAY_ACKS_BY_CALLBACKS",
+        "CDC_RELAY_ROWS_IN_PYTHON",
+    ):
         env.pop(name, None)
     env.update(VARIANTS[variant])
     with tempfile.TemporaryDirectory() as tmp:

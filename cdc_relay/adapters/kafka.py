@@ -81,9 +81,9 @@ class Publisher:
 
     def rows(self) -> RowProducer | None:
         """A new C row path on this producer (adapters/_outbox_rows.c), for one pipeline, when
-        the C acknowledgement path runs; else None."""
+        the C acknowledgement path runs and CDC_RELAY_ROWS_IN_PYTHON is not set; else None."""
         module = self._acks_module
-        if module is None:
+        if module is None or not native_acks.rows_in_c():
             return None
         rows: RowProducer = module.Rows(self._acks)
         return rows

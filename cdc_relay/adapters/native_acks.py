@@ -6,6 +6,10 @@ The C path runs with the compiled core only: CDC_RELAY_PURE_PYTHON=1 gives the p
 and the callbacks together, the way the tests run both; CDC_RELAY_ACKS_BY_CALLBACKS=1 keeps the
 compiled core with the callbacks (to compare the two, or to rule the C path out). Decided once,
 at first use.
+
+The same extension decodes, maps and produces plain outbox inserts (_outbox_rows.c, Rows):
+with the C acknowledgement path, unless CDC_RELAY_ROWS_IN_PYTHON=1 leaves every insert to the
+pipeline's decoder and TablePlan.map (the reference).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ log = logging.getLogger(__name__)
 
 MODULE_NAME = "cdc_relay.adapters._kafka_acks"
 CALLBACKS_ENV = "CDC_RELAY_ACKS_BY_CALLBACKS"
+ROWS_IN_PYTHON_ENV = "CDC_RELAY_ROWS_IN_PYTHON"
 # Its sources; the compiled core's manifest keeps each one's digest under its name (setup.py).
 SOURCES = tuple(
     Path(__file__).resolve().with_name(name)
@@ -70,16 +75,23 @@ def load() -> tuple[ModuleType | None, str | None]:
     return module, None
 
 
+def rows_in_c() -> bool:
+    """Whether plain inserts go through the C row path (Publisher.rows())."""
+    return load()[0] is not None and os.environ.get(ROWS_IN_PYTHON_ENV, "") in ("", "0")
+
+
 def label() -> str:
     """For the ``acks`` label of cdc_relay_info: ``C`` or ``callbacks``."""
     return "C" if load()[0] is not None else "callbacks"
 
 
 def describe() -> str:
-    """For --version (argparse wraps a long version line, so short): ``Kafka acks in C`` or
-    ``Kafka acks by callbacks``."""
+    """For --version (argparse wraps a long version line, so short): ``rows and Kafka acks in
+    C``, ``Kafka acks in C`` (rows in Python) or ``Kafka acks by callbacks``."""
     module, _ = load()
-    return "Kafka acks in C" if module is not None else "Kafka acks by callbacks"
+    if module is None:
+        return "Kafka acks by callbacks"
+    return "rows and Kafka acks in C" if rows_in_c() else "Kafka acks in C"
 
 
 def describe_why() -> str:

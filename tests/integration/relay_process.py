@@ -19,7 +19,9 @@ SLOT = "cdc_relay"
 
 
 # Not settings: which implementation runs (cdc_relay/core/native.py, adapters/native_acks.py).
-IMPLEMENTATION_SWITCHES = frozenset({"CDC_RELAY_PURE_PYTHON", "CDC_RELAY_ACKS_BY_CALLBACKS"})
+IMPLEMENTATION_SWITCHES = frozenset(
+    {"CDC_RELAY_PURE_PYTHON", "CDC_RELAY_ACKS_BY_CALLBACKS", "CDC_RELAY_ROWS_IN_PYTHON"}
+)
 
 
 def relay_env(database_url: str, bootstrap: str | None, **settings: Any) -> dict[str, str]:

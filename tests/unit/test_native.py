@@ -209,7 +209,7 @@ def test_version_names_the_core(capsys: pytest.CaptureFixture[str]) -> None:
 def test_the_compiled_core_counts_acknowledgements_in_c() -> None:
     module, why = native_acks.load()
     assert (module is not None, why) == (True, None)
-    assert native_acks.describe() == "Kafka acks in C"
+    assert native_acks.describe() == "rows and Kafka acks in C"
 
 
 def test_the_pure_python_core_counts_acknowledgements_by_callbacks() -> None:
