@@ -585,6 +585,8 @@ def test_a_refused_message_leaves_the_stream_state_alone() -> None:
         (b"I\x00\x00\x40\x00N\x00\x01n!", "1 trailing bytes after Insert", 9),
         (b"B" + bytes(19), "truncated Begin", 17),
         (b"B" + bytes(21), "trailing bytes after Begin", 21),
+        (b"C" + bytes(24), "truncated Commit", 18),
+        (b"C" + bytes(26), "trailing bytes after Commit", 26),
         (b"O" + bytes(8) + b"abc", "unterminated string in Origin", 9),
         (b"O" + bytes(8) + b"\xff\xfe\x00", "invalid UTF-8", 9),
         (b"R" + bytes(4) + b"public\x00t\x00x\x00\x00", "unknown replica identity 'x'", 14),
