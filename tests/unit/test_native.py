@@ -219,12 +219,15 @@ def test_the_pure_python_core_counts_acknowledgements_by_callbacks() -> None:
 
 
 @pytest.mark.compiled_core
-def test_an_edited_c_source_is_never_run_from_its_stale_extension(tmp_path: Path) -> None:
-    _copy_with_edited_source(tmp_path, "adapters/_kafka_acks.c", "\n/* edited */\n")
+@pytest.mark.parametrize("source", ["_kafka_acks.c", "_outbox_rows.c", "_kafka_acks.h"])
+def test_an_edited_c_source_is_never_run_from_its_stale_extension(
+    tmp_path: Path, source: str
+) -> None:
+    _copy_with_edited_source(tmp_path, f"adapters/{source}", "\n/* edited */\n")
     code = "from cdc_relay.adapters import native_acks; print(native_acks.load()[1])"
     result = _run_python(code, pure=False, root=tmp_path)
-    assert result.stdout.strip() == "stale build: _kafka_acks.c changed since it was compiled"
-    assert "_kafka_acks.c changed since it was compiled" in result.stderr
+    assert result.stdout.strip() == f"stale build: {source} changed since it was compiled"
+    assert f"{source} changed since it was compiled" in result.stderr
 
 
 # --------------------------------------------------------------------------- the build check

@@ -11,8 +11,9 @@ import struct
 import pytest
 
 from cdc_relay.core import claimcheck, verdicts
+from cdc_relay.core.acks import Transaction
 from cdc_relay.core.lsn import Lsn
-from cdc_relay.core.mapping import OutboxRecord
+from cdc_relay.core.mapping import OutboxRecord, RowSpec
 from cdc_relay.core.pipeline import (
     SKIPPED_BY_OPERATOR,
     Finish,
@@ -24,6 +25,7 @@ from cdc_relay.core.pipeline import (
     Produce,
     Reconnect,
     Reset,
+    RowProducer,
     SendStatus,
     State,
 )
@@ -66,7 +68,10 @@ class Err:
 
 
 def pipeline(
-    policy: str = "dead-letter", memory: Memory | None = None, **config: object
+    policy: str = "dead-letter",
+    memory: Memory | None = None,
+    rows: RowProducer | None = None,
+    **config: object,
 ) -> Pipeline:
     p = Pipeline(
         PipelineConfig(
@@ -77,6 +82,7 @@ def pipeline(
         ),
         start=Lsn(0x100),
         memory=memory,
+        rows=rows,
     )
     assert p.feed(frames.relation()) is None
     return p
@@ -533,3 +539,96 @@ def test_the_pump_leaves_actions_and_records_the_producer_did_not_take_to_the_dr
     assert q.held is not None and q.held.frame == plain
     assert isinstance(q.held.out, OutboxRecord) and isinstance(q.held.error, BufferError)
     assert q.tracker.in_flight_events == 1  # counted: the driver produces it the careful way
+
+
+# --------------------------------------------------------------------------- the C row path
+
+
+class FakeRows:
+    """A RowProducer: takes the inserts of planned tables (as the C one takes plain rows),
+    answering each value's size; or raises what ``error`` says."""
+
+    def __init__(self) -> None:
+        self.plans: dict[int, tuple[RowSpec, dict[str, int]]] = {}
+        self.produced: list[tuple[bytes, Transaction]] = []
+        self.offered = 0
+        self.error: Exception | None = None
+
+    def plan(self, relid: int, spec: RowSpec, counts: dict[str, int], /) -> None:
+        self.plans[relid] = (spec, counts)
+
+    def forget(self, relid: int, /) -> bool:
+        return self.plans.pop(relid, None) is not None
+
+    def produce(self, frame: bytes | memoryview, token: Transaction, /) -> int:
+        self.offered += 1
+        frame = bytes(frame)
+        if frame[25:26] != b"I" or struct.unpack_from(">I", frame, 26)[0] not in self.plans:
+            return -1
+        if self.error is not None:
+            raise self.error
+        self.produced.append((frame, token))
+        return 7  # the value's size, as the C path counts it
+
+
+def test_a_table_s_plan_is_given_to_the_row_path_with_its_counters():
+    rows = FakeRows()
+    p = pipeline(rows=rows)
+    ((spec, counts),) = [rows.plans[frames.OUTBOX_RELID]]
+    assert counts is p.stats.published_by_source["public.outbox"]
+    assert spec[0] == len(frames.OUTBOX_COLUMNS) and spec[-1] == {}  # width; the topic cache
+
+
+def test_the_pump_counts_what_the_row_path_produced_as_feed_would():
+    rows = FakeRows()
+    p = pipeline(rows=rows)
+    inserts = [frames.insert(frames.outbox_row(k), 0x201 + i) for i, k in enumerate("ab")]
+    read = _reader([frames.begin(0x2F0), *inserts, frames.commit(0x2F0, 0x300)])
+    assert p.pump(read, lambda *args: pytest.fail("enqueued"), 100) == 4
+    txn = rows.produced[0][1]
+    assert [frame for frame, _ in rows.produced] == inserts and rows.produced[1][1] is txn
+    assert (p.tracker.in_flight_events, p.tracker.in_flight_bytes, txn.pending) == (2, 14, 2)
+    assert p.stats.published == 2
+    txn.acked(2, 14)  # as acks.settle does for the C path's reports
+    assert (p.tracker.in_flight_events, p.tracker.in_flight_bytes, p.confirmed) == (0, 0, 0x300)
+
+
+def test_a_frame_the_row_path_leaves_goes_to_feed():
+    rows = FakeRows()
+    p = pipeline(rows=rows)
+    calls: list[tuple] = []
+    other = frames.insert(frames.outbox_row("k"), 0x201, relid=frames.OUTBOX_RELID + 1)
+    plain = frames.insert(frames.outbox_row("k"), 0x202)
+    rows.forget(frames.OUTBOX_RELID)  # as the C path leaves a row it does not take
+    read = _reader([frames.begin(0x2F0), other, plain])
+    assert p.pump(read, lambda *args: calls.append(args), 100) == 3
+    assert rows.offered == 2 and rows.produced == [] and len(calls) == 1
+    assert p.tracker.in_flight_events == 1
+
+
+def test_a_record_the_row_path_could_not_hand_over_is_held_counted_once():
+    rows = FakeRows()
+    p = pipeline(rows=rows)
+    rows.error = BufferError("Local: Queue full")
+    plain = frames.insert(frames.outbox_row("k"), 0x201)
+    assert p.pump(_reader([frames.begin(0x2F0), plain]), lambda *args: None, 100) == 2
+    assert p.held is not None and p.held.frame == plain and p.held.error is rows.error
+    assert isinstance(p.held.out, OutboxRecord) and p.held.out.key == b"k"
+    assert (p.tracker.in_flight_events, p.stats.published) == (1, 1)
+
+
+def test_inserts_that_need_care_never_go_to_the_row_path():
+    rows = FakeRows()
+    memory = Memory(isolate={(0x2F0, "outbox.event.order")})
+    p = pipeline(memory=memory, rows=rows)
+    isolated = frames.insert(frames.outbox_row("k"), 0x201)
+    assert p.pump(_reader([frames.begin(0x2F0), isolated]), lambda *args: None, 100) == 2
+    assert rows.produced == [] and p.held is not None and p.held.frame == isolated
+
+
+def test_a_table_that_stops_being_a_source_is_forgotten_by_the_row_path():
+    rows = FakeRows()
+    p = pipeline(rows=rows)
+    with pytest.raises(Exception, match="renamed"):
+        p.feed(frames.relation(name="outbox_old"))
+    assert rows.plans == {}
