@@ -21,11 +21,32 @@ from cdc_relay.cli import main
 from cdc_relay.core.acks import Transaction, record_size
 
 
+class _NotingRows:
+    """The C row path (Publisher.rows()), each record produced with a noting token; the
+    record's value comes from Rows.map(), which shares produce()'s code and caches."""
+
+    def __init__(self, rows: Any, noting: Any) -> None:
+        self._rows, self._noting = rows, noting
+
+    def plan(self, relid: int, spec: Any, counts: dict[str, int], /) -> None:
+        self._rows.plan(relid, spec, counts)
+
+    def forget(self, relid: int, /) -> bool:
+        return bool(self._rows.forget(relid))
+
+    def produce(self, frame: Any, token: Any, /) -> int:
+        mapped = self._rows.map(frame)
+        if mapped is None:
+            return -1  # produce() would leave it too: the pipeline's feed() takes it
+        return int(self._rows.produce(frame, self._noting(token, mapped[2])))
+
+
 def install(log: AckLog) -> None:
-    """Both ways a record reaches librdkafka: ``Publisher.produce`` (the driver's careful path)
-    and ``Publisher.enqueue`` (confluent-kafka's produce() itself, which Pipeline.pump calls
-    for plain records)."""
-    produce, init = Publisher.produce, Publisher.__init__
+    """Every way a record reaches librdkafka: ``Publisher.produce`` (the driver's careful
+    path), ``Publisher.enqueue`` (confluent-kafka's produce() itself, which Pipeline.pump calls
+    for plain records) and the C row path (``Publisher.rows()``, which the pump offers plain
+    inserts first)."""
+    produce, init, rows_of = Publisher.produce, Publisher.__init__, Publisher.rows
     entries = log.entries
 
     def noting(on_delivery: Any, value: bytes | None) -> Any:
@@ -57,7 +78,12 @@ def install(log: AckLog) -> None:
 
         self.enqueue = noting_enqueue
 
+    def noting_rows(self: Publisher) -> Any:
+        rows = rows_of(self)
+        return None if rows is None else _NotingRows(rows, noting)
+
     Publisher.produce = noting_produce  # type: ignore[method-assign, assignment]
+    Publisher.rows = noting_rows  # type: ignore[method-assign]
     Publisher.__init__ = noting_init  # type: ignore[method-assign]
     atexit.register(log.write)
 
