@@ -154,7 +154,9 @@ def test_idle_advance_moves_the_slot_while_the_outbox_is_quiet(outbox: Outbox):
 
 @pytest.mark.compat
 def test_kill_9_mid_stream_then_restart_loses_nothing(outbox: Outbox, kafka: str):
-    total = 40_000
+    # Enough that the backlog outlasts the relay's first confirmation: with inserts produced
+    # in C, 40,000 events were drained and confirmed by then (CI caught it).
+    total = 160_000
     end = insert_events(outbox.url, count=total, per_txn=50, aggregates=500)
     with RelayProcess(outbox.env) as first:
         # Kill it at its first confirmation (0.2 s status interval): part of the backlog is
