@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import hotpath
+from tests.integration.relay_process import IMPLEMENTATION_SWITCHES
 
 PARTS = ("session", "pipeline", "decode", "map", "ack", "kafka")
 TOGGLE = "functools_reduce"
@@ -224,11 +225,7 @@ CORE_CHOICES = {
 def _count(transactions: int, part: str, variant: str, keep: Path | None) -> tuple[int, int, str]:
     """(instructions, events, core) of one child run under callgrind."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    for name in (
-        "CDC_RELAY_PURE_PYTHON",
-        "CDC_RELAY_ACKS_BY_CALLBACKS",
-        "CDC_RELAY_ROWS_IN_PYTHON",
-    ):
+    for name in IMPLEMENTATION_SWITCHES:
         env.pop(name, None)
     env.update(VARIANTS[variant])
     with tempfile.TemporaryDirectory() as tmp:

@@ -391,9 +391,6 @@ class Pipeline:
         self._plans: dict[int, tuple[TablePlan, dict[str, int]]] = {}
         # The C row path, when the producer has one: pump() offers it each frame first.
         self._rows = rows
-        self._produce_row: Callable[[bytes | memoryview, Transaction], int] | None = (
-            rows.produce if rows is not None else None
-        )
         self._sources = _Sources(config, self.stats)
         self._failures: list[Failure] = []
         # Per transaction: whether inserts take the careful path (skips, refusals, isolation).
@@ -471,7 +468,8 @@ class Pipeline:
         self.held = None
         tracker, config, stats = self.tracker, self.config, self.stats
         max_events, max_bytes = config.max_in_flight_events, config.max_in_flight_bytes
-        produce_row = self._produce_row
+        rows = self._rows
+        produce_row = rows.produce if rows is not None else None
         processed = 0
         while processed < limit:
             frame = read()
@@ -479,6 +477,7 @@ class Pipeline:
                 break
             processed += 1
             delivery = self.delivery
+            size = -1
             if produce_row is not None and delivery is not None and not self._careful:
                 try:
                     size = produce_row(frame, delivery)
@@ -488,20 +487,14 @@ class Pipeline:
                         raise
                     self.held = Held(frame, record, exc)
                     break
-                if size >= 0:
-                    # What feed() counts for a record it returns.
-                    tracker.in_flight_bytes += size
-                    tracker.in_flight_events += 1
-                    delivery.pending += 1
-                    stats.published += 1
-                    if (
-                        tracker.in_flight_events < max_events
-                        and tracker.in_flight_bytes < max_bytes
-                    ):
-                        continue
-                    break
-            out = self.feed(frame)
-            if out is None:
+            if size >= 0:
+                # Produced in C: what feed() counts for a record it returns.
+                assert delivery is not None  # for mypy: produce_row ran
+                tracker.in_flight_bytes += size
+                tracker.in_flight_events += 1
+                delivery.pending += 1
+                stats.published += 1
+            elif (out := self.feed(frame)) is None:
                 pass
             elif type(out) is OutboxRecord:
                 try:
