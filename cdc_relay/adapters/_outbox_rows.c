@@ -44,6 +44,10 @@ typedef struct {
     long long claim_check_over;
     PyObject *topics; /* the TablePlan's (aggregate_type, event_type) -> topic: shared */
     PyObject *counts; /* records per topic, the pipeline's statistics: shared */
+    /* Records of one topic produced since they were last added to counts: a run of one
+     * topic costs a dict update at its end, not one per record (fold_counts()). */
+    PyObject *pending_topic; /* NULL: none pending */
+    long pending;
     /* The last row's routing columns (aggregate type, then event type) and their topic. */
     char *routing;
     size_t routing_capacity, type_size, event_size;
@@ -359,7 +363,11 @@ static PyObject *Rows_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) 
     return (PyObject *)self;
 }
 
+static void fold_pending(Plan *plan);
+
 static void plan_release(Plan *plan) {
+    fold_pending(plan);
+    Py_CLEAR(plan->pending_topic);
     Py_CLEAR(plan->topics);
     Py_CLEAR(plan->counts);
     Py_CLEAR(plan->topic);
@@ -464,20 +472,48 @@ static PyObject *Rows_map(Rows *self, PyObject *frame) {
                          column_bytes(r.aggregate_type), (long long)r.timestamp_ms);
 }
 
-static void count_topic(PyObject *counts, PyObject *topic) {
-    PyObject *now = PyDict_GetItemWithError(counts, topic), *next;
-    long before = now != NULL ? PyLong_AsLong(now) : 0;
-    next = PyErr_Occurred() ? NULL : PyLong_FromLong(before + 1);
-    if (next == NULL || PyDict_SetItem(counts, topic, next) != 0) {
-        /* Only memory fails here; the record is produced, and a statistic is not worth
-         * producing it twice. */
+/* Adds the plan's pending records to counts. Leaves any exception already set as it was:
+ * it also runs when a plan is dropped, a Rows deallocated, while one propagates. */
+static void fold_pending(Plan *plan) {
+    PyObject *now, *next, *type, *value, *traceback;
+    long before;
+    if (plan->pending == 0 || plan->pending_topic == NULL)
+        return;
+    PyErr_Fetch(&type, &value, &traceback);
+    now = PyDict_GetItemWithError(plan->counts, plan->pending_topic);
+    before = now != NULL ? PyLong_AsLong(now) : 0;
+    next = PyErr_Occurred() ? NULL : PyLong_FromLong(before + plan->pending);
+    if (next == NULL || PyDict_SetItem(plan->counts, plan->pending_topic, next) != 0) {
+        /* Only memory fails here; the records are produced, and a statistic is not worth
+         * producing them twice. */
         PyErr_Clear();
     }
     Py_XDECREF(next);
+    plan->pending = 0;
+    PyErr_Restore(type, value, traceback);
+}
+
+static void count_topic(Plan *plan, PyObject *topic) {
+    if (topic != plan->pending_topic) {
+        fold_pending(plan);
+        Py_INCREF(topic);
+        Py_XSETREF(plan->pending_topic, topic);
+    }
+    plan->pending++;
+}
+
+/* fold_counts(): every plan's pending records added to its counts, which then hold every
+ * record produce() counted. The pipeline calls it at the end of each pump. */
+static PyObject *Rows_fold_counts(Rows *self, PyObject *unused) {
+    size_t i;
+    (void)unused;
+    for (i = 0; i < self->plan_count; i++)
+        fold_pending(&self->plans[i]);
+    Py_RETURN_NONE;
 }
 
 /* produce(frame, token) -> the value's size once the record is librdkafka's (counted in
- * its plan's counts), or -1 for a frame it leaves to the reference path, having done
+ * its plan's counts by the next fold_counts()), or -1 for a frame it leaves to the reference path, having done
  * nothing. Raises as Acks.produce() does (BufferError, ProduceFailed), having done nothing. */
 static PyObject *Rows_produce(Rows *self, PyObject *const *args, Py_ssize_t nargs) {
     Plan *plan;
@@ -522,7 +558,7 @@ static PyObject *Rows_produce(Rows *self, PyObject *const *args, Py_ssize_t narg
     vus[6].u.headers = hdrs;
     if (produce_tagged(s, vus, 7, hdrs, args[1]) != 0)
         return NULL;
-    count_topic(plan->counts, r.topic);
+    count_topic(plan, r.topic);
     self->produced++;
     return PyLong_FromSize_t(r.payload->size);
 }
@@ -540,6 +576,8 @@ static PyMethodDef Rows_methods[] = {
      "map(frame) -> (topic, key, value, headers, timestamp_ms) or None"},
     {"produce", (PyCFunction)(void (*)(void))Rows_produce, METH_FASTCALL,
      "produce(frame, token) -> the value's size, or -1 for the reference path"},
+    {"fold_counts", (PyCFunction)Rows_fold_counts, METH_NOARGS,
+     "fold_counts(): add the records produced since the last call to their plans' counts"},
     {"produced", (PyCFunction)Rows_produced, METH_NOARGS,
      "produced() -> how many records produce() handed to librdkafka"},
     {NULL, NULL, 0, NULL},

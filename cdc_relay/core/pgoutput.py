@@ -908,6 +908,8 @@ _KINDS: Final[dict[int, _Kind]] = {
 }
 
 _INSERT: Final = ord("I")
+_BEGIN: Final = ord("B")
+_COMMIT: Final = ord("C")
 _STREAM_START: Final = ord("S")
 _STREAM_STOP: Final = ord("E")
 
@@ -957,9 +959,16 @@ class Decoder:
         start) is only quoted in errors; error offsets count from the message's first byte."""
         buf = data if type(data) is bytes else bytes(data)
         try:
-            # The relay's hot path: an Insert outside a stream block.
-            if len(buf) > offset and buf[offset] == _INSERT and not self._in_stream:
-                return _read_insert(buf, offset + 1, None, self._proto_version)
+            # The relay's hot path: an Insert outside a stream block, and the Begin and Commit
+            # around it, without the table of kinds and its indirect call.
+            if len(buf) > offset and not self._in_stream:
+                code = buf[offset]
+                if code == _INSERT:
+                    return _read_insert(buf, offset + 1, None, self._proto_version)
+                if code == _BEGIN:
+                    return _read_begin(buf, offset + 1, None, self._proto_version)
+                if code == _COMMIT:
+                    return _read_commit(buf, offset + 1, None, self._proto_version)
             return self._decode_any(buf, offset)
         except _Malformed as exc:
             error = DecodeError(exc.message, offset=exc.offset - offset, lsn=lsn)

@@ -70,6 +70,7 @@ _INSERT: Final = ord("I")
 # Outbox updates, deletes and truncates are ignored by design (cleaning the table never emits
 # events; the publication only sends inserts anyway), and so are origins and types.
 _IGNORED: Final = (Update, Delete, Truncate, Origin, Type)
+_NO_TOPICS: Final[frozenset[str]] = frozenset()
 NON_TRANSACTIONAL: Final = (
     "a non-transactional logical decoding message (pg_logical_emit_message(false, ...)) is not "
     "tied to a commit: PostgreSQL sends it even when its transaction rolls back; emit events "
@@ -88,13 +89,16 @@ class RowProducer(Protocol):
     """Plain inserts decoded, mapped and produced in one call, without a Python object per
     event (adapters/_outbox_rows.c): told each table's plan, and handed each frame first by
     ``Pipeline.pump``. Its ``produce`` returns the value's size once the record is the
-    producer's, or -1 for a frame it leaves to ``feed``, having done nothing."""
+    producer's, or -1 for a frame it leaves to ``feed``, having done nothing. It counts each
+    record in its plan's ``counts`` by the next ``fold_counts``, which each pump ends with."""
 
     def plan(self, relid: int, spec: RowSpec, counts: dict[str, int], /) -> None: ...
 
     def forget(self, relid: int, /) -> bool: ...
 
     def produce(self, frame: bytes | memoryview, token: Transaction, /) -> int: ...
+
+    def fold_counts(self) -> None: ...
 
 
 # --------------------------------------------------------------------------- configuration
@@ -395,7 +399,7 @@ class Pipeline:
         self._failures: list[Failure] = []
         # Per transaction: whether inserts take the careful path (skips, refusals, isolation).
         self._careful = False
-        self._isolated_topics: frozenset[str] = frozenset()
+        self._isolated_topics: frozenset[str] = _NO_TOPICS
         self._records_at_begin = 0
         self._last_status_at = now
         self._last_sent = start
@@ -465,11 +469,24 @@ class Pipeline:
         With a RowProducer (``rows``), each frame goes to it first, while no insert needs
         care: a plain insert is then decoded, mapped and produced in C, and only counted
         here; it leaves anything else (-1) to ``feed``."""
+        rows = self._rows
+        if rows is None:
+            return self._pump(read, enqueue, limit, None)
+        try:
+            return self._pump(read, enqueue, limit, rows.produce)
+        finally:
+            rows.fold_counts()  # the statistics hold every record produced in C by now
+
+    def _pump(
+        self,
+        read: Callable[[], bytes | memoryview | None],
+        enqueue: Callable[..., object],
+        limit: int,
+        produce_row: Callable[[bytes | memoryview, Transaction], int] | None,
+    ) -> int:
         self.held = None
         tracker, config, stats = self.tracker, self.config, self.stats
         max_events, max_bytes = config.max_in_flight_events, config.max_in_flight_bytes
-        rows = self._rows
-        produce_row = rows.produce if rows is not None else None
         processed = 0
         while processed < limit:
             frame = read()
@@ -580,9 +597,12 @@ class Pipeline:
     def _begin(self, begin: Begin) -> None:
         self.delivery = self.tracker.begin(begin.final_lsn, begin.commit_time)
         self._records_at_begin = self.stats.published + self.stats.dead_lettered
-        memory = self.memory
-        self._isolated_topics = frozenset(
-            topic for lsn, topic in memory.isolate if lsn == begin.final_lsn
+        isolate = self.memory.isolate
+        # Empty but after a failed delivery: no set built per transaction for nothing.
+        self._isolated_topics = (
+            frozenset(topic for lsn, topic in isolate if lsn == begin.final_lsn)
+            if isolate
+            else _NO_TOPICS
         )
         if self.kafka is not None:
             self.kafka.begin(begin.final_lsn, self._counted())

@@ -258,3 +258,37 @@ def test_a_fatal_error_met_by_a_flush_is_raised_as_the_relays_error() -> None:
     publisher._producer = FencedProducer()  # type: ignore[assignment]
     with pytest.raises(ProducerFenced):
         publisher.flush(0)
+
+
+@PATHS
+def test_records_of_interleaved_topics_are_counted_per_topic_by_the_end_of_each_pump(
+    path: str,
+) -> None:
+    """The C row path counts a run of one topic's records with one dict update at the run's
+    end (fold_counts, which each pump ends with): the statistics must still hold every record
+    per topic when the pump returns, however the topics interleave, and a pump stopped early
+    must not lose what it counted."""
+    publisher, _ = _mock_publisher()
+    pipeline = _pipeline(publisher, path)
+    kinds = ["order", "order", "payment", "order", "invoice", "invoice", "invoice", "payment"]
+    inserts = [
+        frames.insert(frames.outbox_row(f"a-{i}", aggregate_type=kind, event_id=f"e-{i}"), 0x201 + i)
+        for i, kind in enumerate(kinds * 50)
+    ]
+    stream = iter(
+        [frames.relation(), frames.begin(0x2F00), *inserts, frames.commit(0x2F00, 0x3000)]
+    )
+    read = lambda: next(stream, None)  # noqa: E731
+    expected = {"order": 150, "payment": 100, "invoice": 150}
+    pumped = pipeline.pump(read, publisher.enqueue, 123)  # stops mid-run of a topic
+    counted = pipeline.stats.published_by_source["public.outbox"]
+    assert sum(counted.values()) == pipeline.stats.published == pumped - 2
+    while pipeline.pump(read, publisher.enqueue, 123):
+        pass
+    assert pipeline.stats.published_by_source == {
+        "public.outbox": {f"outbox.event.{kind}": n for kind, n in expected.items()}
+    }
+    assert publisher.flush(10) == 0
+    assert pipeline.confirmed == 0x3000
+    # Each topic's first row goes through enqueue, which tells the plan its topic.
+    assert _by_rows(pipeline) == (None if pipeline._rows is None else 400 - 3)

@@ -552,6 +552,7 @@ class FakeRows:
         self.plans: dict[int, tuple[RowSpec, dict[str, int]]] = {}
         self.produced: list[tuple[bytes, Transaction]] = []
         self.offered = 0
+        self.folds = 0
         self.error: Exception | None = None
 
     def plan(self, relid: int, spec: RowSpec, counts: dict[str, int], /) -> None:
@@ -569,6 +570,9 @@ class FakeRows:
             raise self.error
         self.produced.append((frame, token))
         return 7  # the value's size, as the C path counts it
+
+    def fold_counts(self) -> None:
+        self.folds += 1
 
 
 def test_a_table_s_plan_is_given_to_the_row_path_with_its_counters():
@@ -591,6 +595,17 @@ def test_the_pump_counts_what_the_row_path_produced_as_feed_would():
     assert p.stats.published == 2
     txn.acked(2, 14)  # as acks.settle does for the C path's reports
     assert (p.tracker.in_flight_events, p.tracker.in_flight_bytes, p.confirmed) == (0, 0, 0x300)
+    assert rows.folds == 1  # the per-topic counts are complete when the pump returns
+
+
+def test_the_pump_folds_the_row_path_s_counts_even_when_a_frame_raises():
+    rows = FakeRows()
+    p = pipeline(rows=rows)
+    plain = frames.insert(frames.outbox_row("k"), 0x201)
+    read = _reader([frames.begin(0x2F0), plain, frames.xlog_data(b"Q", 0x202)])
+    with pytest.raises(DecodeError):
+        p.pump(read, lambda *args: pytest.fail("enqueued"), 100)
+    assert len(rows.produced) == 1 and rows.folds == 1
 
 
 def test_a_frame_the_row_path_leaves_goes_to_feed():
