@@ -271,10 +271,11 @@ def test_records_of_interleaved_topics_are_counted_per_topic_by_the_end_of_each_
     publisher, _ = _mock_publisher()
     pipeline = _pipeline(publisher, path)
     kinds = ["order", "order", "payment", "order", "invoice", "invoice", "invoice", "payment"]
-    inserts = [
-        frames.insert(frames.outbox_row(f"a-{i}", aggregate_type=kind, event_id=f"e-{i}"), 0x201 + i)
+    rows = [
+        frames.outbox_row(f"a-{i}", aggregate_type=kind, event_id=f"e-{i}")
         for i, kind in enumerate(kinds * 50)
     ]
+    inserts = [frames.insert(row, 0x201 + i) for i, row in enumerate(rows)]
     stream = iter(
         [frames.relation(), frames.begin(0x2F00), *inserts, frames.commit(0x2F00, 0x3000)]
     )
