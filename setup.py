@@ -56,7 +56,9 @@ SOURCES = [str(CORE / f"{name}.py") for name in MODULES]
 # The C acknowledgement path (cdc_relay/adapters/native_acks.py), built with the compiled core;
 # if it alone fails to compile, the core stays compiled and the callbacks count acknowledgements.
 ACKS_FOLDER = Path("cdc_relay", "adapters")
-ACKS_SOURCES = [ACKS_FOLDER / "_kafka_acks.c", ACKS_FOLDER / "_outbox_rows.c"]
+ACKS_SOURCES = [
+    ACKS_FOLDER / name for name in ("_kafka_acks.c", "_outbox_rows.c", "_copy_reader.c")
+]
 ACKS_HEADER = ACKS_FOLDER / "_kafka_acks.h"
 ACKS_NAME = "cdc_relay.adapters._kafka_acks"
 

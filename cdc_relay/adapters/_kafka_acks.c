@@ -609,7 +609,8 @@ PyMODINIT_FUNC PyInit__kafka_acks(void) {
     Py_DECREF(ck);
     if (resolve() != 0)
         return NULL;
-    if (PyType_Ready(&AcksType) < 0 || PyType_Ready(&RowsType) < 0)
+    if (PyType_Ready(&AcksType) < 0 || PyType_Ready(&RowsType) < 0 ||
+        PyType_Ready(&CopyReaderType) < 0)
         return NULL;
     m = PyModule_Create(&module);
     if (m == NULL)
@@ -618,8 +619,10 @@ PyMODINIT_FUNC PyInit__kafka_acks(void) {
                                        PyExc_Exception, NULL);
     Py_INCREF(&AcksType);
     Py_INCREF(&RowsType);
+    Py_INCREF(&CopyReaderType);
     if (PyModule_AddObject(m, "Acks", (PyObject *)&AcksType) < 0 ||
         PyModule_AddObject(m, "Rows", (PyObject *)&RowsType) < 0 ||
+        PyModule_AddObject(m, "CopyReader", (PyObject *)&CopyReaderType) < 0 ||
         PyModule_AddObject(m, "ProduceFailed", ProduceFailed) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -134,6 +134,7 @@ typedef struct {
 
 extern HIDDEN PyTypeObject AcksType;
 extern HIDDEN PyTypeObject RowsType;
+extern HIDDEN PyTypeObject CopyReaderType;
 extern HIDDEN PyObject *ProduceFailed; /* produce()'s error for anything but a full queue */
 
 /* Hand one record to librdkafka: ``vus`` (``count`` of them, with room for one more) name

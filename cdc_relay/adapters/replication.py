@@ -13,12 +13,14 @@ import logging
 import re
 import select
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NoReturn
 
 import psycopg
 from psycopg import pq
 
+from cdc_relay.adapters import native_acks
 from cdc_relay.adapters.database import describe_connect_error, with_tcp_keepalives
 from cdc_relay.core.copydata import encode_standby_status, pg_time_us
 from cdc_relay.core.lsn import Lsn, format_lsn, parse_lsn
@@ -89,6 +91,12 @@ class ReplicationStream:
         # warning stops the session: a needless reconnect is cheap, a skipped row is not.
         self._skipped_publication: str | None = None
         conn.add_notice_handler(self._on_notice)
+        # Frames read in C where the extension is built (native_acks.copy_reader): the same
+        # answers as _read_in_python, without a Python object per frame but the frame.
+        self._reader = native_acks.copy_reader(self._pg, self._ended)
+        self.read: Callable[[], memoryview | bytes | None] = (
+            self._read_in_python if self._reader is None else self._reader.read
+        )
 
     def _on_notice(self, diag: psycopg.errors.Diagnostic) -> None:
         if (
@@ -100,6 +108,8 @@ class ReplicationStream:
             if diag.message_detail:
                 text += f" ({diag.message_detail.strip()})"
             self._skipped_publication = f"{text or 'a warning'} [SQLSTATE {diag.sqlstate}]"
+            if self._reader is not None:
+                self._reader.stop()
 
     @classmethod
     def connect(
@@ -197,22 +207,30 @@ class ReplicationStream:
             return None
         return SlotInvalidated(slot, slot_invalidation_reason(view))
 
-    def read(self) -> memoryview | bytes | None:
-        """The next CopyData frame if one is buffered, else None (never blocks)."""
-        nbytes, data = self._pg.get_copy_data(1)
+    def _read_in_python(self) -> memoryview | bytes | None:
+        """``read``: the next CopyData frame if one is buffered, else None (never blocks)."""
+        nbytes, data = self._pg.get_copy_data(1)  # -2 raises psycopg's OperationalError
         if self._skipped_publication is not None:
-            raise ReplicationError(
-                f"the server skipped the publication: {self._skipped_publication}; stopping "
-                "before the changes it left out"
-            )
+            self._ended(0)
         if nbytes > 0:
             return data
         if nbytes == 0:
             return None
-        if nbytes == -1:
+        self._ended(-1 if nbytes == -1 else -2)
+
+    def _ended(self, code: int) -> NoReturn:
+        """Why ``read`` has no frame to give: 0, a warning said the server skipped the
+        publication; -1, the server ended the COPY; -2, the connection failed."""
+        if code == 0:
+            raise ReplicationError(
+                f"the server skipped the publication: {self._skipped_publication}; stopping "
+                "before the changes it left out"
+            )
+        if code == -1:
             # The server ended the COPY: the reason is in the following result.
             raise _result_error(self._pg.get_result(), "the server ended replication", self._pg)
-        raise ReplicationError(f"replication connection failed: {self._error_message()}")
+        # As psycopg's get_copy_data raises it, whichever reads the frames.
+        raise psycopg.OperationalError(f"receiving copy data failed: {self._error_message()}")
 
     def wait(self, timeout: float) -> None:
         """Wait until the socket has data (or timeout), then pull it into libpq's buffer."""
@@ -253,6 +271,8 @@ class ReplicationStream:
             raise ReplicationError(f"replication connection lost: {_one_line(exc)}") from exc
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.detach()  # before libpq frees the connection it reads from
         try:
             self._conn.close()
         except Exception:  # closing a broken connection must never mask the original error

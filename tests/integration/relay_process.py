@@ -20,7 +20,12 @@ SLOT = "cdc_relay"
 
 # Not settings: which implementation runs (cdc_relay/core/native.py, adapters/native_acks.py).
 IMPLEMENTATION_SWITCHES = frozenset(
-    {"CDC_RELAY_PURE_PYTHON", "CDC_RELAY_ACKS_BY_CALLBACKS", "CDC_RELAY_ROWS_IN_PYTHON"}
+    {
+        "CDC_RELAY_PURE_PYTHON",
+        "CDC_RELAY_ACKS_BY_CALLBACKS",
+        "CDC_RELAY_ROWS_IN_PYTHON",
+        "CDC_RELAY_READ_IN_PYTHON",
+    }
 )
 
 

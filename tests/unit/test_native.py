@@ -209,7 +209,24 @@ def test_version_names_the_core(capsys: pytest.CaptureFixture[str]) -> None:
 def test_the_compiled_core_counts_acknowledgements_in_c() -> None:
     module, why = native_acks.load()
     assert (module is not None, why) == (True, None)
-    assert native_acks.describe() == "rows and Kafka acks in C"
+    assert native_acks.describe() == "frames, rows and Kafka acks in C"
+
+
+@pytest.mark.compiled_core
+@pytest.mark.parametrize(
+    "switches, described",
+    [
+        ({"CDC_RELAY_READ_IN_PYTHON": "1"}, "rows and Kafka acks in C"),
+        ({"CDC_RELAY_ROWS_IN_PYTHON": "1"}, "frames and Kafka acks in C"),
+        ({"CDC_RELAY_READ_IN_PYTHON": "1", "CDC_RELAY_ROWS_IN_PYTHON": "1"}, "Kafka acks in C"),
+    ],
+)
+def test_the_version_says_what_the_switches_leave_to_python(
+    monkeypatch: pytest.MonkeyPatch, switches: dict[str, str], described: str
+) -> None:
+    for name, value in switches.items():
+        monkeypatch.setenv(name, value)
+    assert native_acks.describe() == described
 
 
 def test_the_pure_python_core_counts_acknowledgements_by_callbacks() -> None:
@@ -219,7 +236,9 @@ def test_the_pure_python_core_counts_acknowledgements_by_callbacks() -> None:
 
 
 @pytest.mark.compiled_core
-@pytest.mark.parametrize("source", ["_kafka_acks.c", "_outbox_rows.c", "_kafka_acks.h"])
+@pytest.mark.parametrize(
+    "source", ["_kafka_acks.c", "_outbox_rows.c", "_copy_reader.c", "_kafka_acks.h"]
+)
 def test_an_edited_c_source_is_never_run_from_its_stale_extension(
     tmp_path: Path, source: str
 ) -> None:
