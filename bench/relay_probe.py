@@ -19,6 +19,7 @@ from bench.acklog import AckLog
 from cdc_relay.adapters.kafka import Publisher
 from cdc_relay.cli import main
 from cdc_relay.core.acks import Transaction, record_size
+from cdc_relay.core.pipeline import RowProducer
 
 
 class _NotingRows:
@@ -39,6 +40,9 @@ class _NotingRows:
         if mapped is None:
             return -1  # produce() would leave it too: the pipeline's feed() takes it
         return int(self._rows.produce(frame, self._noting(token, mapped[2])))
+
+    def fold_counts(self) -> None:
+        self._rows.fold_counts()
 
 
 def install(log: AckLog) -> None:
@@ -78,7 +82,7 @@ def install(log: AckLog) -> None:
 
         self.enqueue = noting_enqueue
 
-    def noting_rows(self: Publisher) -> Any:
+    def noting_rows(self: Publisher) -> RowProducer | None:  # mypy holds it to the protocol
         rows = rows_of(self)
         return None if rows is None else _NotingRows(rows, noting)
 
