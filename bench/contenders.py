@@ -207,6 +207,10 @@ class RelayRun:
 
 _PUBLISHED = re.compile(r"published=(\d+)")
 
+# A library preloaded into every relay the bench starts (``--relay-preload``: an allocator, as a
+# deployment may preload one), and into nothing else it starts; "" for none.
+relay_preload = ""
+
 
 def relay_env_for(
     url: str, bootstrap: str, *, slot: str, topic_prefix: str, kafka_config: str
@@ -220,7 +224,10 @@ def relay_env_for(
     }
     if kafka_config:
         settings["kafka_config"] = kafka_config
-    return relay_env(url, bootstrap, **settings)
+    env = relay_env(url, bootstrap, **settings)
+    if relay_preload:
+        env["LD_PRELOAD"] = relay_preload
+    return env
 
 
 def relay_drain(

@@ -97,6 +97,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="",
         help="JSON of librdkafka properties for every producer (CDC_RELAY_KAFKA_CONFIG)",
     )
+    p.add_argument(
+        "--relay-preload",
+        default="",
+        metavar="LIB",
+        help="LD_PRELOAD for every relay the bench starts, e.g. libmimalloc.so.2 (an allocator)",
+    )
     p.add_argument("--profile", type=Path, help="py-spy raw profile of one extra (c) run")
     p.add_argument("--label", default="", help="conditions of this run, printed with it")
     p.add_argument(
@@ -186,7 +192,12 @@ def machine_facts(pg: PostgresServer, broker: Broker) -> list[str]:
         # The relay under test inherits this environment (CDC_RELAY_PURE_PYTHON included).
         f"cdc-relay at {rev or 'unknown revision'} ({native.describe_why()}; "
         f"{native_acks.describe_why()}), "
-        f"{platform.platform()}",
+        + (
+            f"LD_PRELOAD={contenders.relay_preload} for the relay, "
+            if contenders.relay_preload
+            else ""
+        )
+        + f"{platform.platform()}",
     ]
 
 
@@ -212,6 +223,7 @@ def fresh_broker(broker: Broker) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    contenders.relay_preload = args.relay_preload
     workload = Workload(args.events, args.payload_bytes, args.txn_size, args.aggregates)
     run_id = uuid.uuid4().hex[:6]
     say(f"workload {workload}, {args.repeat} run(s) each, run id {run_id}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from bench import acklog, latency
@@ -137,3 +139,20 @@ def test_the_scale_out_table_is_per_slot_and_in_total_against_one_slot() -> None
         "1250.00", "625,000", "2500.00", "1,250,000", "2500.00", "1.25", "-", "3.0", "333",
     ]  # fmt: skip
     assert cells(table[4])[6] == "-"
+
+
+def test_a_relay_preload_goes_to_the_relays_environment_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bench import contenders
+
+    def env() -> dict[str, str]:
+        return contenders.relay_env_for(
+            "postgresql://x", "k:9092", slot="s", topic_prefix="p", kafka_config=""
+        )
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert "LD_PRELOAD" not in env()
+    monkeypatch.setattr(contenders, "relay_preload", "libmimalloc.so.2")
+    assert env()["LD_PRELOAD"] == "libmimalloc.so.2"
+    assert "LD_PRELOAD" not in os.environ  # the bench itself runs without it
