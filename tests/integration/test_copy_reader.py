@@ -85,14 +85,23 @@ def test_the_c_reader_reads_the_frames_psycopg_reads(db: str, kafka: str, stream
     assert max(len(f) for f in in_c) > 100_000
 
 
+def _past_the_first_transaction(
+    db: str, kafka: str, stream_of, path: str, events: int
+) -> tuple[ReplicationStream, list[bytes]]:
+    """A stream over ``events`` events in transactions of 10, read past the first one; and
+    what it read."""
+    make_outbox(db, kafka)
+    insert_events(db, count=events, per_txn=10)
+    stream = stream_of(db, path)
+    return stream, _frames(stream, 1)
+
+
 @PATHS
 def test_a_skipped_publication_s_warning_stops_before_the_next_frame(
     db: str, kafka: str, stream_of, path: str
 ) -> None:
-    make_outbox(db, kafka)
-    insert_events(db, count=20, per_txn=10)
-    stream = stream_of(db, path)
-    assert len(_frames(stream, 1)) == 13  # Relation, Begin, 10 inserts, Commit
+    stream, first = _past_the_first_transaction(db, kafka, stream_of, path, 20)
+    assert len(first) == 13  # Relation, Begin, 10 inserts, Commit
     warning = SimpleNamespace(
         severity_nonlocalized="WARNING",
         sqlstate="55000",
@@ -110,10 +119,7 @@ def test_a_skipped_publication_s_warning_stops_before_the_next_frame(
 def test_a_terminated_walsender_ends_the_read_with_the_server_s_reason(
     db: str, kafka: str, stream_of, path: str
 ) -> None:
-    make_outbox(db, kafka)
-    insert_events(db, count=10, per_txn=10)
-    stream = stream_of(db, path)
-    _frames(stream, 1)
+    stream, _ = _past_the_first_transaction(db, kafka, stream_of, path, 10)
     execute(db, "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots")
     deadline = time.monotonic() + 30
     with pytest.raises(ReplicationError) as caught:
